@@ -1,0 +1,157 @@
+//! Running a command for the host: captured output with a cap, a timeout that kills the whole
+//! process group, and the exit status from the reaper.
+
+use crate::reaper;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hearth_proto::{ExecReply, ExecRequest};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// After the command exits, how long its output pipes may stay open (held by a background
+/// process it left behind) before the agent replies with what it has.
+const DRAIN_GRACE: Duration = Duration::from_millis(200);
+
+pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
+    let Some((program, args)) = req.command.split_first() else {
+        return Err("command is empty".into());
+    };
+    let stdin = match &req.stdin_base64 {
+        Some(b) => Some(B64.decode(b).map_err(|e| format!("stdin_base64: {e}"))?),
+        None => None,
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", "/root")
+        .envs(&req.env)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills what it started too.
+        .process_group(0);
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    if let Some(user) = &req.user {
+        let (uid, gid, home) = lookup_user(user)?;
+        cmd.uid(uid).gid(gid).env("HOME", home);
+    }
+
+    let started = Instant::now();
+    let mut spawned = match reaper::spawn(&mut cmd) {
+        Ok(s) => s,
+        // What a shell does: status 127 and the reason on stderr.
+        Err(e) => {
+            return Ok(ExecReply {
+                exit_code: 127,
+                stderr_base64: B64.encode(format!("hearth-agent: {program}: {e}\n")),
+                duration_ms: started.elapsed().as_millis() as u64,
+                ..Default::default()
+            })
+        }
+    };
+    let pgid = Pid::from_raw(spawned.child.id() as i32);
+    if let (Some(data), Some(mut pipe)) = (stdin, spawned.child.stdin.take()) {
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let out = capture(spawned.child.stdout.take(), req.output_limit);
+    let err = capture(spawned.child.stderr.take(), req.output_limit);
+
+    let mut timed_out = false;
+    let status = match req.timeout_ms {
+        Some(ms) => match spawned.status.recv_timeout(Duration::from_millis(ms)) {
+            Ok(s) => Some(s),
+            Err(RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                let _ = killpg(pgid, Signal::SIGKILL);
+                spawned.status.recv().ok()
+            }
+            Err(RecvTimeoutError::Disconnected) => None,
+        },
+        None => spawned.status.recv().ok(),
+    };
+    let (exit_code, signal) = match status {
+        Some(WaitStatus::Exited(_, code)) => (code, None),
+        Some(WaitStatus::Signaled(_, sig, _)) => (128 + sig as i32, Some(sig as i32)),
+        _ => return Err("lost the command's exit status".into()),
+    };
+    let deadline = Instant::now() + DRAIN_GRACE;
+    let (stdout, stdout_truncated) = collect(&out, deadline);
+    let (stderr, stderr_truncated) = collect(&err, deadline);
+    Ok(ExecReply {
+        exit_code,
+        signal,
+        stdout_base64: B64.encode(stdout),
+        stderr_base64: B64.encode(stderr),
+        stdout_truncated,
+        stderr_truncated,
+        timed_out,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+type Captured = (Vec<u8>, bool);
+
+/// Reads a pipe to its end on a thread, keeping at most `limit` bytes (and draining the rest so
+/// the writer never blocks).
+fn capture(pipe: Option<impl Read + Send + 'static>, limit: usize) -> Receiver<Captured> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut truncated = false;
+        if let Some(mut pipe) = pipe {
+            let mut buf = [0u8; 64 * 1024];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let room = limit.saturating_sub(kept.len());
+                        kept.extend_from_slice(&buf[..n.min(room)]);
+                        truncated |= n > room;
+                    }
+                }
+            }
+        }
+        let _ = tx.send((kept, truncated));
+    });
+    rx
+}
+
+fn collect(rx: &Receiver<Captured>, deadline: Instant) -> Captured {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    rx.recv_timeout(wait).unwrap_or_default()
+}
+
+/// Resolves a user name or numeric uid from /etc/passwd.
+fn lookup_user(user: &str) -> Result<(u32, u32, String), String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() >= 6 && (f[0] == user || f[2] == user) {
+            let uid = f[2].parse().map_err(|_| format!("bad uid for {user}"))?;
+            let gid = f[3].parse().map_err(|_| format!("bad gid for {user}"))?;
+            return Ok((uid, gid, f[5].to_string()));
+        }
+    }
+    match user.parse::<u32>() {
+        Ok(uid) => Ok((uid, uid, "/".into())),
+        Err(_) => Err(format!("no such user: {user}")),
+    }
+}

@@ -1,0 +1,54 @@
+use super::ApiJson;
+use crate::error::Result;
+use crate::service::Service;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use hearth_api::{CreateMachineRequest, ExecRequest, ExecResponse, MachineEnvelope, MachineList};
+use std::sync::Arc;
+
+type Svc = State<Arc<Service>>;
+
+pub async fn create(
+    State(svc): Svc,
+    ApiJson(req): ApiJson<CreateMachineRequest>,
+) -> Result<(StatusCode, Json<MachineEnvelope>)> {
+    let machine = svc.create_machine(req).await?;
+    Ok((StatusCode::CREATED, Json(MachineEnvelope { machine })))
+}
+
+pub async fn list(State(svc): Svc) -> Result<Json<MachineList>> {
+    Ok(Json(MachineList {
+        machines: svc.list_machines()?,
+    }))
+}
+
+pub async fn get(State(svc): Svc, Path(id): Path<String>) -> Result<Json<MachineEnvelope>> {
+    Ok(Json(MachineEnvelope {
+        machine: svc.get_machine(&id)?,
+    }))
+}
+
+pub async fn delete(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode> {
+    svc.delete_machine(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn stop(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode> {
+    svc.stop_machine(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn start(State(svc): Svc, Path(id): Path<String>) -> Result<Json<MachineEnvelope>> {
+    Ok(Json(MachineEnvelope {
+        machine: svc.start_machine(&id).await?,
+    }))
+}
+
+pub async fn exec(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<Json<ExecResponse>> {
+    Ok(Json(svc.exec(&id, req).await?))
+}

@@ -1,0 +1,60 @@
+//! HTTP routes and the mapping of requests and errors, per shared/API.md.
+
+mod json;
+mod machines;
+
+use crate::service::Service;
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+
+pub use json::ApiJson;
+
+pub fn router(svc: Arc<Service>) -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { axum::Json(hearth_api::Health { ok: true }) }),
+        )
+        .route("/machines", post(machines::create).get(machines::list))
+        .route(
+            "/machines/{id}",
+            get(machines::get).delete(machines::delete),
+        )
+        .route("/machines/{id}/stop", post(machines::stop))
+        .route("/machines/{id}/start", post(machines::start))
+        .route("/machines/{id}/exec", post(machines::exec))
+        .fallback(|| async { crate::error::Error::not_found("no such endpoint") })
+        .with_state(svc)
+}
+
+/// For the TCP listener: every request must carry `Authorization: Bearer <token>`.
+pub async fn require_bearer(
+    State(token): State<Arc<String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let expected = format!("Bearer {token}");
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        next.run(req).await
+    } else {
+        let body = hearth_api::ErrorBody {
+            error: "missing or wrong bearer token".into(),
+            code: hearth_api::ErrorCode::Invalid,
+        };
+        (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,82 @@
+//! Daemon configuration, from flags and `HEARTH_*` environment variables.
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelChoice {
+    /// KVM where the CPU flags show vmx or svm and /dev/kvm exists, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CloneMode {
+    /// Reflink where the filesystem supports it, else a sparse copy.
+    Auto,
+    Reflink,
+    Copy,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "hearthd", version, about = "hearth host daemon for microVMs")]
+pub struct Config {
+    /// Data root: state, images, machines.
+    #[arg(long, env = "HEARTH_ROOT", default_value = "/var/lib/hearth")]
+    pub root: PathBuf,
+    /// API socket (default: <root>/hearthd.sock).
+    #[arg(long, env = "HEARTH_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Also serve the API on this TCP address; every request must then carry the bearer token.
+    #[arg(long, env = "HEARTH_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token for the TCP listener.
+    #[arg(long, env = "HEARTH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, env = "HEARTH_ACCEL", value_enum, default_value = "auto")]
+    pub accel: AccelChoice,
+    #[arg(long, env = "HEARTH_CLONE", value_enum, default_value = "auto")]
+    pub clone: CloneMode,
+    #[arg(long, env = "HEARTH_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    #[arg(long, env = "HEARTH_DEFAULT_MEMORY_MIB", default_value_t = 256)]
+    pub default_memory_mib: u32,
+    #[arg(long, env = "HEARTH_DEFAULT_VCPUS", default_value_t = 1)]
+    pub default_vcpus: u32,
+    #[arg(long, env = "HEARTH_DEFAULT_STORAGE_BYTES", default_value_t = 1 << 30)]
+    pub default_storage_bytes: u64,
+    /// How long a boot may take before the machine is given up (seconds).
+    #[arg(long, env = "HEARTH_BOOT_TIMEOUT", default_value_t = 60)]
+    pub boot_timeout_secs: u64,
+    /// How long a graceful stop may take before the VMM is killed (seconds).
+    #[arg(long, env = "HEARTH_STOP_TIMEOUT", default_value_t = 15)]
+    pub stop_timeout_secs: u64,
+    /// Seconds between reconcile passes.
+    #[arg(long, env = "HEARTH_RECONCILE_INTERVAL", default_value_t = 5)]
+    pub reconcile_interval_secs: u64,
+    /// Host TSC frequency in kHz for TCG guests (measured when not given).
+    #[arg(long, env = "HEARTH_TSC_KHZ")]
+    pub tsc_khz: Option<u64>,
+}
+
+impl Config {
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.root.join("hearthd.sock"))
+    }
+
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_secs(self.stop_timeout_secs)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_secs(self.reconcile_interval_secs.max(1))
+    }
+}

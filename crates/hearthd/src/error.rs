@@ -1,0 +1,67 @@
+//! The daemon's error type: a kind (which alone picks the HTTP status) and a message.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use hearth_api::{ErrorBody, ErrorCode};
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+macro_rules! ctor {
+    ($name:ident, $code:ident) => {
+        pub fn $name(message: impl Into<String>) -> Error {
+            Error {
+                code: ErrorCode::$code,
+                message: message.into(),
+            }
+        }
+    };
+}
+
+impl Error {
+    ctor!(invalid, Invalid);
+    ctor!(not_found, NotFound);
+    ctor!(conflict, Conflict);
+    ctor!(upstream, Upstream);
+    ctor!(unavailable, Unavailable);
+    ctor!(internal, Internal);
+
+    /// Prefixes the message with what was being done.
+    pub fn context(mut self, what: impl std::fmt::Display) -> Error {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::internal(e.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        Error::internal(format!("state store: {e}"))
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::warn!(code = ?self.code, "{}", self.message);
+        }
+        let body = ErrorBody {
+            error: self.message,
+            code: self.code,
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}

@@ -1,0 +1,91 @@
+//! hearthd: the hearth host daemon.
+
+pub mod agent;
+pub mod api;
+pub mod artifacts;
+pub mod config;
+pub mod error;
+pub mod host;
+pub mod service;
+pub mod storage;
+pub mod store;
+pub mod vmm;
+
+use anyhow::{Context, Result};
+use config::Config;
+use service::Service;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+/// Builds the configured VMM backend.
+pub fn make_vmm(cfg: &Config) -> Arc<dyn vmm::Vmm> {
+    let accel = host::choose_accel(cfg.accel);
+    let tsc_khz = cfg.tsc_khz.unwrap_or_else(host::measure_tsc_khz);
+    tracing::info!(?accel, tsc_khz, "QEMU backend");
+    Arc::new(vmm::qemu::Qemu {
+        binary: cfg.qemu.clone(),
+        accel,
+        tsc_khz,
+    })
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. Machines keep running after it exits.
+pub async fn run(cfg: Config) -> Result<()> {
+    let vmm = make_vmm(&cfg);
+    let svc = Service::new(cfg.clone(), vmm).map_err(|e| anyhow::anyhow!(e.message))?;
+    svc.recover().await;
+    svc.spawn_reconciler();
+
+    let socket = cfg.socket_path();
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let unix = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
+    let app = api::router(svc.clone());
+    tracing::info!(socket = %socket.display(), root = %cfg.root.display(), "hearthd listening");
+
+    let mut servers = tokio::task::JoinSet::new();
+    let unix_server = axum::serve(unix, app.clone()).with_graceful_shutdown(shutdown());
+    servers.spawn(std::future::IntoFuture::into_future(unix_server));
+    if let Some(addr) = cfg.listen {
+        let path = cfg
+            .token_file
+            .as_ref()
+            .context("--listen needs --token-file: the TCP API always requires a bearer token")?;
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_string();
+        anyhow::ensure!(
+            !token.is_empty(),
+            "the token file {} is empty",
+            path.display()
+        );
+        let tcp = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "hearthd listening on TCP (bearer token required)");
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            api::require_bearer,
+        ));
+        let tcp_server = axum::serve(tcp, app).with_graceful_shutdown(shutdown());
+        servers.spawn(std::future::IntoFuture::into_future(tcp_server));
+    }
+    while let Some(res) = servers.join_next().await {
+        res??;
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; machines keep running");
+}

@@ -1,0 +1,412 @@
+//! Machine lifecycle: create, start, stop, delete.
+
+use super::{nonce, Service};
+use crate::agent::AgentClient;
+use crate::error::{Error, Result};
+use crate::storage;
+use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
+use crate::vmm::{process, MachinePaths, VmSpec};
+use chrono::Utc;
+use hearth_api::{validate_id, CreateMachineRequest, Machine, Phase};
+use hearth_proto::{Configure, Op};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const MIN_MEMORY_MIB: u32 = 64;
+const MAX_MEMORY_MIB: u32 = 256 * 1024;
+const MAX_VCPUS: u32 = 64;
+
+/// How long a guest gets to power off after the agent was asked to.
+const AGENT_CALL: Duration = Duration::from_secs(5);
+
+impl Service {
+    pub fn get_machine(&self, id: &str) -> Result<Machine> {
+        validate_id("machine", id).map_err(Error::invalid)?;
+        self.record(id).map(|r| r.to_api())
+    }
+
+    pub fn list_machines(&self) -> Result<Vec<Machine>> {
+        Ok(self
+            .store
+            .list_machines()?
+            .iter()
+            .map(MachineRecord::to_api)
+            .collect())
+    }
+
+    pub(super) fn record(&self, id: &str) -> Result<MachineRecord> {
+        self.store
+            .get_machine(id)?
+            .ok_or_else(|| Error::not_found(format!("machine {id} not found")))
+    }
+
+    /// Creates and boots a machine; returns once its agent answered. On any failure nothing is
+    /// left: no process, file, socket or record.
+    pub async fn create_machine(self: &Arc<Self>, req: CreateMachineRequest) -> Result<Machine> {
+        let spec = self.validate_create(&req)?;
+        let svc = self.clone();
+        Self::detached(async move {
+            let id = req.machine_id;
+            let rt = svc.runtime(&id);
+            let Ok(_op) = rt.op.try_lock() else {
+                return Err(Error::conflict(format!(
+                    "machine {id} has an operation pending"
+                )));
+            };
+            let mut rec = MachineRecord {
+                id: id.clone(),
+                spec,
+                phase: Phase::Starting,
+                error: None,
+                created_at: Utc::now(),
+                started_at: None,
+                process: None,
+            };
+            svc.store.insert_machine(&rec)?;
+            let op = svc.store.begin_op(OpKind::Create, &id)?;
+            let result = svc.provision_and_boot(&mut rec).await;
+            if let Err(e) = &result {
+                tracing::info!(machine = %id, "create failed: {}", e.message);
+                svc.destroy(&id, rec.process.as_ref()).await;
+            }
+            svc.store.end_op(op)?;
+            result.map(|()| rec.to_api())
+        })
+        .await
+    }
+
+    fn validate_create(&self, req: &CreateMachineRequest) -> Result<MachineSpec> {
+        validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
+        let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            return Err(Error::invalid(format!(
+                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
+            )));
+        }
+        let vcpus = req.vcpus.unwrap_or(self.cfg.default_vcpus);
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(Error::invalid(format!(
+                "vcpus must be between 1 and {MAX_VCPUS}"
+            )));
+        }
+        if req.user_volume_ids.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(Error::invalid(
+                "user_volume_ids: this hearthd has no volume support yet",
+            ));
+        }
+        let guest = req.guest_config.clone().unwrap_or_default();
+        if guest.authorized_keys.is_some()
+            || guest.trusted_user_ca_keys.is_some()
+            || guest.login_webhook.is_some()
+        {
+            return Err(Error::invalid(
+                "guest_config: only hostname is supported (the default image has no SSH server)",
+            ));
+        }
+        let hostname = guest.hostname.unwrap_or_else(|| req.machine_id.clone());
+        validate_hostname(&hostname)?;
+        Ok(MachineSpec {
+            artifact: req.artifact.clone(),
+            memory_mib,
+            vcpus,
+            storage_bytes: req.storage_bytes.unwrap_or(self.cfg.default_storage_bytes),
+            hostname,
+            machine_uuid: nonce(),
+            kernel_sha256: String::new(),
+            initrd_sha256: None,
+            rootfs_sha256: String::new(),
+            vmm: self.vmm.kind(),
+            restored_from: None,
+        })
+    }
+
+    /// Fetches the artifacts, makes the system disk and boots.
+    async fn provision_and_boot(&self, rec: &mut MachineRecord) -> Result<()> {
+        let artifact = rec.spec.artifact.clone();
+        let kernel = self
+            .artifacts
+            .fetch("kernel_image_url", &artifact.kernel_image_url)
+            .await?;
+        let rootfs = self
+            .artifacts
+            .fetch("rootfs_url", &artifact.rootfs_url)
+            .await?;
+        let initrd = match &artifact.initrd_url {
+            Some(url) => Some(self.artifacts.fetch("initrd_url", url).await?),
+            None => None,
+        };
+        rec.spec.kernel_sha256 = kernel.sha256;
+        rec.spec.rootfs_sha256 = rootfs.sha256;
+        rec.spec.initrd_sha256 = initrd.map(|b| b.sha256);
+        self.store.update_machine(rec)?;
+
+        if !storage::is_ext4(&rootfs.path)? {
+            return Err(Error::invalid(format!(
+                "rootfs_url: {} is not an ext4 filesystem",
+                artifact.rootfs_url
+            )));
+        }
+        if rec.spec.storage_bytes < rootfs.size_bytes {
+            return Err(Error::invalid(format!(
+                "storage_bytes ({}) is smaller than the root filesystem ({} bytes)",
+                rec.spec.storage_bytes, rootfs.size_bytes
+            )));
+        }
+        let paths = self.paths(&rec.id);
+        std::fs::create_dir_all(&paths.dir)?;
+        let (src, dst, mode, size) = (
+            rootfs.path.clone(),
+            paths.system_disk(),
+            self.cfg.clone,
+            rec.spec.storage_bytes,
+        );
+        tokio::task::spawn_blocking(move || {
+            storage::clone_file(&src, &dst, mode)?;
+            storage::grow_ext4(&dst, size)
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
+        self.boot(rec).await
+    }
+
+    /// Boots the machine from its disks and waits for its agent; on success the record says
+    /// running. On failure the VMM is killed (the record keeps the pid until then).
+    async fn boot(&self, rec: &mut MachineRecord) -> Result<()> {
+        let paths = self.paths(&rec.id);
+        let blob = |sha: &str| self.cfg.root.join("images").join("blobs").join(sha);
+        let spec = VmSpec {
+            kernel: blob(&rec.spec.kernel_sha256),
+            initrd: rec.spec.initrd_sha256.as_deref().map(blob),
+            memory_mib: rec.spec.memory_mib,
+            vcpus: rec.spec.vcpus,
+            disks: vec![paths.system_disk()],
+            paths: paths.clone(),
+        };
+        let started = Instant::now();
+        let proc = self.vmm.boot(&spec).await?;
+        rec.process = Some(proc);
+        self.store.update_machine(rec)?;
+        match self.await_agent(rec, &paths, proc).await {
+            Ok(agent) => {
+                *self.runtime(&rec.id).agent.lock().await = Some(agent);
+                rec.phase = Phase::Running;
+                rec.error = None;
+                rec.started_at = Some(Utc::now());
+                self.store.update_machine(rec)?;
+                tracing::info!(machine = %rec.id, elapsed = ?started.elapsed(), "machine running");
+                Ok(())
+            }
+            Err(e) => {
+                process::kill_and_wait(&proc).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn await_agent(
+        &self,
+        rec: &MachineRecord,
+        paths: &MachinePaths,
+        proc: ProcessRecord,
+    ) -> Result<Arc<AgentClient>> {
+        let deadline = Instant::now() + self.cfg.boot_timeout();
+        let agent = AgentClient::connect(&paths.agent_socket()).await?;
+        if let Err(e) = agent
+            .handshake(&nonce(), deadline, || process::is_alive(&proc))
+            .await
+        {
+            let exited = !process::is_alive(&proc);
+            let console = paths.console_tail(15);
+            let msg = if exited {
+                format!("the machine shut down during boot; console:\n{console}")
+            } else {
+                format!("{}; console:\n{console}", e.message)
+            };
+            // A guest that dies at boot is almost always a bad kernel, initrd or rootfs.
+            return Err(if exited {
+                Error::invalid(msg)
+            } else {
+                Error::unavailable(msg)
+            });
+        }
+        let wall_clock_unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .ok();
+        agent
+            .call(
+                Op::Configure(Configure {
+                    hostname: Some(rec.spec.hostname.clone()),
+                    machine_id: Some(rec.spec.machine_uuid.clone()),
+                    wall_clock_unix_ns,
+                    entropy_base64: None,
+                }),
+                Some(AGENT_CALL),
+            )
+            .await?;
+        Ok(Arc::new(agent))
+    }
+
+    /// Graceful stop: the agent syncs and powers off; the VMM is killed if it has not exited
+    /// after the stop timeout. Stopping a stopped machine does nothing.
+    pub async fn stop_machine(self: &Arc<Self>, id: &str) -> Result<()> {
+        validate_id("machine", id).map_err(Error::invalid)?;
+        let (svc, id) = (self.clone(), id.to_string());
+        Self::detached(async move {
+            let rt = svc.runtime(&id);
+            let Ok(_op) = rt.op.try_lock() else {
+                return Err(Error::conflict(format!(
+                    "machine {id} has an operation pending"
+                )));
+            };
+            let mut rec = svc.record(&id)?;
+            if rec.phase == Phase::Stopped {
+                return Ok(());
+            }
+            let op = svc.store.begin_op(OpKind::Stop, &id)?;
+            if let Some(proc) = rec.process {
+                if rec.phase == Phase::Running {
+                    svc.power_off(&id, &proc).await;
+                }
+                process::kill_and_wait(&proc).await;
+            }
+            svc.clear_runtime_files(&id).await;
+            rec.phase = Phase::Stopped;
+            rec.process = None;
+            rec.error = None;
+            svc.store.update_machine(&rec)?;
+            svc.store.end_op(op)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn power_off(&self, id: &str, proc: &ProcessRecord) {
+        match self.agent(id).await {
+            Ok(agent) => {
+                if let Err(e) = agent.call(Op::PowerOff, Some(AGENT_CALL)).await {
+                    tracing::warn!(machine = %id, "agent power-off: {}", e.message);
+                }
+            }
+            Err(e) => tracing::warn!(machine = %id, "no agent for power-off: {}", e.message),
+        }
+        if !process::wait_gone(proc, self.cfg.stop_timeout()).await {
+            tracing::warn!(machine = %id, "guest did not power off in time; killing the VMM");
+        }
+    }
+
+    /// Boots a stopped or failed machine again from its own disks.
+    pub async fn start_machine(self: &Arc<Self>, id: &str) -> Result<Machine> {
+        validate_id("machine", id).map_err(Error::invalid)?;
+        let (svc, id) = (self.clone(), id.to_string());
+        Self::detached(async move {
+            let rt = svc.runtime(&id);
+            let Ok(_op) = rt.op.try_lock() else {
+                return Err(Error::conflict(format!(
+                    "machine {id} has an operation pending"
+                )));
+            };
+            let mut rec = svc.record(&id)?;
+            if !matches!(rec.phase, Phase::Stopped | Phase::Failed) {
+                return Err(Error::conflict(format!(
+                    "machine {id} is {}; only a stopped or failed machine can be started",
+                    rec.phase.as_str()
+                )));
+            }
+            let op = svc.store.begin_op(OpKind::Start, &id)?;
+            if let Some(proc) = rec.process.take() {
+                process::kill_and_wait(&proc).await;
+            }
+            svc.clear_runtime_files(&id).await;
+            rec.phase = Phase::Starting;
+            rec.error = None;
+            svc.store.update_machine(&rec)?;
+            let result = svc.boot(&mut rec).await;
+            if let Err(e) = &result {
+                rec.phase = Phase::Failed;
+                rec.error = Some(e.message.clone());
+                rec.process = None;
+                svc.store.update_machine(&rec)?;
+                svc.clear_runtime_files(&id).await;
+            }
+            svc.store.end_op(op)?;
+            result.map(|()| rec.to_api())
+        })
+        .await
+    }
+
+    /// Destroys a machine and everything it has. A missing machine is already deleted.
+    pub async fn delete_machine(self: &Arc<Self>, id: &str) -> Result<()> {
+        validate_id("machine", id).map_err(Error::invalid)?;
+        let (svc, id) = (self.clone(), id.to_string());
+        Self::detached(async move {
+            let rt = svc.runtime(&id);
+            let Ok(_op) = rt.op.try_lock() else {
+                return Err(Error::conflict(format!(
+                    "machine {id} has an operation pending"
+                )));
+            };
+            let Some(rec) = svc.store.get_machine(&id)? else {
+                svc.forget_runtime(&id);
+                return Ok(());
+            };
+            let op = svc.store.begin_op(OpKind::Delete, &id)?;
+            svc.destroy(&id, rec.process.as_ref()).await;
+            svc.store.end_op(op)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Kills the VMM, removes the machine's files, sockets and record.
+    pub(super) async fn destroy(&self, id: &str, proc: Option<&ProcessRecord>) {
+        if let Some(proc) = proc {
+            process::kill_and_wait(proc).await;
+        }
+        self.clear_runtime_files(id).await;
+        let paths = self.paths(id);
+        if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(machine = %id, "removing {}: {e}", paths.dir.display());
+            }
+        }
+        if let Err(e) = self.store.delete_machine(id) {
+            tracing::warn!(machine = %id, "deleting record: {}", e.message);
+        }
+        self.forget_runtime(id);
+    }
+
+    /// Drops the agent connection and removes what only a running VMM needs: its sockets and
+    /// its RAM file (a cold boot starts from fresh memory).
+    pub(super) async fn clear_runtime_files(&self, id: &str) {
+        if let Some(rt) = self
+            .runtimes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+        {
+            if let Ok(mut agent) = rt.agent.try_lock() {
+                *agent = None;
+            }
+        }
+        let paths = self.paths(id);
+        let _ = std::fs::remove_dir_all(&paths.sock_dir);
+        let _ = std::fs::remove_file(paths.memory());
+    }
+}
+
+fn validate_hostname(h: &str) -> Result<()> {
+    let ok = !h.is_empty()
+        && h.len() <= 64
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !h.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "guest_config.hostname {h:?} is not a valid hostname"
+        )))
+    }
+}

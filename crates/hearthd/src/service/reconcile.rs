@@ -1,0 +1,142 @@
+//! Reconcile: bring the records and the host back in line. At start-up it also finishes or
+//! undoes the operations a crash interrupted (journal rows). Every pass marks machines whose VMM
+//! died as failed and removes runtime leftovers of machines that no longer exist. One bad record
+//! never stops the rest.
+
+use super::Service;
+use crate::store::{MachineRecord, OpKind};
+use crate::vmm::process;
+use hearth_api::Phase;
+use std::collections::HashSet;
+use std::ffi::OsStr;
+
+impl Service {
+    /// The start-up pass: interrupted operations first, then a regular pass.
+    pub async fn recover(&self) {
+        match self.store.pending_ops() {
+            Ok(ops) => {
+                for op in ops {
+                    tracing::info!(machine = %op.machine_id, kind = ?op.kind, "finishing an interrupted operation");
+                    let rec = self.store.get_machine(&op.machine_id).ok().flatten();
+                    match (op.kind, rec) {
+                        // Undo: a create that never returned must leave nothing.
+                        (OpKind::Create | OpKind::Delete, Some(rec)) => {
+                            self.destroy(&rec.id, rec.process.as_ref()).await
+                        }
+                        (OpKind::Start, Some(rec)) => {
+                            self.mark_failed(
+                                rec,
+                                "the daemon stopped while the machine was starting",
+                            )
+                            .await
+                        }
+                        (OpKind::Stop, Some(mut rec)) => {
+                            if let Some(p) = rec.process.take() {
+                                process::kill_and_wait(&p).await;
+                            }
+                            self.clear_runtime_files(&rec.id).await;
+                            rec.phase = Phase::Stopped;
+                            if let Err(e) = self.store.update_machine(&rec) {
+                                tracing::warn!(machine = %rec.id, "{}", e.message);
+                            }
+                        }
+                        (_, None) => self.destroy(&op.machine_id, None).await,
+                    }
+                    if let Err(e) = self.store.end_op(op.id) {
+                        tracing::warn!("clearing journal row {}: {}", op.id, e.message);
+                    }
+                }
+            }
+            Err(e) => tracing::error!("reading the journal: {}", e.message),
+        }
+        self.reconcile_pass().await;
+    }
+
+    pub async fn reconcile_pass(&self) {
+        let records = match self.store.list_machines() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("reconcile: listing machines: {}", e.message);
+                return;
+            }
+        };
+        for rec in &records {
+            // A machine with an operation under way is that operation's business.
+            let rt = self.runtime(&rec.id);
+            let Ok(_op) = rt.op.try_lock() else { continue };
+            if !matches!(rec.phase, Phase::Running | Phase::Starting) {
+                continue;
+            }
+            let alive = rec.process.as_ref().is_some_and(process::is_alive);
+            if !alive {
+                let console = self.paths(&rec.id).console_tail(5);
+                let reason = format!("the VMM process exited unexpectedly; console:\n{console}");
+                self.mark_failed(rec.clone(), &reason).await;
+            }
+        }
+        self.remove_leftovers(&records);
+    }
+
+    async fn mark_failed(&self, mut rec: MachineRecord, reason: &str) {
+        tracing::warn!(machine = %rec.id, "machine failed: {reason}");
+        if let Some(p) = rec.process.take() {
+            process::kill_and_wait(&p).await;
+        }
+        self.clear_runtime_files(&rec.id).await;
+        rec.phase = Phase::Failed;
+        rec.error = Some(reason.to_string());
+        if let Err(e) = self.store.update_machine(&rec) {
+            tracing::warn!(machine = %rec.id, "{}", e.message);
+        }
+    }
+
+    /// Machine directories and socket directories that belong to no record, and any VMM still
+    /// running from one of them.
+    fn remove_leftovers(&self, records: &[MachineRecord]) {
+        let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let sock_dirs: HashSet<_> = records.iter().map(|r| self.paths(&r.id).sock_dir).collect();
+        for entry in read_dir(&self.machines_dir()) {
+            let name = entry.file_name();
+            if !known.contains(name.to_string_lossy().as_ref()) {
+                tracing::info!(
+                    "removing leftover machine directory {}",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        for entry in read_dir(&self.cfg.root.join("run")) {
+            let dir = entry.path();
+            if sock_dirs.contains(&dir) {
+                continue;
+            }
+            if let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                if runs_from(pid, dir.as_os_str()) {
+                    tracing::info!(pid, "killing an orphaned VMM");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            tracing::info!("removing leftover runtime directory {}", dir.display());
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+fn read_dir(dir: &std::path::Path) -> Vec<std::fs::DirEntry> {
+    std::fs::read_dir(dir)
+        .map(|it| it.flatten().collect())
+        .unwrap_or_default()
+}
+
+/// The process's command line mentions `dir`: it is a VMM of ours, not a reused pid.
+fn runs_from(pid: i32, dir: &OsStr) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_encoded_bytes();
+    cmdline.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,196 @@
+//! Disk files: cloning (reflink where the filesystem has it, else a sparse copy), growing, and
+//! checking that a root filesystem is ext4.
+
+use crate::config::CloneMode;
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneMethod {
+    Reflink,
+    SparseCopy,
+}
+
+/// Clones `src` to a new file `dst`. `dst` must not exist; on failure it is removed.
+pub fn clone_file(src: &Path, dst: &Path, mode: CloneMode) -> Result<CloneMethod> {
+    let res = clone_inner(src, dst, mode);
+    if res.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    res
+}
+
+fn clone_inner(src: &Path, dst: &Path, mode: CloneMode) -> Result<CloneMethod> {
+    let from =
+        File::open(src).map_err(|e| Error::internal(format!("open {}: {e}", src.display())))?;
+    let to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(|e| Error::internal(format!("create {}: {e}", dst.display())))?;
+    if mode != CloneMode::Copy {
+        // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
+        let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+        if rc == 0 {
+            return Ok(CloneMethod::Reflink);
+        }
+        let err = std::io::Error::last_os_error();
+        if mode == CloneMode::Reflink {
+            return Err(Error::internal(format!(
+                "reflink {} → {}: {err} (the filesystem may not support reflinks)",
+                src.display(),
+                dst.display()
+            )));
+        }
+    }
+    sparse_copy(&from, &to)?;
+    Ok(CloneMethod::SparseCopy)
+}
+
+/// Copies only the allocated extents (SEEK_DATA/SEEK_HOLE), so holes stay holes.
+fn sparse_copy(from: &File, to: &File) -> Result<()> {
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: plain lseek on an open fd.
+        let data = unsafe { libc::lseek(src, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data past pos.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len as i64 } else { hole };
+        let mut off_in = data;
+        let mut off_out = data;
+        while off_in < end {
+            // SAFETY: offsets are valid pointers to i64 and the fds are open.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src,
+                    &mut off_in,
+                    dst,
+                    &mut off_out,
+                    (end - off_in) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(Error::internal(format!(
+                    "copy_file_range: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        pos = end;
+    }
+    to.sync_data()?;
+    Ok(())
+}
+
+/// Bytes really allocated to a file (st_blocks), not its apparent size.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+const EXT4_MAGIC_OFFSET: u64 = 1024 + 0x38;
+
+/// True when the file holds an ext2/3/4 superblock.
+pub fn is_ext4(path: &Path) -> Result<bool> {
+    let mut f = File::open(path)?;
+    if f.metadata()?.len() < EXT4_MAGIC_OFFSET + 2 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(EXT4_MAGIC_OFFSET))?;
+    let mut magic = [0u8; 2];
+    f.read_exact(&mut magic)?;
+    Ok(u16::from_le_bytes(magic) == 0xEF53)
+}
+
+/// Grows the disk file to `bytes` (never shrinks) and the ext4 filesystem on it to fill it.
+pub fn grow_ext4(path: &Path, bytes: u64) -> Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    if f.metadata()?.len() >= bytes {
+        return Ok(());
+    }
+    f.set_len(bytes)?;
+    drop(f);
+    let out = Command::new("resize2fs")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .map_err(|e| Error::internal(format!("running resize2fs: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::invalid(format!(
+            "the root filesystem could not be grown: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let mut f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(10 << 20)).unwrap();
+        f.write_all(&[7u8; 1 << 20]).unwrap();
+        drop(f);
+        let dst = dir.path().join("dst");
+        let how = clone_file(&src, &dst, CloneMode::Copy).unwrap();
+        assert_eq!(how, CloneMethod::SparseCopy);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        assert!(allocated_bytes(&dst) < 4 << 20, "{}", allocated_bytes(&dst));
+    }
+
+    #[test]
+    fn a_failed_clone_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("dst");
+        assert!(clone_file(&dir.path().join("missing"), &dst, CloneMode::Auto).is_err());
+        assert!(!dst.exists());
+        // A forced reflink on a filesystem without them fails rather than copying quietly.
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"x").unwrap();
+        if clone_file(&src, &dst, CloneMode::Reflink).is_err() {
+            assert!(!dst.exists());
+        }
+    }
+
+    #[test]
+    fn ext4_is_recognised_and_grown() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        assert!(is_ext4(&img).unwrap());
+        grow_ext4(&img, 64 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 64 << 20);
+        let notfs = dir.path().join("zeros");
+        std::fs::write(&notfs, vec![0u8; 4096]).unwrap();
+        assert!(!is_ext4(&notfs).unwrap());
+    }
+}

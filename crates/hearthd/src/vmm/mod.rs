@@ -1,0 +1,73 @@
+//! VMM backends behind one trait, so the service never depends on which runs a machine.
+
+pub mod process;
+pub mod qemu;
+mod qmp;
+
+use crate::error::Result;
+use crate::store::ProcessRecord;
+use async_trait::async_trait;
+use hearth_api::VmmKind;
+use std::path::PathBuf;
+
+/// Everything a backend needs to boot a machine.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// The system disk first; it is the guest's /dev/vda.
+    pub disks: Vec<PathBuf>,
+    pub paths: MachinePaths,
+}
+
+/// Where one machine's files live. Sockets sit in a short per-machine directory because a Unix
+/// socket path is limited to 107 bytes and machine ids may be 63.
+#[derive(Debug, Clone)]
+pub struct MachinePaths {
+    pub dir: PathBuf,
+    pub sock_dir: PathBuf,
+}
+
+impl MachinePaths {
+    pub fn memory(&self) -> PathBuf {
+        self.dir.join("memory")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn system_disk(&self) -> PathBuf {
+        self.dir.join("system.img")
+    }
+    pub fn agent_socket(&self) -> PathBuf {
+        self.sock_dir.join("agent.sock")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.sock_dir.join("control.sock")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.sock_dir.join("vmm.pid")
+    }
+
+    /// The last lines of the serial console, for error messages.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read(self.console()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    fn kind(&self) -> VmmKind;
+
+    /// Starts the VMM with the guest booting. Returns once the process runs; the guest agent
+    /// answers later.
+    async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord>;
+
+    /// Checks that a recorded VMM process is alive and answering on its control socket, as after
+    /// a daemon restart.
+    async fn reattach(&self, paths: &MachinePaths, process: &ProcessRecord) -> Result<()>;
+}

@@ -1,0 +1,71 @@
+//! VMM processes are not the daemon's children (QEMU daemonizes), so they survive a daemon
+//! restart. They are tracked by pid plus start time: a pid alone could be reused.
+
+use crate::store::ProcessRecord;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+/// The start time (clock ticks since boot, field 22 of /proc/PID/stat) and state of a process.
+fn stat(pid: i32) -> Option<(u64, char)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces; fields follow the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state))
+}
+
+pub fn record(pid: i32) -> Option<ProcessRecord> {
+    stat(pid).map(|(start_time, _)| ProcessRecord { pid, start_time })
+}
+
+/// The recorded process still runs (a zombie counts as gone).
+pub fn is_alive(p: &ProcessRecord) -> bool {
+    matches!(stat(p.pid), Some((start, state)) if start == p.start_time && state != 'Z' && state != 'X')
+}
+
+/// SIGKILLs the process and waits until it is gone.
+pub async fn kill_and_wait(p: &ProcessRecord) {
+    if is_alive(p) {
+        let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+    }
+    wait_gone(p, Duration::from_secs(10)).await;
+}
+
+/// Waits up to `limit` for the process to end; true when it did.
+pub async fn wait_gone(p: &ProcessRecord, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while is_alive(p) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tracks_a_process_until_killed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let rec = record(child.id() as i32).unwrap();
+        assert!(is_alive(&rec));
+        let reused = ProcessRecord {
+            start_time: rec.start_time + 1,
+            ..rec
+        };
+        assert!(!is_alive(&reused));
+        let waiter = std::thread::spawn(move || child.wait());
+        kill_and_wait(&rec).await;
+        assert!(!is_alive(&rec));
+        waiter.join().unwrap().unwrap();
+    }
+}
