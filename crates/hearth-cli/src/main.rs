@@ -1,24 +1,29 @@
+//! `hearth`: the command-line client of hearthd, and the guest image builder.
+
+mod demo;
 mod image;
+mod machines;
+mod output;
+mod size;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use hearth_api::client::Client;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "hearth",
-    version,
-    about = "Drive hearthd, the microVM host daemon"
-)]
+#[command(name = "hearth", version, about = "Drive hearthd, the microVM host daemon")]
 struct Cli {
-    /// Data root of the daemon (images are built under it).
-    #[arg(
-        long,
-        env = "HEARTH_ROOT",
-        default_value = "/var/lib/hearth",
-        global = true
-    )]
+    /// Data root of the daemon; the default image is built under it.
+    #[arg(long, env = "HEARTH_ROOT", default_value = "/var/lib/hearth", global = true)]
     root: PathBuf,
+    /// The daemon's API socket (default: <root>/hearthd.sock).
+    #[arg(long, env = "HEARTH_SOCKET", global = true)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -28,13 +33,31 @@ enum Cmd {
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Check that the daemon answers.
+    Health,
+    /// Create a machine and wait until it runs.
+    Create(machines::CreateArgs),
+    /// List machines.
+    Ls,
+    /// Show one machine.
+    Get { name: String },
+    /// Run a command in a machine; its output and exit status are passed through.
+    Exec(machines::ExecArgs),
+    /// Stop a machine (the guest powers off; killed after a timeout).
+    Stop { name: String },
+    /// Start a stopped or failed machine.
+    Start { name: String },
+    /// Delete a machine and everything it has.
+    Rm { names: Vec<String> },
+    /// Walk through the main job: create, exec, stop, start, delete, with timings.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand)]
 enum ImageCmd {
     /// Build the default guest image from Debian packages.
     Build {
-        /// The static hearth-agent binary to install as /sbin/init.
+        /// The static hearth-agent binary to install as /sbin/init (default: next to `hearth`).
         #[arg(long)]
         agent: Option<PathBuf>,
         /// Rebuild even when nothing changed.
@@ -43,20 +66,70 @@ enum ImageCmd {
     },
 }
 
-fn main() -> Result<()> {
+pub struct Ctx {
+    pub root: PathBuf,
+    pub client: Client,
+    pub json: bool,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Image(ImageCmd::Build { agent, force }) => {
-            let agent = agent.unwrap_or_else(default_agent_path);
-            let opts = image::BuildOptions {
-                dest: image::default_image_dir(&cli.root),
-                agent,
-                force,
-            };
-            image::build(&opts)?;
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| cli.root.join("hearthd.sock"));
+    let ctx = Ctx {
+        root: cli.root.clone(),
+        client: Client::new(socket),
+        json: cli.json,
+    };
+    match run(cli.command, &ctx).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hearth: {e:#}");
+            ExitCode::FAILURE
         }
     }
-    Ok(())
+}
+
+async fn run(cmd: Cmd, ctx: &Ctx) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Image(ImageCmd::Build { agent, force }) => {
+            let opts = image::BuildOptions {
+                dest: image::default_image_dir(&ctx.root),
+                agent: agent.unwrap_or_else(default_agent_path),
+                force,
+            };
+            let outcome = tokio::task::spawn_blocking(move || image::build(&opts)).await??;
+            let (built, manifest) = match outcome {
+                image::Outcome::Built(m) => (true, m),
+                image::Outcome::UpToDate(m) => (false, m),
+            };
+            if ctx.json {
+                output::print_json(&serde_json::json!({ "built": built, "manifest": manifest }));
+            } else {
+                output::print_manifest(&manifest);
+            }
+        }
+        Cmd::Health => {
+            let h = ctx.client.health().await?;
+            if ctx.json {
+                output::print_json(&h);
+            } else {
+                println!("hearthd at {} is up", ctx.client.socket().display());
+            }
+        }
+        Cmd::Create(args) => machines::create(ctx, args).await?,
+        Cmd::Ls => machines::list(ctx).await?,
+        Cmd::Get { name } => machines::get(ctx, &name).await?,
+        Cmd::Exec(args) => return machines::exec(ctx, args).await,
+        Cmd::Stop { name } => machines::stop(ctx, &name).await?,
+        Cmd::Start { name } => machines::start(ctx, &name).await?,
+        Cmd::Rm { names } => machines::remove(ctx, &names).await?,
+        Cmd::Demo(args) => demo::run(ctx, args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn default_agent_path() -> PathBuf {

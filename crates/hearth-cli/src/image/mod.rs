@@ -7,7 +7,7 @@ mod initrd;
 mod manifest;
 mod rootfs;
 
-pub use manifest::{ImageFile, Manifest};
+pub use manifest::Manifest;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};

@@ -1,0 +1,214 @@
+//! Machine commands.
+
+use crate::image::{default_image_dir, Manifest};
+use crate::{output, size, Ctx};
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use clap::Args;
+use hearth_api::{ArtifactRef, CreateMachineRequest, ExecRequest, GuestConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct CreateArgs {
+    pub name: String,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// System disk size (e.g. 2G).
+    #[arg(long, value_parser = size::parse_bytes)]
+    pub disk: Option<u64>,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// The image: `default` (built by `hearth image build`). Ignored when URLs are given.
+    #[arg(long, default_value = "default")]
+    pub image: String,
+    /// Kernel URL (http, https or file), instead of an image.
+    #[arg(long, requires = "rootfs")]
+    pub kernel: Option<String>,
+    /// Root filesystem URL, instead of an image.
+    #[arg(long, requires = "kernel")]
+    pub rootfs: Option<String>,
+    #[arg(long)]
+    pub initrd: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    pub name: String,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    #[arg(long, short = 'u')]
+    pub user: Option<String>,
+    /// Pass this command's standard input to the guest command.
+    #[arg(long, short = 'i')]
+    pub stdin: bool,
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// The artifact URLs of the image built under `root`.
+pub fn image_artifact(root: &Path, image: &str) -> Result<ArtifactRef> {
+    if image != "default" {
+        bail!("unknown image {image:?}: only `default` is built by hearth");
+    }
+    let dir = default_image_dir(root);
+    Manifest::load(&dir).with_context(|| {
+        format!(
+            "the default image is not built in {}: run `hearth image build`",
+            dir.display()
+        )
+    })?;
+    let url = |f: &str| format!("file://{}", dir.join(f).display());
+    Ok(ArtifactRef {
+        kernel_image_url: url("vmlinux"),
+        rootfs_url: url("rootfs.ext4"),
+        initrd_url: Some(url("initrd.img")),
+    })
+}
+
+pub fn spinner(msg: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").unwrap());
+    bar.set_message(msg);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+pub async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
+    let artifact = match (args.kernel, args.rootfs) {
+        (Some(kernel_image_url), Some(rootfs_url)) => ArtifactRef {
+            kernel_image_url,
+            rootfs_url,
+            initrd_url: args.initrd,
+        },
+        _ => image_artifact(&ctx.root, &args.image)?,
+    };
+    let req = CreateMachineRequest {
+        machine_id: args.name.clone(),
+        artifact,
+        memory_mib: args.memory,
+        vcpus: args.vcpus,
+        storage_bytes: args.disk,
+        user_volume_ids: None,
+        guest_config: args.hostname.map(|h| GuestConfig {
+            hostname: Some(h),
+            ..Default::default()
+        }),
+    };
+    let bar = spinner(format!("creating {}", args.name));
+    let t = Instant::now();
+    let res = ctx.client.create_machine(&req).await;
+    bar.finish_and_clear();
+    let machine = res?;
+    if ctx.json {
+        output::print_json(&machine);
+    } else {
+        println!("{} is {} ({:.2} s)", machine.id, machine.phase.as_str(), t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+pub async fn list(ctx: &Ctx) -> Result<()> {
+    let list = ctx.client.list_machines().await?;
+    if ctx.json {
+        output::print_json(&list);
+    } else {
+        output::machines(&list);
+    }
+    Ok(())
+}
+
+pub async fn get(ctx: &Ctx, name: &str) -> Result<()> {
+    let m = ctx.client.get_machine(name).await?;
+    if ctx.json {
+        output::print_json(&m);
+    } else {
+        output::machine(&m);
+    }
+    Ok(())
+}
+
+pub async fn exec(ctx: &Ctx, args: ExecArgs) -> Result<ExitCode> {
+    let mut env = BTreeMap::new();
+    for kv in &args.env {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: want KEY=VALUE"))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let stdin_base64 = if args.stdin {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Some(base64::engine::general_purpose::STANDARD.encode(buf))
+    } else {
+        None
+    };
+    let req = ExecRequest {
+        command: args.command,
+        cwd: args.cwd,
+        env: (!env.is_empty()).then_some(env),
+        timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
+        user: args.user,
+        stdin_base64,
+        max_output_bytes: None,
+    };
+    let r = ctx.client.exec(&args.name, &req).await?;
+    if ctx.json {
+        output::print_json(&r);
+    } else {
+        std::io::stdout().write_all(r.stdout.as_bytes())?;
+        std::io::stderr().write_all(r.stderr.as_bytes())?;
+        if r.stdout_truncated || r.stderr_truncated {
+            eprintln!("hearth: output was truncated");
+        }
+        if r.timed_out {
+            eprintln!("hearth: command timed out and was killed");
+        }
+    }
+    Ok(ExitCode::from(r.exit_code.clamp(0, 255) as u8))
+}
+
+pub async fn stop(ctx: &Ctx, name: &str) -> Result<()> {
+    let bar = spinner(format!("stopping {name}"));
+    let res = ctx.client.stop_machine(name).await;
+    bar.finish_and_clear();
+    res?;
+    if !ctx.json {
+        println!("{name} stopped");
+    }
+    Ok(())
+}
+
+pub async fn start(ctx: &Ctx, name: &str) -> Result<()> {
+    let bar = spinner(format!("starting {name}"));
+    let res = ctx.client.start_machine(name).await;
+    bar.finish_and_clear();
+    let m = res?;
+    if ctx.json {
+        output::print_json(&m);
+    } else {
+        println!("{} is {}", m.id, m.phase.as_str());
+    }
+    Ok(())
+}
+
+pub async fn remove(ctx: &Ctx, names: &[String]) -> Result<()> {
+    for name in names {
+        ctx.client.delete_machine(name).await?;
+        if !ctx.json {
+            println!("{name} deleted");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Test harness: a real hearthd process on a data root of its own, the default guest image
+//! built by `scripts/test`, and checks that nothing is left behind.
+#![allow(dead_code)]
+
+use hearth_api::client::Client;
+use hearth_api::{ArtifactRef, CreateMachineRequest, ExecRequest, ExecResponse};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The default guest image: `$HEARTH_TEST_IMAGE`, or where `scripts/test` builds it.
+pub fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("HEARTH_TEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-root/images/default")
+        });
+    assert!(
+        dir.join("manifest.json").exists(),
+        "no guest image in {}: run scripts/test (or `hearth image build`) first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn file_url(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+pub fn artifact() -> ArtifactRef {
+    let dir = image_dir();
+    ArtifactRef {
+        kernel_image_url: file_url(&dir.join("vmlinux")),
+        rootfs_url: file_url(&dir.join("rootfs.ext4")),
+        initrd_url: Some(file_url(&dir.join("initrd.img"))),
+    }
+}
+
+pub fn kernel_release() -> String {
+    let text = std::fs::read_to_string(image_dir().join("manifest.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["kernel_release"].as_str().unwrap().to_string()
+}
+
+pub fn create_req(id: &str) -> CreateMachineRequest {
+    CreateMachineRequest {
+        machine_id: id.to_string(),
+        artifact: artifact(),
+        memory_mib: None,
+        vcpus: None,
+        storage_bytes: None,
+        user_volume_ids: None,
+        guest_config: None,
+    }
+}
+
+pub fn cmd(args: &[&str]) -> ExecRequest {
+    ExecRequest {
+        command: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn sh(client: &Client, id: &str, script: &str) -> ExecResponse {
+    client.exec(id, &cmd(&["sh", "-c", script])).await.unwrap()
+}
+
+pub struct Daemon {
+    pub root: tempfile::TempDir,
+    pub client: Client,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub async fn start() -> Daemon {
+        let root = tempfile::Builder::new()
+            .prefix("hearth-t")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let client = Client::new(root.path().join("hearthd.sock"));
+        let mut d = Daemon {
+            root,
+            client,
+            child: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join("hearthd.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
+            .arg("--root")
+            .arg(self.path())
+            .args(["--reconcile-interval-secs", "1", "--stop-timeout-secs", "10"])
+            .env("HEARTH_LOG", "info,hearthd=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.client.health().await.is_err() {
+            assert!(Instant::now() < deadline, "hearthd did not come up:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs the daemon, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("hearthd.log")).unwrap_or_default()
+    }
+
+    /// QEMU processes started for this daemon (their command line names its root).
+    pub fn vmm_pids(&self) -> Vec<i32> {
+        processes_mentioning(self.path())
+            .into_iter()
+            .filter(|(_, cmdline)| cmdline.contains("qemu-system"))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Asserts that machine `id` left nothing: no record, no files, no sockets, no VMM.
+    pub async fn assert_nothing_left(&self, id: &str) {
+        let err = self.client.get_machine(id).await.unwrap_err();
+        assert_eq!(err.code(), Some(hearth_api::ErrorCode::NotFound), "{err}");
+        assert!(!self.path().join("machines").join(id).exists(), "machine dir of {id} left");
+        let run: Vec<_> = std::fs::read_dir(self.path().join("run"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let live: Vec<String> = self
+            .client
+            .list_machines()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert!(
+            run.len() <= live.len(),
+            "runtime dirs {run:?} for machines {live:?}"
+        );
+        let tmp = std::fs::read_dir(self.path().join("images/tmp")).unwrap().count();
+        assert_eq!(tmp, 0, "partial downloads left");
+        if live.is_empty() {
+            assert!(self.vmm_pids().is_empty(), "VMM processes left: {:?}", self.vmm_pids());
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- hearthd log (last lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        self.kill9();
+        for pid in self.vmm_pids() {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Processes whose command line mentions `needle`, with that command line.
+pub fn processes_mentioning(needle: &Path) -> Vec<(i32, String)> {
+    let needle = needle.to_string_lossy().to_string();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        if stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+/// Waits until `check` holds, up to `limit`.
+pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
