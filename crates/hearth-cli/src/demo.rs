@@ -23,7 +23,11 @@ struct Report {
 
 impl Report {
     fn step(&mut self, what: &str, took: Duration, note: impl Into<String>) {
-        println!("  {what:<26} {:>9.1} ms  {}", took.as_secs_f64() * 1000.0, note.into());
+        println!(
+            "  {what:<26} {:>9.1} ms  {}",
+            took.as_secs_f64() * 1000.0,
+            note.into()
+        );
         self.rows.push(vec![
             what.to_string(),
             format!("{:.1} ms", took.as_secs_f64() * 1000.0),
@@ -59,12 +63,20 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
             guest_config: None,
         })
         .await?;
-    report.step("create → running", t.elapsed(), format!("{} MiB, {} vCPU", m.memory_mib, m.vcpus));
+    report.step(
+        "create → running",
+        t.elapsed(),
+        format!("{} MiB, {} vCPU", m.memory_mib, m.vcpus),
+    );
 
     let t = Instant::now();
     let r = c.exec(&name, &exec_req(&["uname", "-r"])).await?;
     ensure!(r.exit_code == 0, "uname failed: {}", r.stderr);
-    report.step("exec uname -r", t.elapsed(), format!("kernel {}", r.stdout.trim()));
+    report.step(
+        "exec uname -r",
+        t.elapsed(),
+        format!("kernel {}", r.stdout.trim()),
+    );
 
     let mut rtts = Vec::new();
     for _ in 0..10 {
@@ -73,7 +85,11 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
         rtts.push(t.elapsed());
     }
     rtts.sort();
-    report.step("exec round trip (median)", rtts[rtts.len() / 2], "of 10 × `true`");
+    report.step(
+        "exec round trip (median)",
+        rtts[rtts.len() / 2],
+        "of 10 × `true`",
+    );
 
     c.exec(
         &name,
@@ -86,7 +102,11 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
 
     let t = Instant::now();
     c.start_machine(&name).await?;
-    report.step("start → running", t.elapsed(), "cold boot from the same disk");
+    report.step(
+        "start → running",
+        t.elapsed(),
+        "cold boot from the same disk",
+    );
 
     let r = c.exec(&name, &exec_req(&["cat", "/root/demo.txt"])).await?;
     ensure!(
@@ -94,7 +114,12 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
         "the file written before the stop is gone: {:?}",
         r.stdout
     );
-    println!("  {:<26} {:>12}  {}", "disk survived stop+start", "", r.stdout.trim());
+    println!(
+        "  {:<26} {:>12}  {}",
+        "disk survived stop+start",
+        "",
+        r.stdout.trim()
+    );
 
     if !args.keep {
         let t = Instant::now();

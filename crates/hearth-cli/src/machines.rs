@@ -65,12 +65,15 @@ pub fn image_artifact(root: &Path, image: &str) -> Result<ArtifactRef> {
         bail!("unknown image {image:?}: only `default` is built by hearth");
     }
     let dir = default_image_dir(root);
-    Manifest::load(&dir).with_context(|| {
+    let not_built = || {
         format!(
             "the default image is not built in {}: run `hearth image build`",
             dir.display()
         )
-    })?;
+    };
+    Manifest::load(&dir).with_context(not_built)?;
+    // The daemon resolves file:// URLs itself, from another working directory.
+    let dir = std::fs::canonicalize(&dir).with_context(not_built)?;
     let url = |f: &str| format!("file://{}", dir.join(f).display());
     Ok(ArtifactRef {
         kernel_image_url: url("vmlinux"),
@@ -116,7 +119,12 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
     if ctx.json {
         output::print_json(&machine);
     } else {
-        println!("{} is {} ({:.2} s)", machine.id, machine.phase.as_str(), t.elapsed().as_secs_f64());
+        println!(
+            "{} is {} ({:.2} s)",
+            machine.id,
+            machine.phase.as_str(),
+            t.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }
@@ -144,7 +152,9 @@ pub async fn get(ctx: &Ctx, name: &str) -> Result<()> {
 pub async fn exec(ctx: &Ctx, args: ExecArgs) -> Result<ExitCode> {
     let mut env = BTreeMap::new();
     for kv in &args.env {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: want KEY=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--env {kv:?}: want KEY=VALUE"))?;
         env.insert(k.to_string(), v.to_string());
     }
     let stdin_base64 = if args.stdin {

@@ -13,10 +13,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "hearth", version, about = "Drive hearthd, the microVM host daemon")]
+#[command(
+    name = "hearth",
+    version,
+    about = "Drive hearthd, the microVM host daemon"
+)]
 struct Cli {
     /// Data root of the daemon; the default image is built under it.
-    #[arg(long, env = "HEARTH_ROOT", default_value = "/var/lib/hearth", global = true)]
+    #[arg(
+        long,
+        env = "HEARTH_ROOT",
+        default_value = "/var/lib/hearth",
+        global = true
+    )]
     root: PathBuf,
     /// The daemon's API socket (default: <root>/hearthd.sock).
     #[arg(long, env = "HEARTH_SOCKET", global = true)]

@@ -45,7 +45,10 @@ pub fn machines(list: &[Machine]) {
             ]
         })
         .collect();
-    table(&["NAME", "PHASE", "MEMORY", "VCPUS", "DISK", "CREATED"], &rows);
+    table(
+        &["NAME", "PHASE", "MEMORY", "VCPUS", "DISK", "CREATED"],
+        &rows,
+    );
 }
 
 pub fn machine(m: &Machine) {

@@ -18,7 +18,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         None => (s, 1),
     };
     let n: u64 = num.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 pub fn human(bytes: u64) -> String {

@@ -13,7 +13,10 @@ async fn post_raw(d: &Daemon, path: &str, body: &str) -> (u16, serde_json::Value
         .raw(Method::POST, path, Some(body.as_bytes().to_vec()))
         .await
         .unwrap();
-    (r.status.as_u16(), serde_json::from_slice(&r.body).unwrap_or_default())
+    (
+        r.status.as_u16(),
+        serde_json::from_slice(&r.body).unwrap_or_default(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -23,12 +26,27 @@ async fn requests_are_validated() {
     let art = serde_json::to_string(&artifact()).unwrap();
 
     for (body, want) in [
-        (format!(r#"{{"machine_id":"Bad_Id","artifact":{art}}}"#), 400),
+        (
+            format!(r#"{{"machine_id":"Bad_Id","artifact":{art}}}"#),
+            400,
+        ),
         (format!(r#"{{"machine_id":"..","artifact":{art}}}"#), 400),
-        (format!(r#"{{"machine_id":"ok","artifact":{art},"surprise":1}}"#), 400),
-        (format!(r#"{{"machine_id":"ok","artifact":{art},"memory_mib":1}}"#), 400),
-        (format!(r#"{{"machine_id":"ok","artifact":{art},"vcpus":0}}"#), 400),
-        (format!(r#"{{"machine_id":"ok","artifact":{art},"user_volume_ids":["v1"]}}"#), 400),
+        (
+            format!(r#"{{"machine_id":"ok","artifact":{art},"surprise":1}}"#),
+            400,
+        ),
+        (
+            format!(r#"{{"machine_id":"ok","artifact":{art},"memory_mib":1}}"#),
+            400,
+        ),
+        (
+            format!(r#"{{"machine_id":"ok","artifact":{art},"vcpus":0}}"#),
+            400,
+        ),
+        (
+            format!(r#"{{"machine_id":"ok","artifact":{art},"user_volume_ids":["v1"]}}"#),
+            400,
+        ),
         (r#"{"machine_id":"ok"}"#.to_string(), 400),
         ("not json".to_string(), 400),
     ] {

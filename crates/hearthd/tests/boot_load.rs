@@ -39,7 +39,10 @@ async fn twenty_boots_under_a_busy_cpu() {
         b.join().unwrap();
     }
     times.sort();
-    eprintln!("boot times under load: min {:?} median {:?} max {:?}", times[0], times[10], times[19]);
+    eprintln!(
+        "boot times under load: min {:?} median {:?} max {:?}",
+        times[0], times[10], times[19]
+    );
     assert!(times[19] < Duration::from_secs(60));
     assert!(d.vmm_pids().is_empty());
 }

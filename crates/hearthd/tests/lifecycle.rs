@@ -25,7 +25,10 @@ async fn create_exec_stop_start_delete() {
 
     // A failing command: its exit code and stderr come back.
     let r = sh(c, "m1", "echo to-stdout; echo to-stderr >&2; exit 7").await;
-    assert_eq!((r.exit_code, r.stdout.as_str(), r.stderr.as_str()), (7, "to-stdout\n", "to-stderr\n"));
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str(), r.stderr.as_str()),
+        (7, "to-stdout\n", "to-stderr\n")
+    );
     // A missing program is 127, as in a shell.
     let r = c.exec("m1", &cmd(&["/no/such/program"])).await.unwrap();
     assert_eq!(r.exit_code, 127);
@@ -48,7 +51,11 @@ async fn create_exec_stop_start_delete() {
     assert_eq!(r.signal, Some(9));
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     let left = sh(c, "m1", "ps | grep -c '[s]leep 30'").await;
-    assert_eq!(left.stdout.trim(), "0", "the timed-out command's children survived");
+    assert_eq!(
+        left.stdout.trim(),
+        "0",
+        "the timed-out command's children survived"
+    );
 
     // env, cwd and stdin reach the command; output past the cap is truncated and flagged.
     let r = c
@@ -59,22 +66,38 @@ async fn create_exec_stop_start_delete() {
                 cwd: Some("/tmp".into()),
                 stdin_base64: Some("c3RkaW4tZGF0YQ==".into()),
                 max_output_bytes: Some(1000),
-                ..cmd(&["sh", "-c", "echo $GREETING $(pwd) $(cat); head -c 5000 /dev/zero | tr '\\0' x"])
+                ..cmd(&[
+                    "sh",
+                    "-c",
+                    "echo $GREETING $(pwd) $(cat); head -c 5000 /dev/zero | tr '\\0' x",
+                ])
             },
         )
         .await
         .unwrap();
-    assert!(r.stdout.starts_with("hi /tmp stdin-data\n"), "{:?}", &r.stdout[..40]);
+    assert!(
+        r.stdout.starts_with("hi /tmp stdin-data\n"),
+        "{:?}",
+        &r.stdout[..40]
+    );
     assert_eq!(r.stdout.len(), 1000);
     assert!(r.stdout_truncated && !r.stderr_truncated);
 
     // The same id again is a conflict, and leaves the running machine alone.
     let err = c.create_machine(&create_req("m1")).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
-    assert_eq!(sh(c, "m1", "echo still-here").await.stdout.trim(), "still-here");
+    assert_eq!(
+        sh(c, "m1", "echo still-here").await.stdout.trim(),
+        "still-here"
+    );
 
     // A file written through exec survives stop + start.
-    assert_eq!(sh(c, "m1", "echo persisted > /root/note && sync").await.exit_code, 0);
+    assert_eq!(
+        sh(c, "m1", "echo persisted > /root/note && sync")
+            .await
+            .exit_code,
+        0
+    );
     c.stop_machine("m1").await.unwrap();
     let m = c.get_machine("m1").await.unwrap();
     assert_eq!(m.phase, Phase::Stopped);
@@ -89,7 +112,11 @@ async fn create_exec_stop_start_delete() {
     assert_eq!(sh(c, "m1", "cat /root/note").await.stdout, "persisted\n");
     assert_eq!(sh(c, "m1", "hostname").await.stdout.trim(), "m1");
     let err = c.start_machine("m1").await.unwrap_err();
-    assert_eq!(err.code(), Some(ErrorCode::Conflict), "start of a running machine");
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Conflict),
+        "start of a running machine"
+    );
 
     // Delete leaves nothing, and is idempotent.
     c.delete_machine("m1").await.unwrap();

@@ -9,7 +9,10 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread")]
 async fn daemon_crash_and_vmm_death() {
     let mut d = Daemon::start().await;
-    d.client.create_machine(&create_req("survivor")).await.unwrap();
+    d.client
+        .create_machine(&create_req("survivor"))
+        .await
+        .unwrap();
     sh(&d.client, "survivor", "echo 1 > /tmp/mark").await;
     let pids = d.vmm_pids();
     assert_eq!(pids.len(), 1);
@@ -20,7 +23,10 @@ async fn daemon_crash_and_vmm_death() {
     let m = d.client.get_machine("survivor").await.unwrap();
     assert_eq!(m.phase, Phase::Running);
     // tmpfs content proves it is the same boot, not a new one.
-    assert_eq!(sh(&d.client, "survivor", "cat /tmp/mark").await.stdout, "1\n");
+    assert_eq!(
+        sh(&d.client, "survivor", "cat /tmp/mark").await.stdout,
+        "1\n"
+    );
 
     // The VMM dies with SIGKILL: reconcile marks the machine failed, with a reason.
     unsafe { libc::kill(pids[0], libc::SIGKILL) };
@@ -31,7 +37,11 @@ async fn daemon_crash_and_vmm_death() {
     .await;
     assert!(failed, "machine not marked failed");
     let m = d.client.get_machine("survivor").await.unwrap();
-    assert!(m.error.as_deref().unwrap_or("").contains("exited"), "{:?}", m.error);
+    assert!(
+        m.error.as_deref().unwrap_or("").contains("exited"),
+        "{:?}",
+        m.error
+    );
 
     // A failed machine starts again from its disk.
     let m = d.client.start_machine("survivor").await.unwrap();

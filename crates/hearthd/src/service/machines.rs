@@ -215,7 +215,8 @@ impl Service {
             .handshake(&nonce(), deadline, || process::is_alive(&proc))
             .await
         {
-            let exited = !process::is_alive(&proc);
+            // The agent socket closes when QEMU exits, a moment before the process is gone.
+            let exited = agent.is_closed() || !process::is_alive(&proc);
             let console = paths.console_tail(15);
             let msg = if exited {
                 format!("the machine shut down during boot; console:\n{console}")

@@ -100,7 +100,12 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
             .arg("--root")
             .arg(self.path())
-            .args(["--reconcile-interval-secs", "1", "--stop-timeout-secs", "10"])
+            .args([
+                "--reconcile-interval-secs",
+                "1",
+                "--stop-timeout-secs",
+                "10",
+            ])
             .env("HEARTH_LOG", "info,hearthd=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -110,7 +115,11 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.client.health().await.is_err() {
-            assert!(Instant::now() < deadline, "hearthd did not come up:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "hearthd did not come up:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -145,7 +154,10 @@ impl Daemon {
     pub async fn assert_nothing_left(&self, id: &str) {
         let err = self.client.get_machine(id).await.unwrap_err();
         assert_eq!(err.code(), Some(hearth_api::ErrorCode::NotFound), "{err}");
-        assert!(!self.path().join("machines").join(id).exists(), "machine dir of {id} left");
+        assert!(
+            !self.path().join("machines").join(id).exists(),
+            "machine dir of {id} left"
+        );
         let run: Vec<_> = std::fs::read_dir(self.path().join("run"))
             .unwrap()
             .flatten()
@@ -163,10 +175,16 @@ impl Daemon {
             run.len() <= live.len(),
             "runtime dirs {run:?} for machines {live:?}"
         );
-        let tmp = std::fs::read_dir(self.path().join("images/tmp")).unwrap().count();
+        let tmp = std::fs::read_dir(self.path().join("images/tmp"))
+            .unwrap()
+            .count();
         assert_eq!(tmp, 0, "partial downloads left");
         if live.is_empty() {
-            assert!(self.vmm_pids().is_empty(), "VMM processes left: {:?}", self.vmm_pids());
+            assert!(
+                self.vmm_pids().is_empty(),
+                "VMM processes left: {:?}",
+                self.vmm_pids()
+            );
         }
     }
 }
@@ -197,7 +215,11 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(i32, String)> {
             continue;
         };
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        if stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')) {
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'))
+        {
             continue;
         }
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();

@@ -1,0 +1,248 @@
+//! Benchmarks that compare hearth with the naive way, measured in the same run (these machines
+//! are noisy, so only ratios mean anything).
+//!
+//! `hearth-bench boot`: raw QEMU (the very command line hearthd uses, on a ready-made disk) from
+//! spawn to the agent's first byte, against hearthd's create → running, alternating; plus the
+//! exec round trip.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use hearth_api::client::Client;
+use hearth_api::{ArtifactRef, CreateMachineRequest, ExecRequest};
+use hearthd::config::AccelChoice;
+use hearthd::vmm::qemu::Qemu;
+use hearthd::vmm::{MachinePaths, VmSpec};
+use hearthd::{host, storage, vmm::process};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+#[derive(Parser)]
+#[command(
+    name = "hearth-bench",
+    about = "hearth benchmarks against the naive way"
+)]
+struct Args {
+    /// The guest image directory (vmlinux, initrd.img, rootfs.ext4).
+    #[arg(
+        long,
+        env = "HEARTH_BENCH_IMAGE",
+        default_value = "/var/lib/hearth/images/default"
+    )]
+    image: PathBuf,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Boot: raw QEMU to the agent's first byte vs hearth create → running; exec round trip.
+    Boot {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    args.image = std::fs::canonicalize(&args.image)
+        .with_context(|| format!("image directory {}", args.image.display()))?;
+    for f in ["vmlinux", "initrd.img", "rootfs.ext4"] {
+        if !args.image.join(f).exists() {
+            bail!(
+                "{} has no {f}: build the image first (hearth image build)",
+                args.image.display()
+            );
+        }
+    }
+    match args.bench {
+        Bench::Boot { rounds, memory_mib } => boot(&args.image, rounds, memory_mib).await,
+    }
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("hbench")
+        .tempdir_in("/tmp")?;
+    let qemu = Qemu {
+        binary: "qemu-system-x86_64".into(),
+        accel: host::choose_accel(AccelChoice::Auto),
+        tsc_khz: host::measure_tsc_khz(),
+    };
+    let daemon = Daemon::start(&work.path().join("root")).await?;
+    let artifact = ArtifactRef {
+        kernel_image_url: format!("file://{}", image.join("vmlinux").display()),
+        rootfs_url: format!("file://{}", image.join("rootfs.ext4").display()),
+        initrd_url: Some(format!("file://{}", image.join("initrd.img").display())),
+    };
+    let create = |id: String| CreateMachineRequest {
+        machine_id: id,
+        artifact: artifact.clone(),
+        memory_mib: Some(memory_mib),
+        vcpus: Some(1),
+        storage_bytes: None,
+        user_volume_ids: None,
+        guest_config: None,
+    };
+    // Warm-up: the artifact cache imports the image once.
+    daemon
+        .client
+        .create_machine(&create("warmup".into()))
+        .await?;
+    daemon.client.delete_machine("warmup").await?;
+
+    let (mut raw, mut hearth) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        raw.push(
+            raw_boot(
+                &qemu,
+                image,
+                &work.path().join(format!("raw{i}")),
+                memory_mib,
+            )
+            .await?,
+        );
+        let id = format!("bench-{i}");
+        let t = Instant::now();
+        daemon.client.create_machine(&create(id.clone())).await?;
+        hearth.push(t.elapsed());
+        daemon.client.delete_machine(&id).await?;
+        eprintln!(
+            "round {}: raw {} hearth {}",
+            i + 1,
+            ms(raw[i]),
+            ms(hearth[i])
+        );
+    }
+
+    daemon.client.create_machine(&create("rtt".into())).await?;
+    let mut rtts = Vec::new();
+    let req = ExecRequest {
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    for _ in 0..50 {
+        let t = Instant::now();
+        daemon.client.exec("rtt", &req).await?;
+        rtts.push(t.elapsed());
+    }
+    daemon.client.delete_machine("rtt").await?;
+
+    let (raw_m, hearth_m) = (median(&mut raw), median(&mut hearth));
+    let ratio = hearth_m.as_secs_f64() / raw_m.as_secs_f64();
+    println!(
+        "boot benchmark ({rounds} rounds, {memory_mib} MiB guest, {:?})",
+        qemu.accel
+    );
+    println!(
+        "  raw QEMU → agent's first byte   {:>10}  (median)",
+        ms(raw_m)
+    );
+    println!(
+        "  hearth create → running         {:>10}  (median)",
+        ms(hearth_m)
+    );
+    println!(
+        "  ratio hearth / raw              {:>10.3}  (target ≤ 1.25: {})",
+        ratio,
+        if ratio <= 1.25 { "met" } else { "NOT met" }
+    );
+    println!(
+        "  exec round trip                 {:>10}  (median of 50)",
+        ms(median(&mut rtts))
+    );
+    Ok(())
+}
+
+/// Boots the same kernel, initrd and rootfs with the same QEMU command line, without hearthd,
+/// and times spawn → the agent's first byte on its socket.
+async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Result<Duration> {
+    let paths = MachinePaths {
+        dir: dir.to_path_buf(),
+        sock_dir: dir.to_path_buf(),
+    };
+    std::fs::create_dir_all(dir)?;
+    storage::clone_file(
+        &image.join("rootfs.ext4"),
+        &paths.system_disk(),
+        hearthd::config::CloneMode::Auto,
+    )
+    .map_err(|e| anyhow::anyhow!(e.message))?;
+    let spec = VmSpec {
+        kernel: image.join("vmlinux"),
+        initrd: Some(image.join("initrd.img")),
+        memory_mib,
+        vcpus: 1,
+        disks: vec![paths.system_disk()],
+        paths: paths.clone(),
+    };
+    let t = Instant::now();
+    let status = qemu
+        .command(&spec)
+        .stderr(Stdio::inherit())
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("raw QEMU failed: {status}");
+    }
+    let mut sock = tokio::net::UnixStream::connect(paths.agent_socket()).await?;
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(60), sock.read_exact(&mut byte))
+        .await
+        .context("raw boot timed out")??;
+    let took = t.elapsed();
+    let pid: i32 = std::fs::read_to_string(paths.pidfile())?.trim().parse()?;
+    if let Some(p) = process::record(pid) {
+        process::kill_and_wait(&p).await;
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(took)
+}
+
+/// A hearthd of the bench's own, on a scratch data root.
+struct Daemon {
+    child: std::process::Child,
+    client: Client,
+}
+
+impl Daemon {
+    async fn start(root: &Path) -> Result<Daemon> {
+        let exe = std::env::current_exe()?;
+        let hearthd = exe.with_file_name("hearthd");
+        let child = std::process::Command::new(&hearthd)
+            .arg("--root")
+            .arg(root)
+            .env("HEARTH_LOG", "warn")
+            .spawn()
+            .with_context(|| format!("starting {}", hearthd.display()))?;
+        let client = Client::new(root.join("hearthd.sock"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.health().await.is_err() {
+            if Instant::now() > deadline {
+                bail!("hearthd did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Daemon { child, client })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
