@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach hearthd at {path}: {source} (is the daemon running?)")]
+    #[error("cannot reach hearthd at {path}: {error} (is the daemon running?)")]
     Connect {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{message} ({code:?}, HTTP {status})")]
     Api {
@@ -72,9 +72,9 @@ impl Client {
     ) -> Result<RawResponse, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|source| ClientError::Connect {
+            .map_err(|error| ClientError::Connect {
                 path: self.socket.clone(),
-                source,
+                error,
             })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

@@ -268,6 +268,101 @@ mod tests {
         assert_ne!(c.sha256, a.sha256);
     }
 
+    /// A loopback HTTP server: `/blob` serves `body` slowly (so fetches overlap), `/cut`
+    /// promises more than it sends, anything else is 404. Returns its address and a hit count.
+    async fn serve(body: Vec<u8>) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let (body, hits) = (body.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let mut req = vec![0u8; 4096];
+                    let n = conn.read(&mut req).await.unwrap();
+                    let line = String::from_utf8_lossy(&req[..n]).to_string();
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let head = |len: usize, status: &str| {
+                        format!("HTTP/1.1 {status}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+                    };
+                    if line.starts_with("GET /blob ") {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        conn.write_all(head(body.len(), "200 OK").as_bytes())
+                            .await
+                            .unwrap();
+                        conn.write_all(&body).await.unwrap();
+                    } else if line.starts_with("GET /cut ") {
+                        conn.write_all(head(body.len() * 2, "200 OK").as_bytes())
+                            .await
+                            .unwrap();
+                        conn.write_all(&body).await.unwrap();
+                    } else {
+                        conn.write_all(head(0, "404 Not Found").as_bytes())
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    #[tokio::test]
+    async fn http_urls_download_once_even_when_asked_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let (addr, hits) = serve(body.clone()).await;
+        let url = format!("http://{addr}/blob");
+        let (a, b, c) = tokio::join!(
+            cache.fetch("rootfs_url", &url),
+            cache.fetch("rootfs_url", &url),
+            cache.fetch("rootfs_url", &url)
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!((a.path == b.path, b.path == c.path), (true, true));
+        assert_eq!(std::fs::read(&a.path).unwrap(), body);
+        assert_eq!(a.sha256, hex::encode(Sha256::digest(&body)));
+        cache.fetch("rootfs_url", &url).await.unwrap();
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "served from the cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_downloads_leave_no_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let (addr, _) = serve(vec![1u8; 100_000]).await;
+        for path in ["cut", "missing"] {
+            let err = cache
+                .fetch("kernel_image_url", &format!("http://{addr}/{path}"))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code, ErrorCode::Upstream, "{path}: {}", err.message);
+            assert!(err.message.contains("kernel_image_url"), "{}", err.message);
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("images/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("images/blobs"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
     #[tokio::test]
     async fn bad_sources_are_clear_errors_and_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();

@@ -36,6 +36,28 @@ pub async fn run(cfg: Config) -> Result<()> {
     svc.recover().await;
     svc.spawn_reconciler();
 
+    // Bind every listener before serving any, so a client that sees one answer sees all.
+    let tcp = match cfg.listen {
+        Some(addr) => {
+            let path = cfg.token_file.as_ref().context(
+                "--listen needs --token-file: the TCP API always requires a bearer token",
+            )?;
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .trim()
+                .to_string();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "the token file {} is empty",
+                path.display()
+            );
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            Some((listener, token))
+        }
+        None => None,
+    };
     let socket = cfg.socket_path();
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent)?;
@@ -44,35 +66,21 @@ pub async fn run(cfg: Config) -> Result<()> {
     let unix = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
-    let app = api::router(svc.clone());
-    tracing::info!(socket = %socket.display(), root = %cfg.root.display(), "hearthd listening");
 
+    let app = api::router(svc.clone());
     let mut servers = tokio::task::JoinSet::new();
-    let unix_server = axum::serve(unix, app.clone()).with_graceful_shutdown(shutdown());
-    servers.spawn(std::future::IntoFuture::into_future(unix_server));
-    if let Some(addr) = cfg.listen {
-        let path = cfg
-            .token_file
-            .as_ref()
-            .context("--listen needs --token-file: the TCP API always requires a bearer token")?;
-        let token = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .trim()
-            .to_string();
-        anyhow::ensure!(
-            !token.is_empty(),
-            "the token file {} is empty",
-            path.display()
-        );
-        let tcp = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(%addr, "hearthd listening on TCP (bearer token required)");
-        let app = app.layer(axum::middleware::from_fn_with_state(
+    if let Some((listener, token)) = tcp {
+        tracing::info!(addr = %listener.local_addr()?, "hearthd listening on TCP (bearer token required)");
+        let app = app.clone().layer(axum::middleware::from_fn_with_state(
             Arc::new(token),
             api::require_bearer,
         ));
-        let tcp_server = axum::serve(tcp, app).with_graceful_shutdown(shutdown());
+        let tcp_server = axum::serve(listener, app).with_graceful_shutdown(shutdown());
         servers.spawn(std::future::IntoFuture::into_future(tcp_server));
     }
+    tracing::info!(socket = %socket.display(), root = %cfg.root.display(), "hearthd listening");
+    let unix_server = axum::serve(unix, app).with_graceful_shutdown(shutdown());
+    servers.spawn(std::future::IntoFuture::into_future(unix_server));
     while let Some(res) = servers.join_next().await {
         res??;
     }

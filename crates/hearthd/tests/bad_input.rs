@@ -127,3 +127,40 @@ async fn bad_artifacts_fail_cleanly() {
     assert!(c.list_machines().await.unwrap().is_empty());
     assert!(d.vmm_pids().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_listener_requires_the_bearer_token() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start_with(&[
+        "--listen",
+        &listen,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ])
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{listen}/machines");
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = http.get(&url).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = http
+        .get(&url)
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["machines"], serde_json::json!([]));
+    // The Unix socket needs no token (its file mode guards it).
+    assert!(d.client.list_machines().await.unwrap().is_empty());
+}

@@ -49,7 +49,25 @@ impl Service {
             }
             Err(e) => tracing::error!("reading the journal: {}", e.message),
         }
+        self.reattach_all().await;
         self.reconcile_pass().await;
+    }
+
+    /// Finds the VMMs of running machines again after a daemon restart; one that does not
+    /// answer on its control socket is marked failed.
+    async fn reattach_all(&self) {
+        for rec in self.store.list_machines().unwrap_or_default() {
+            let Some(proc) = rec.process.filter(|_| rec.phase == Phase::Running) else {
+                continue;
+            };
+            match self.vmm.reattach(&self.paths(&rec.id), &proc).await {
+                Ok(()) => tracing::info!(machine = %rec.id, pid = proc.pid, "reattached"),
+                Err(e) => {
+                    let reason = format!("lost the VMM across a daemon restart: {}", e.message);
+                    self.mark_failed(rec, &reason).await;
+                }
+            }
+        }
     }
 
     pub async fn reconcile_pass(&self) {

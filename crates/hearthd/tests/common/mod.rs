@@ -69,10 +69,16 @@ pub struct Daemon {
     pub root: tempfile::TempDir,
     pub client: Client,
     child: Option<Child>,
+    extra_args: Vec<String>,
 }
 
 impl Daemon {
     pub async fn start() -> Daemon {
+        Daemon::start_with(&[]).await
+    }
+
+    /// A daemon with extra command-line flags.
+    pub async fn start_with(extra_args: &[&str]) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("hearth-t")
             .tempdir_in("/tmp")
@@ -82,6 +88,7 @@ impl Daemon {
             root,
             client,
             child: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn().await;
         d
@@ -106,6 +113,7 @@ impl Daemon {
                 "--stop-timeout-secs",
                 "10",
             ])
+            .args(&self.extra_args)
             .env("HEARTH_LOG", "info,hearthd=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
