@@ -54,6 +54,14 @@ fn handle(op: Op) -> Reply {
             nix::unistd::sync();
             Reply::Done
         }
+        Op::Freeze => match system::freeze_root(true) {
+            Ok(()) => Reply::Done,
+            Err(message) => Reply::Error { message },
+        },
+        Op::Thaw => match system::freeze_root(false) {
+            Ok(()) => Reply::Done,
+            Err(message) => Reply::Error { message },
+        },
         Op::PowerOff => {
             system::prepare_power_off();
             Reply::Done

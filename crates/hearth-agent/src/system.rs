@@ -138,6 +138,32 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+// From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// Freezes (after a sync) or thaws the root filesystem. Thawing a filesystem that is not frozen
+/// answers EINVAL, which is what the caller wanted anyway.
+pub fn freeze_root(freeze: bool) -> Result<(), String> {
+    let root = fs::File::open("/").map_err(|e| format!("open /: {e}"))?;
+    if freeze {
+        nix::unistd::sync();
+    }
+    let req = if freeze { FIFREEZE } else { FITHAW };
+    // SAFETY: FIFREEZE and FITHAW take an int argument that the kernel ignores.
+    let rc = unsafe { libc::ioctl(root.as_raw_fd(), req, 0) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if freeze || err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(format!(
+                "{}: {err}",
+                if freeze { "FIFREEZE" } else { "FITHAW" }
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Flushes and freezes the root before power-off, so the next boot finds a clean filesystem.
 pub fn prepare_power_off() {
     nix::unistd::sync();

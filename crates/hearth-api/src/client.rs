@@ -2,8 +2,9 @@
 //! under a millisecond locally and keeps the client free of pooling state.
 
 use crate::{
-    CreateMachineRequest, ErrorBody, ErrorCode, ExecRequest, ExecResponse, Health, Machine,
-    MachineEnvelope, MachineList,
+    CreateMachineRequest, CreateSnapshotRequest, CreateSnapshotResponse, ErrorBody, ErrorCode,
+    ExecRequest, ExecResponse, Health, Machine, MachineEnvelope, MachineList, RestoreRequest,
+    Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -176,5 +177,63 @@ impl Client {
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResponse, ClientError> {
         self.call(Method::POST, &format!("/machines/{id}/exec"), Some(req))
             .await
+    }
+
+    pub async fn create_snapshot(
+        &self,
+        machine: &str,
+        snapshot_id: &str,
+        kind: SnapshotKind,
+    ) -> Result<CreateSnapshotResponse, ClientError> {
+        let req = CreateSnapshotRequest {
+            snapshot_id: snapshot_id.to_string(),
+            kind: Some(kind),
+        };
+        self.call(
+            Method::POST,
+            &format!("/machines/{machine}/snapshots"),
+            Some(&req),
+        )
+        .await
+    }
+
+    /// Snapshots of one machine, or of every machine when `machine` is None.
+    pub async fn list_snapshots(
+        &self,
+        machine: Option<&str>,
+    ) -> Result<Vec<Snapshot>, ClientError> {
+        let path = match machine {
+            Some(m) => format!("/machines/{m}/snapshots"),
+            None => "/snapshots".to_string(),
+        };
+        let list: SnapshotList = self.call(Method::GET, &path, None::<&()>).await?;
+        Ok(list.snapshots)
+    }
+
+    pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot, ClientError> {
+        let env: SnapshotEnvelope = self
+            .call(Method::GET, &format!("/snapshots/{id}"), None::<&()>)
+            .await?;
+        Ok(env.snapshot)
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
+        self.call(Method::DELETE, &format!("/snapshots/{id}"), None::<&()>)
+            .await
+    }
+
+    pub async fn restore(
+        &self,
+        snapshot: &str,
+        req: &RestoreRequest,
+    ) -> Result<Machine, ClientError> {
+        let env: MachineEnvelope = self
+            .call(
+                Method::POST,
+                &format!("/snapshots/{snapshot}/restore"),
+                Some(req),
+            )
+            .await?;
+        Ok(env.machine)
     }
 }

@@ -174,3 +174,112 @@ pub struct ExecResponse {
 pub struct Health {
     pub ok: bool,
 }
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// Memory, device state and disks: restores into a running machine at the same instant.
+    Memory,
+    /// Disks only: restores by a cold boot.
+    Disk,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    Memory,
+    Vmstate,
+    Disk,
+    Manifest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotArtifact {
+    pub id: String,
+    pub kind: ArtifactKind,
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256_hex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub machine_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_runtime_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_tap_device: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub kind: SnapshotKind,
+    pub memory_mib: u32,
+    /// The artifact reference of the source machine, for restores (ext).
+    pub artifact: ArtifactRef,
+    pub artifacts: Vec<SnapshotArtifact>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    pub snapshot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<SnapshotKind>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateSnapshotResponse {
+    pub snapshot: Snapshot,
+    pub artifacts: Vec<SnapshotArtifact>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotEnvelope {
+    pub snapshot: Snapshot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSnapshotRef {
+    pub snapshot_id: String,
+}
+
+/// A snapshot held in object storage, restored by downloading its artifacts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DurableSnapshotRef {
+    pub snapshot_id: String,
+    pub machine_id: String,
+    pub image_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_runtime_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_tap_device: Option<String>,
+    pub artifacts: Vec<SnapshotArtifact>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub machine_id: String,
+    pub artifact: ArtifactRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_snapshot: Option<LocalSnapshotRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<DurableSnapshotRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_config: Option<GuestConfig>,
+}

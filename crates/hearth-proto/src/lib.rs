@@ -38,6 +38,10 @@ pub enum Op {
     Exec(ExecRequest),
     /// Flush the guest's dirty data to its disks.
     Sync,
+    /// Sync and freeze the root filesystem (FIFREEZE) so a disk clone is clean.
+    Freeze,
+    /// Thaw the root filesystem; thawing one that is not frozen is not an error.
+    Thaw,
     /// Sync, remount the root read-only and power off; the reply comes before the power-off.
     PowerOff,
 }

@@ -2,7 +2,7 @@
 //! requests multiplexed by id, a reader task that routes replies.
 
 use crate::error::{Error, Result};
-use hearth_proto::{encode_line, GuestMessage, LineBuffer, Op, Reply, Request};
+use hearth_proto::{encode_line, GuestMessage, Identity, LineBuffer, Op, Reply, Request};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +21,7 @@ pub struct AgentClient {
     next_id: AtomicU64,
     closed: Arc<AtomicBool>,
     ready: Arc<Notify>,
+    identity: Mutex<Option<Identity>>,
 }
 
 /// How often the host repeats its hello while the guest boots.
@@ -74,7 +75,16 @@ impl AgentClient {
             next_id: AtomicU64::new(1),
             closed,
             ready,
+            identity: Mutex::new(None),
         })
+    }
+
+    /// What the agent said of itself in the handshake.
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -139,7 +149,10 @@ impl AgentClient {
             let wait = HELLO_RETRY.min(deadline.saturating_duration_since(Instant::now()));
             tokio::select! {
                 reply = rx => match reply {
-                    Ok(Reply::Hello { nonce: n, .. }) if n == nonce => return Ok(()),
+                                        Ok(Reply::Hello { nonce: n, identity }) if n == nonce => {
+                        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
+                        return Ok(());
+                    }
                     Ok(other) => return Err(Error::internal(format!("unexpected hello reply: {other:?}"))),
                     Err(_) => {}
                 },

@@ -33,6 +33,25 @@ fn cpu_has_virt(cpuinfo: &str) -> bool {
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
+/// The host CPU's model name and flags, for snapshot manifests (a memory snapshot restores only
+/// on a CPU with the features its guest saw).
+pub fn cpu_model_and_flags() -> (String, Vec<String>) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    (field("model name"), flags)
+}
+
 /// Measures the TSC against the monotonic clock. Under TCG the guest reads the host's TSC; a
 /// guest told its rate (`tsc_early_khz`) skips a calibration that sometimes hangs.
 pub fn measure_tsc_khz() -> u64 {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod artifacts;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod host;
 pub mod service;
 pub mod storage;
@@ -23,6 +24,7 @@ pub fn make_vmm(cfg: &Config) -> Arc<dyn vmm::Vmm> {
     let tsc_khz = cfg.tsc_khz.unwrap_or_else(host::measure_tsc_khz);
     tracing::info!(?accel, tsc_khz, "QEMU backend");
     Arc::new(vmm::qemu::Qemu {
+        version: vmm::qemu::version_of(&cfg.qemu),
         binary: cfg.qemu.clone(),
         accel,
         tsc_khz,

@@ -2,6 +2,7 @@
 
 mod json;
 mod machines;
+mod snapshots;
 
 use crate::service::Service;
 use axum::extract::{Request, State};
@@ -28,6 +29,16 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/machines/{id}/stop", post(machines::stop))
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/exec", post(machines::exec))
+        .route(
+            "/machines/{id}/snapshots",
+            post(snapshots::create).get(snapshots::list_for_machine),
+        )
+        .route("/snapshots", get(snapshots::list))
+        .route(
+            "/snapshots/{id}",
+            get(snapshots::get).delete(snapshots::delete),
+        )
+        .route("/snapshots/{id}/restore", post(snapshots::restore))
         .fallback(|| async { crate::error::Error::not_found("no such endpoint") })
         .with_state(svc)
 }

@@ -11,7 +11,7 @@ use hearth_api::client::Client;
 use hearth_api::{ArtifactRef, CreateMachineRequest, ExecRequest};
 use hearthd::config::AccelChoice;
 use hearthd::vmm::qemu::Qemu;
-use hearthd::vmm::{MachinePaths, VmSpec};
+use hearthd::vmm::{MachinePaths, MemoryBacking, VmSpec};
 use hearthd::{host, storage, vmm::process};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -78,6 +78,7 @@ async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
         .prefix("hbench")
         .tempdir_in("/tmp")?;
     let qemu = Qemu {
+        version: String::new(),
         binary: "qemu-system-x86_64".into(),
         accel: host::choose_accel(AccelChoice::Auto),
         tsc_khz: host::measure_tsc_khz(),
@@ -187,11 +188,12 @@ async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Res
         memory_mib,
         vcpus: 1,
         disks: vec![paths.system_disk()],
+        memory: MemoryBacking::SharedFile(paths.memory()),
         paths: paths.clone(),
     };
     let t = Instant::now();
     let status = qemu
-        .command(&spec)
+        .command(&spec, false)
         .stderr(Stdio::inherit())
         .status()
         .await?;

@@ -5,9 +5,10 @@ use crate::agent::AgentClient;
 use crate::error::{Error, Result};
 use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
-use crate::vmm::{process, MachinePaths, VmSpec};
+use crate::vmm::{process, MachinePaths, MemoryBacking, VmSpec};
+use base64::Engine;
 use chrono::Utc;
-use hearth_api::{validate_id, CreateMachineRequest, Machine, Phase};
+use hearth_api::{validate_id, CreateMachineRequest, GuestConfig, Machine, Phase};
 use hearth_proto::{Configure, Op};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,6 +62,7 @@ impl Service {
                 created_at: Utc::now(),
                 started_at: None,
                 process: None,
+                ram_shared: true,
             };
             svc.store.insert_machine(&rec)?;
             let op = svc.store.begin_op(OpKind::Create, &id)?;
@@ -94,17 +96,7 @@ impl Service {
                 "user_volume_ids: this hearthd has no volume support yet",
             ));
         }
-        let guest = req.guest_config.clone().unwrap_or_default();
-        if guest.authorized_keys.is_some()
-            || guest.trusted_user_ca_keys.is_some()
-            || guest.login_webhook.is_some()
-        {
-            return Err(Error::invalid(
-                "guest_config: only hostname is supported (the default image has no SSH server)",
-            ));
-        }
-        let hostname = guest.hostname.unwrap_or_else(|| req.machine_id.clone());
-        validate_hostname(&hostname)?;
+        let hostname = guest_hostname(&req.machine_id, req.guest_config.as_ref())?;
         Ok(MachineSpec {
             artifact: req.artifact.clone(),
             memory_mib,
@@ -171,22 +163,43 @@ impl Service {
 
     /// Boots the machine from its disks and waits for its agent; on success the record says
     /// running. On failure the VMM is killed (the record keeps the pid until then).
-    async fn boot(&self, rec: &mut MachineRecord) -> Result<()> {
+    pub(super) async fn boot(&self, rec: &mut MachineRecord) -> Result<()> {
+        let paths = self.paths(&rec.id);
+        let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()));
+        let started = Instant::now();
+        let proc = self.vmm.boot(&spec).await?;
+        rec.process = Some(proc);
+        rec.ram_shared = true;
+        self.store.update_machine(rec)?;
+        self.finish_start(rec, &paths, proc, false, started).await
+    }
+
+    /// What the VMM needs to run this machine with the given RAM.
+    pub(super) fn vm_spec(&self, rec: &MachineRecord, memory: MemoryBacking) -> VmSpec {
         let paths = self.paths(&rec.id);
         let blob = |sha: &str| self.cfg.root.join("images").join("blobs").join(sha);
-        let spec = VmSpec {
+        VmSpec {
             kernel: blob(&rec.spec.kernel_sha256),
             initrd: rec.spec.initrd_sha256.as_deref().map(blob),
             memory_mib: rec.spec.memory_mib,
             vcpus: rec.spec.vcpus,
             disks: vec![paths.system_disk()],
-            paths: paths.clone(),
-        };
-        let started = Instant::now();
-        let proc = self.vmm.boot(&spec).await?;
-        rec.process = Some(proc);
-        self.store.update_machine(rec)?;
-        match self.await_agent(rec, &paths, proc).await {
+            memory,
+            paths,
+        }
+    }
+
+    /// Waits for the agent of a VMM that has just started (booted or restored), sets the
+    /// guest up, and marks the machine running. On failure the VMM is killed.
+    pub(super) async fn finish_start(
+        &self,
+        rec: &mut MachineRecord,
+        paths: &MachinePaths,
+        proc: ProcessRecord,
+        restored: bool,
+        started: Instant,
+    ) -> Result<()> {
+        match self.await_agent(rec, paths, proc, restored).await {
             Ok(agent) => {
                 *self.runtime(&rec.id).agent.lock().await = Some(agent);
                 rec.phase = Phase::Running;
@@ -208,6 +221,7 @@ impl Service {
         rec: &MachineRecord,
         paths: &MachinePaths,
         proc: ProcessRecord,
+        restored: bool,
     ) -> Result<Arc<AgentClient>> {
         let deadline = Instant::now() + self.cfg.boot_timeout();
         let agent = AgentClient::connect(&paths.agent_socket()).await?;
@@ -230,17 +244,24 @@ impl Service {
                 Error::unavailable(msg)
             });
         }
+        if restored {
+            // The snapshot caught the filesystem frozen; nothing may write before the thaw.
+            agent.call(Op::Thaw, Some(AGENT_CALL)).await?;
+        }
+        // A restored guest's clock stood still since the snapshot and its entropy pool is its
+        // source's: both are reset, with its own identity.
         let wall_clock_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .ok();
+        let entropy = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 64]>());
         agent
             .call(
                 Op::Configure(Configure {
                     hostname: Some(rec.spec.hostname.clone()),
                     machine_id: Some(rec.spec.machine_uuid.clone()),
                     wall_clock_unix_ns,
-                    entropy_base64: None,
+                    entropy_base64: Some(entropy),
                 }),
                 Some(AGENT_CALL),
             )
@@ -395,6 +416,22 @@ impl Service {
         let _ = std::fs::remove_dir_all(&paths.sock_dir);
         let _ = std::fs::remove_file(paths.memory());
     }
+}
+
+/// The hostname a guest config asks for (the machine id by default); other fields are refused.
+pub(super) fn guest_hostname(machine_id: &str, guest: Option<&GuestConfig>) -> Result<String> {
+    let guest = guest.cloned().unwrap_or_default();
+    if guest.authorized_keys.is_some()
+        || guest.trusted_user_ca_keys.is_some()
+        || guest.login_webhook.is_some()
+    {
+        return Err(Error::invalid(
+            "guest_config: only hostname is supported (the default image has no SSH server)",
+        ));
+    }
+    let hostname = guest.hostname.unwrap_or_else(|| machine_id.to_string());
+    validate_hostname(&hostname)?;
+    Ok(hostname)
 }
 
 fn validate_hostname(h: &str) -> Result<()> {

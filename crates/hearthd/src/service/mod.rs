@@ -6,6 +6,8 @@
 mod exec;
 mod machines;
 mod reconcile;
+mod restore;
+pub mod snapshots;
 
 use crate::agent::AgentClient;
 use crate::artifacts::ArtifactCache;
@@ -47,7 +49,7 @@ impl Service {
                 root.display()
             )));
         }
-        for dir in ["state", "images", "machines", "run"] {
+        for dir in ["state", "images", "machines", "run", "snapshots"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
         let store = Arc::new(Store::open(&root.join("state").join("hearth.db"))?);

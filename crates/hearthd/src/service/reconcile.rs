@@ -20,8 +20,16 @@ impl Service {
                     let rec = self.store.get_machine(&op.machine_id).ok().flatten();
                     match (op.kind, rec) {
                         // Undo: a create that never returned must leave nothing.
-                        (OpKind::Create | OpKind::Delete, Some(rec)) => {
+                        (OpKind::Create | OpKind::Delete | OpKind::Restore, Some(rec)) => {
                             self.destroy(&rec.id, rec.process.as_ref()).await
+                        }
+                        (OpKind::Snapshot, rec) => {
+                            if let Some(id) = &op.snapshot_id {
+                                self.discard_partial_snapshot(id);
+                            }
+                            if let Some(rec) = rec {
+                                self.resume_after_crash(&rec).await;
+                            }
                         }
                         (OpKind::Start, Some(rec)) => {
                             self.mark_failed(
@@ -51,6 +59,39 @@ impl Service {
         }
         self.reattach_all().await;
         self.reconcile_pass().await;
+    }
+
+    /// Removes a snapshot that a crash interrupted, files and record.
+    fn discard_partial_snapshot(&self, id: &str) {
+        let _ = std::fs::remove_dir_all(self.snapshot_dir(id));
+        if let Err(e) = self.store.delete_snapshot(id) {
+            tracing::warn!(snapshot = id, "{}", e.message);
+        }
+    }
+
+    /// A machine whose snapshot a crash interrupted may be paused and frozen: resume and thaw.
+    async fn resume_after_crash(&self, rec: &MachineRecord) {
+        let Some(proc) = rec.process.filter(|p| process::is_alive(p)) else {
+            return;
+        };
+        let paths = self.paths(&rec.id);
+        if let Err(e) = self.vmm.resume(&paths).await {
+            tracing::warn!(machine = %rec.id, pid = proc.pid, "resuming: {}", e.message);
+            return;
+        }
+        match self.agent(&rec.id).await {
+            Ok(agent) => {
+                let thaw = agent.call(
+                    hearth_proto::Op::Thaw,
+                    Some(std::time::Duration::from_secs(10)),
+                );
+                if let Err(e) = thaw.await {
+                    tracing::warn!(machine = %rec.id, "thaw: {}", e.message);
+                }
+            }
+            Err(e) => tracing::warn!(machine = %rec.id, "agent after resume: {}", e.message),
+        }
+        tracing::info!(machine = %rec.id, "resumed after an interrupted snapshot");
     }
 
     /// Finds the VMMs of running machines again after a daemon restart; one that does not

@@ -11,6 +11,8 @@ pub enum OpKind {
     Start,
     Stop,
     Delete,
+    Snapshot,
+    Restore,
 }
 
 impl OpKind {
@@ -20,6 +22,8 @@ impl OpKind {
             OpKind::Start => "start",
             OpKind::Stop => "stop",
             OpKind::Delete => "delete",
+            OpKind::Snapshot => "snapshot",
+            OpKind::Restore => "restore",
         }
     }
 
@@ -29,6 +33,8 @@ impl OpKind {
             "start" => OpKind::Start,
             "stop" => OpKind::Stop,
             "delete" => OpKind::Delete,
+            "snapshot" => OpKind::Snapshot,
+            "restore" => OpKind::Restore,
             _ => return None,
         })
     }
@@ -39,15 +45,26 @@ pub struct OpRecord {
     pub id: i64,
     pub kind: OpKind,
     pub machine_id: String,
+    pub snapshot_id: Option<String>,
     pub started_at: DateTime<Utc>,
 }
 
 impl Store {
     pub fn begin_op(&self, kind: OpKind, machine_id: &str) -> Result<i64> {
+        self.begin_snapshot_op(kind, machine_id, None)
+    }
+
+    /// A journal row that also names the snapshot the operation makes or reads.
+    pub fn begin_snapshot_op(
+        &self,
+        kind: OpKind,
+        machine_id: &str,
+        snapshot_id: Option<&str>,
+    ) -> Result<i64> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO operations (kind, machine_id, started_at) VALUES (?1, ?2, ?3)",
-            rusqlite::params![kind.as_str(), machine_id, Utc::now()],
+            "INSERT INTO operations (kind, machine_id, snapshot_id, started_at) VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![kind.as_str(), machine_id, snapshot_id, Utc::now()],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -60,24 +77,27 @@ impl Store {
 
     pub fn pending_ops(&self) -> Result<Vec<OpRecord>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, kind, machine_id, started_at FROM operations ORDER BY id")?;
+        let mut stmt = conn.prepare(
+            "SELECT id, kind, machine_id, snapshot_id, started_at FROM operations ORDER BY id",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
-                r.get::<_, DateTime<Utc>>(3)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, DateTime<Utc>>(4)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, kind, machine_id, started_at) = row?;
+            let (id, kind, machine_id, snapshot_id, started_at) = row?;
             match OpKind::parse(&kind) {
                 Some(kind) => out.push(OpRecord {
                     id,
                     kind,
                     machine_id,
+                    snapshot_id,
                     started_at,
                 }),
                 None => tracing::warn!("journal row {id} has unknown kind {kind}"),

@@ -40,6 +40,9 @@ pub struct MachineRecord {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub process: Option<ProcessRecord>,
+    /// The running boot's RAM is a shared file (a cold boot) rather than a private mapping of a
+    /// snapshot's memory (a restore); only shared RAM can stay out of a snapshot's device state.
+    pub ram_shared: bool,
 }
 
 impl MachineRecord {
@@ -83,6 +86,7 @@ impl MachineRecord {
                 pid,
                 start_time: s as u64,
             }),
+            ram_shared: row.get("ram_shared")?,
         })
     }
 }
@@ -92,8 +96,8 @@ impl Store {
     pub fn insert_machine(&self, m: &MachineRecord) -> Result<()> {
         let spec = serde_json::to_string(&m.spec).map_err(|e| Error::internal(e.to_string()))?;
         let res = self.conn().execute(
-            "INSERT INTO machines (id, spec, phase, error, created_at, started_at, pid, pid_start_time)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO machines (id, spec, phase, error, created_at, started_at, pid, pid_start_time, ram_shared)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 m.id,
                 spec,
@@ -103,6 +107,7 @@ impl Store {
                 m.started_at,
                 m.process.map(|p| p.pid),
                 m.process.map(|p| p.start_time as i64),
+                m.ram_shared,
             ],
         );
         match res {
@@ -120,7 +125,7 @@ impl Store {
         let spec = serde_json::to_string(&m.spec).map_err(|e| Error::internal(e.to_string()))?;
         self.conn().execute(
             "UPDATE machines SET spec = ?2, phase = ?3, error = ?4, started_at = ?5, pid = ?6,
-             pid_start_time = ?7 WHERE id = ?1",
+             pid_start_time = ?7, ram_shared = ?8 WHERE id = ?1",
             params![
                 m.id,
                 spec,
@@ -129,6 +134,7 @@ impl Store {
                 m.started_at,
                 m.process.map(|p| p.pid),
                 m.process.map(|p| p.start_time as i64),
+                m.ram_shared,
             ],
         )?;
         Ok(())
@@ -204,6 +210,7 @@ mod tests {
             created_at: Utc::now(),
             started_at: None,
             process: None,
+            ram_shared: true,
         }
     }
 

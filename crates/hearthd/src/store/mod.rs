@@ -4,10 +4,12 @@
 mod artifacts;
 mod journal;
 mod machines;
+mod snapshots;
 
 pub use artifacts::CachedArtifact;
 pub use journal::{OpKind, OpRecord};
 pub use machines::{MachineRecord, MachineSpec, ProcessRecord};
+pub use snapshots::SnapshotRecord;
 
 use crate::error::Result;
 use rusqlite::Connection;
@@ -15,7 +17,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 /// Each entry moves the schema one version up; applied in order, each in a transaction.
-const MIGRATIONS: &[&str] = &["CREATE TABLE machines (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE machines (
         id TEXT PRIMARY KEY,
         spec TEXT NOT NULL,
         phase TEXT NOT NULL,
@@ -37,7 +40,21 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE machines (
         sha256 TEXT NOT NULL,
         size_bytes INTEGER NOT NULL,
         fetched_at TEXT NOT NULL
-    );"];
+    );",
+    "CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        machine_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        ready INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        memory_in_vmstate INTEGER NOT NULL,
+        artifacts TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX snapshots_by_machine ON snapshots (machine_id);
+    ALTER TABLE operations ADD COLUMN snapshot_id TEXT;
+    ALTER TABLE machines ADD COLUMN ram_shared INTEGER NOT NULL DEFAULT 1;",
+];
 
 pub struct Store {
     conn: Mutex<Connection>,

@@ -8,7 +8,19 @@ use crate::error::Result;
 use crate::store::ProcessRecord;
 use async_trait::async_trait;
 use hearth_api::VmmKind;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// A file mapped shared: a cold boot. A snapshot copies the file instead of streaming RAM.
+    SharedFile(PathBuf),
+    /// A snapshot's memory file mapped private (copy-on-write, paged in lazily): a restore.
+    /// Many machines restored from one snapshot share its unmodified pages.
+    PrivateFile(PathBuf),
+    /// Anonymous memory, filled from the device state stream.
+    Anonymous,
+}
 
 /// Everything a backend needs to boot a machine.
 #[derive(Debug, Clone)]
@@ -19,6 +31,7 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// The system disk first; it is the guest's /dev/vda.
     pub disks: Vec<PathBuf>,
+    pub memory: MemoryBacking,
     pub paths: MachinePaths,
 }
 
@@ -43,6 +56,9 @@ impl MachinePaths {
     pub fn agent_socket(&self) -> PathBuf {
         self.sock_dir.join("agent.sock")
     }
+    pub fn vmstate(&self) -> PathBuf {
+        self.dir.join("vmstate")
+    }
     pub fn control_socket(&self) -> PathBuf {
         self.sock_dir.join("control.sock")
     }
@@ -63,6 +79,9 @@ impl MachinePaths {
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> VmmKind;
 
+    /// The VMM's version, for snapshot manifests.
+    fn version(&self) -> String;
+
     /// Starts the VMM with the guest booting. Returns once the process runs; the guest agent
     /// answers later.
     async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord>;
@@ -70,4 +89,16 @@ pub trait Vmm: Send + Sync {
     /// Checks that a recorded VMM process is alive and answering on its control socket, as after
     /// a daemon restart.
     async fn reattach(&self, paths: &MachinePaths, process: &ProcessRecord) -> Result<()>;
+
+    /// Starts the VMM from saved device state (and the memory `spec` names) and lets it run.
+    /// On failure no process is left.
+    async fn restore(&self, spec: &VmSpec, vmstate: &Path) -> Result<ProcessRecord>;
+
+    async fn pause(&self, paths: &MachinePaths) -> Result<()>;
+
+    async fn resume(&self, paths: &MachinePaths) -> Result<()>;
+
+    /// Writes the device state of a paused machine to `dest`. Guest RAM in a shared file stays
+    /// out of it; any other RAM is streamed into it.
+    async fn save_device_state(&self, paths: &MachinePaths, dest: &Path) -> Result<()>;
 }

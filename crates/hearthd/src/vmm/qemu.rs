@@ -1,29 +1,69 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm`, booting the uncompressed `vmlinux`
-//! through its PVH entry point, guest RAM in a shared file, virtio-mmio disks, the agent on a
+//! through its PVH entry point, guest RAM in a file, virtio-mmio disks, the agent on a
 //! virtio-serial port, QMP for control. QEMU daemonizes, so it outlives a daemon restart.
+//!
+//! Snapshots use migration with `x-ignore-shared`: guest RAM in a shared file stays out of the
+//! stream (the file itself is copied), so the device state is some 60 KB and is written in
+//! milliseconds. A restore starts QEMU with `-incoming defer -S` on the snapshot's memory file
+//! mapped private, loads the device state and continues.
 
-use super::{process, qmp::Qmp, MachinePaths, VmSpec, Vmm};
+use super::{process, qmp::Qmp, MachinePaths, MemoryBacking, VmSpec, Vmm};
 use crate::error::{Error, Result};
 use crate::host::Accel;
 use crate::store::ProcessRecord;
 use async_trait::async_trait;
 use hearth_api::VmmKind;
 use hearth_proto::AGENT_PORT_NAME;
-use std::path::PathBuf;
+use serde_json::json;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 pub struct Qemu {
     pub binary: PathBuf,
     pub accel: Accel,
     pub tsc_khz: u64,
+    pub version: String,
 }
 
 /// Kernel flags for a fast, quiet microVM boot. Under TCG the guest is also told the TSC rate:
 /// without it the kernel's clock calibration sometimes hangs at boot (5 boots in 10, measured).
 const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw panic=-1 quiet \
     cryptomgr.notests lsm=capability random.trust_cpu=on 8250.nr_uarts=1 pci=off";
+
+/// How long loading or saving device state may take. The state is small unless RAM travels
+/// in it (a snapshot of a restored machine), which is bounded by the guest's size.
+const MIGRATION_LIMIT: Duration = Duration::from_secs(300);
+
+/// `qemu-system-x86_64 --version`'s first line.
+pub fn version_of(binary: &Path) -> String {
+    std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A path for an `exec:` migration URI, which QEMU runs through /bin/sh.
+fn shell_quoted(path: &Path) -> Result<String> {
+    let s = path.to_string_lossy();
+    if s.contains('\'') {
+        return Err(Error::invalid(format!("path {s} holds a quote")));
+    }
+    Ok(format!("'{s}'"))
+}
+
+/// Guest RAM in a shared file stays out of the migration stream; both ends must agree on it.
+fn ignore_shared() -> serde_json::Value {
+    json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })
+}
 
 impl Qemu {
     pub fn kernel_cmdline(&self) -> String {
@@ -33,12 +73,23 @@ impl Qemu {
         }
     }
 
-    /// The full command line for `spec`, daemonizing. Public so the benchmark can run the very
-    /// same QEMU without the daemon.
-    pub fn command(&self, spec: &VmSpec) -> Command {
+    /// The full command line for `spec`, daemonizing; `incoming` waits for device state.
+    /// Public so the benchmark can run the very same QEMU without the daemon.
+    pub fn command(&self, spec: &VmSpec, incoming: bool) -> Command {
         let p = &spec.paths;
-        let mut cmd = Command::new(&self.binary);
         let mem = spec.memory_mib;
+        let memory = match &spec.memory {
+            MemoryBacking::SharedFile(path) => format!(
+                "memory-backend-file,id=mem,size={mem}M,mem-path={},share=on",
+                path.display()
+            ),
+            MemoryBacking::PrivateFile(path) => format!(
+                "memory-backend-file,id=mem,size={mem}M,mem-path={},share=off",
+                path.display()
+            ),
+            MemoryBacking::Anonymous => format!("memory-backend-ram,id=mem,size={mem}M"),
+        };
+        let mut cmd = Command::new(&self.binary);
         cmd.arg("-M")
             .arg("microvm,memory-backend=mem,isa-serial=on,rtc=on,acpi=on")
             .args(match self.accel {
@@ -56,11 +107,7 @@ impl Qemu {
                 "none",
                 "-no-reboot",
             ])
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-file,id=mem,size={mem}M,mem-path={},share=on",
-                p.memory().display()
-            ))
+            .args(["-object", &memory])
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-append")
@@ -106,23 +153,21 @@ impl Qemu {
         .arg("-daemonize")
         .arg("-pidfile")
         .arg(p.pidfile());
+        if incoming {
+            // Wait for the device state, and stay paused once it is loaded.
+            cmd.args(["-incoming", "defer", "-S"]);
+        }
         cmd
     }
-}
 
-#[async_trait]
-impl Vmm for Qemu {
-    fn kind(&self) -> VmmKind {
-        VmmKind::Qemu
-    }
-
-    async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord> {
+    /// Starts QEMU daemonized and returns its process.
+    async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<ProcessRecord> {
         let p = &spec.paths;
         std::fs::create_dir_all(&p.sock_dir)?;
         for stale in [p.agent_socket(), p.control_socket(), p.pidfile()] {
             let _ = std::fs::remove_file(stale);
         }
-        let mut cmd = self.command(spec);
+        let mut cmd = self.command(spec, incoming);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -152,18 +197,125 @@ impl Vmm for Qemu {
         })
     }
 
+    async fn qmp(&self, paths: &MachinePaths) -> Result<Qmp> {
+        Qmp::connect(&paths.control_socket())
+            .await
+            .map_err(Error::unavailable)
+    }
+
+    /// Polls `query-migrate` until the migration completes or fails.
+    async fn await_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
+        let deadline = Instant::now() + MIGRATION_LIMIT;
+        loop {
+            let info = qmp
+                .execute("query-migrate", None)
+                .await
+                .map_err(|e| Error::unavailable(format!("{what}: {e}")))?;
+            match info.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let desc = info
+                        .get("error-desc")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or("no reason given");
+                    return Err(Error::unavailable(format!("{what} failed: {desc}")));
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(Error::unavailable(format!("{what} timed out")));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn load_and_run(&self, paths: &MachinePaths, vmstate: &Path) -> Result<()> {
+        let mut qmp = self.qmp(paths).await?;
+        let fail = |e: String| Error::unavailable(format!("restoring device state: {e}"));
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+            .await
+            .map_err(fail)?;
+        let uri = format!("exec:cat {}", shell_quoted(vmstate)?);
+        qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await
+            .map_err(fail)?;
+        Self::await_migration(&mut qmp, "loading the device state").await?;
+        qmp.execute("cont", None).await.map_err(fail)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Vmm for Qemu {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord> {
+        self.spawn(spec, false).await
+    }
+
     async fn reattach(&self, paths: &MachinePaths, proc: &ProcessRecord) -> Result<()> {
         if !process::is_alive(proc) {
             return Err(Error::unavailable("the VMM process is gone"));
         }
-        let mut qmp = Qmp::connect(&paths.control_socket())
-            .await
-            .map_err(Error::unavailable)?;
+        let mut qmp = self.qmp(paths).await?;
         let status = qmp
             .execute("query-status", None)
             .await
             .map_err(Error::unavailable)?;
         tracing::debug!(?status, "reattached to QEMU");
         Ok(())
+    }
+
+    async fn restore(&self, spec: &VmSpec, vmstate: &Path) -> Result<ProcessRecord> {
+        let proc = self.spawn(spec, true).await?;
+        if let Err(e) = self.load_and_run(&spec.paths, vmstate).await {
+            let exited = !process::is_alive(&proc);
+            process::kill_and_wait(&proc).await;
+            return Err(if exited {
+                Error::invalid(format!(
+                    "QEMU could not load the snapshot's device state (corrupt, or from another \
+                     QEMU?): {}",
+                    e.message
+                ))
+            } else {
+                e
+            });
+        }
+        Ok(proc)
+    }
+
+    async fn pause(&self, paths: &MachinePaths) -> Result<()> {
+        let mut qmp = self.qmp(paths).await?;
+        qmp.execute("stop", None)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::unavailable(format!("pausing: {e}")))
+    }
+
+    async fn resume(&self, paths: &MachinePaths) -> Result<()> {
+        let mut qmp = self.qmp(paths).await?;
+        qmp.execute("cont", None)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::unavailable(format!("resuming: {e}")))
+    }
+
+    async fn save_device_state(&self, paths: &MachinePaths, dest: &Path) -> Result<()> {
+        let mut qmp = self.qmp(paths).await?;
+        let fail = |e: String| Error::unavailable(format!("saving device state: {e}"));
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+            .await
+            .map_err(fail)?;
+        let uri = format!("exec:cat > {}", shell_quoted(dest)?);
+        qmp.execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map_err(fail)?;
+        Self::await_migration(&mut qmp, "saving the device state").await
     }
 }

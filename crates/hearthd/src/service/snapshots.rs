@@ -1,0 +1,334 @@
+//! Snapshots: memory, device state and disks of a running machine, taken in a fraction of a
+//! second while it is paused; hashed after it runs again, outside its lock.
+
+use super::Service;
+use crate::error::{Error, Result};
+use crate::storage;
+use crate::store::{MachineRecord, OpKind, SnapshotRecord};
+use crate::{failpoint, host};
+use chrono::Utc;
+use hearth_api::{
+    validate_id, ArtifactKind, CreateSnapshotRequest, CreateSnapshotResponse, Phase, Snapshot,
+    SnapshotArtifact, SnapshotKind,
+};
+use hearth_proto::Op;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const MEMORY: &str = "memory";
+pub const VMSTATE: &str = "vmstate";
+pub const SYSTEM_DISK: &str = "system.img";
+pub const MANIFEST: &str = "manifest.json";
+
+/// Named durations of the phases of an operation, for `Server-Timing`.
+pub type Timings = Vec<(&'static str, Duration)>;
+
+const AGENT_CALL: Duration = Duration::from_secs(10);
+
+/// A file of a snapshot before it is hashed.
+struct Written {
+    id: &'static str,
+    kind: ArtifactKind,
+    name: &'static str,
+}
+
+impl Service {
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.cfg.root.join("snapshots").join(id)
+    }
+
+    pub fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
+        self.ready_snapshot(id).map(|s| s.to_api())
+    }
+
+    /// A snapshot that is complete; one still being written is a conflict.
+    pub(super) fn ready_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        validate_id("snapshot", id).map_err(Error::invalid)?;
+        let snap = self
+            .store
+            .get_snapshot(id)?
+            .ok_or_else(|| Error::not_found(format!("snapshot {id} not found")))?;
+        if !snap.ready {
+            return Err(Error::conflict(format!(
+                "snapshot {id} is still being taken"
+            )));
+        }
+        Ok(snap)
+    }
+
+    pub fn list_snapshots(&self, machine_id: Option<&str>) -> Result<Vec<Snapshot>> {
+        if let Some(id) = machine_id {
+            validate_id("machine", id).map_err(Error::invalid)?;
+        }
+        Ok(self
+            .store
+            .list_snapshots(machine_id)?
+            .iter()
+            .map(SnapshotRecord::to_api)
+            .collect())
+    }
+
+    /// Deletes a snapshot. Machines restored from it keep running: their private mappings hold
+    /// the memory pages they use, and their disks are their own.
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.ready_snapshot(id)?;
+        let dir = self.snapshot_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(Error::internal(format!("removing {}: {e}", dir.display())));
+            }
+        }
+        self.store.delete_snapshot(id)
+    }
+
+    pub async fn create_snapshot(
+        self: &Arc<Self>,
+        machine_id: &str,
+        req: CreateSnapshotRequest,
+    ) -> Result<(CreateSnapshotResponse, Timings)> {
+        validate_id("machine", machine_id).map_err(Error::invalid)?;
+        validate_id("snapshot", &req.snapshot_id).map_err(Error::invalid)?;
+        let kind = req.kind.unwrap_or(SnapshotKind::Memory);
+        let (svc, machine_id) = (self.clone(), machine_id.to_string());
+        Self::detached(async move {
+            let started = Instant::now();
+            let rt = svc.runtime(&machine_id);
+            let Ok(op_lock) = rt.op.try_lock() else {
+                return Err(Error::conflict(format!(
+                    "machine {machine_id} has an operation pending"
+                )));
+            };
+            let rec = svc.record(&machine_id)?;
+            if rec.phase != Phase::Running {
+                return Err(Error::conflict(format!(
+                    "machine {machine_id} is {}; only a running machine can be snapshotted",
+                    rec.phase.as_str()
+                )));
+            }
+            let mut snap = SnapshotRecord {
+                id: req.snapshot_id.clone(),
+                machine_id: machine_id.clone(),
+                kind,
+                ready: false,
+                source: rec.spec.clone(),
+                memory_in_vmstate: kind == SnapshotKind::Memory && !rec.ram_shared,
+                artifacts: Vec::new(),
+                created_at: Utc::now(),
+            };
+            svc.store.insert_snapshot(&snap)?;
+            let op = svc
+                .store
+                .begin_snapshot_op(OpKind::Snapshot, &machine_id, Some(&snap.id))?;
+            let dir = svc.snapshot_dir(&snap.id);
+            let taken = svc.take(&rec, &snap, &dir).await;
+            drop(op_lock);
+            let result = match taken {
+                Ok((written, mut timings)) => {
+                    let t = Instant::now();
+                    let done = svc.finish(&rec, &mut snap, &dir, written).await;
+                    timings.push(("hash", t.elapsed()));
+                    done.map(|()| timings)
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(mut timings) => {
+                    svc.store.end_op(op)?;
+                    timings.push(("total", started.elapsed()));
+                    let snapshot = snap.to_api();
+                    let artifacts = snapshot.artifacts.clone();
+                    Ok((
+                        CreateSnapshotResponse {
+                            snapshot,
+                            artifacts,
+                        },
+                        timings,
+                    ))
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    svc.store.delete_snapshot(&snap.id)?;
+                    svc.store.end_op(op)?;
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sync and freeze the guest, pause, write device state, copy RAM, clone disks, resume,
+    /// thaw. The machine is resumed (and thawed) whatever fails.
+    async fn take(
+        &self,
+        rec: &MachineRecord,
+        snap: &SnapshotRecord,
+        dir: &Path,
+    ) -> Result<(Vec<Written>, Timings)> {
+        std::fs::create_dir_all(dir)?;
+        let paths = self.paths(&rec.id);
+        let agent = self.agent(&rec.id).await?;
+        let t = Instant::now();
+        agent.call(Op::Sync, Some(AGENT_CALL)).await?;
+        // A frozen filesystem is clean on disk; where freezing is not supported a synced one
+        // is the next best thing.
+        let frozen = match agent.call(Op::Freeze, Some(AGENT_CALL)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(machine = %rec.id, "freeze: {}", e.message);
+                false
+            }
+        };
+        let mut timings = vec![("quiesce", t.elapsed())];
+
+        let paused_at = Instant::now();
+        let paused = self.vmm.pause(&paths).await;
+        let written = match paused {
+            Ok(()) => self.write_paused(rec, snap, dir).await,
+            Err(e) => Err(e),
+        };
+        failpoint::stall("snapshot-paused").await;
+        let resumed = self.vmm.resume(&paths).await;
+        timings.push(("paused", paused_at.elapsed()));
+        if frozen {
+            if let Err(e) = agent.call(Op::Thaw, Some(AGENT_CALL)).await {
+                tracing::warn!(machine = %rec.id, "thaw: {}", e.message);
+            }
+        }
+        let written = written?;
+        resumed?;
+        Ok((written, timings))
+    }
+
+    /// The part done while the machine is paused.
+    async fn write_paused(
+        &self,
+        rec: &MachineRecord,
+        snap: &SnapshotRecord,
+        dir: &Path,
+    ) -> Result<Vec<Written>> {
+        let paths = self.paths(&rec.id);
+        let mut written = Vec::new();
+        if snap.kind == SnapshotKind::Memory {
+            self.vmm
+                .save_device_state(&paths, &dir.join(VMSTATE))
+                .await?;
+            written.push(Written {
+                id: "vmstate",
+                kind: ArtifactKind::Vmstate,
+                name: VMSTATE,
+            });
+            if !snap.memory_in_vmstate {
+                written.push(Written {
+                    id: "memory",
+                    kind: ArtifactKind::Memory,
+                    name: MEMORY,
+                });
+            }
+        }
+        let copy_memory = !snap.memory_in_vmstate && snap.kind == SnapshotKind::Memory;
+        let (memory, disk, dir2, mode) = (
+            paths.memory(),
+            paths.system_disk(),
+            dir.to_path_buf(),
+            self.cfg.clone,
+        );
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            if copy_memory {
+                // Only allocated extents: RAM the guest never touched stays a hole.
+                storage::clone_file(&memory, &dir2.join(MEMORY), mode)?;
+            }
+            storage::clone_file(&disk, &dir2.join(SYSTEM_DISK), mode)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))??;
+        written.push(Written {
+            id: "system",
+            kind: ArtifactKind::Disk,
+            name: SYSTEM_DISK,
+        });
+        Ok(written)
+    }
+
+    /// Writes the manifest, hashes every artifact and marks the snapshot ready.
+    async fn finish(
+        &self,
+        rec: &MachineRecord,
+        snap: &mut SnapshotRecord,
+        dir: &Path,
+        mut written: Vec<Written>,
+    ) -> Result<()> {
+        let guest_kernel = self
+            .agent(&rec.id)
+            .await
+            .ok()
+            .and_then(|a| a.identity())
+            .map(|i| i.kernel_release);
+        let (cpu_model, cpu_flags) = host::cpu_model_and_flags();
+        let manifest = serde_json::json!({
+            "snapshot_id": snap.id,
+            "machine_id": snap.machine_id,
+            "kind": snap.kind,
+            "created_at": snap.created_at,
+            "vmm": { "kind": self.vmm.kind(), "version": self.vmm.version() },
+            "memory_mib": snap.source.memory_mib,
+            "vcpus": snap.source.vcpus,
+            "storage_bytes": snap.source.storage_bytes,
+            "memory_in_vmstate": snap.memory_in_vmstate,
+            "artifact": snap.source.artifact,
+            "images": {
+                "kernel_sha256": snap.source.kernel_sha256,
+                "initrd_sha256": snap.source.initrd_sha256,
+                "rootfs_sha256": snap.source.rootfs_sha256,
+            },
+            "disks": [{ "name": SYSTEM_DISK, "role": "system" }],
+            "guest_kernel": guest_kernel,
+            "host": { "cpu_model": cpu_model, "cpu_flags": cpu_flags },
+        });
+        let text =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
+        std::fs::write(dir.join(MANIFEST), text)?;
+        written.push(Written {
+            id: "manifest",
+            kind: ArtifactKind::Manifest,
+            name: MANIFEST,
+        });
+
+        // Every file hashed on a thread of its own.
+        let jobs: Vec<_> = written
+            .into_iter()
+            .map(|w| {
+                let path = dir.join(w.name);
+                tokio::task::spawn_blocking(move || {
+                    let (size, sha) = hash_file(&path)?;
+                    Ok::<_, Error>(SnapshotArtifact {
+                        id: w.id.to_string(),
+                        kind: w.kind,
+                        name: w.name.to_string(),
+                        size_bytes: size,
+                        sha256_hex: Some(sha),
+                        object_key: None,
+                        download_url: None,
+                    })
+                })
+            })
+            .collect();
+        let mut artifacts = Vec::new();
+        for job in jobs {
+            artifacts.push(job.await.map_err(|e| Error::internal(e.to_string()))??);
+        }
+        snap.artifacts = artifacts;
+        snap.ready = true;
+        self.store.update_snapshot(snap)
+    }
+}
+
+pub fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| Error::internal(format!("open {}: {e}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    Ok((size, hex::encode(hasher.finalize())))
+}
