@@ -51,6 +51,20 @@ pub struct Client {
 pub struct RawResponse {
     pub status: StatusCode,
     pub body: Bytes,
+    /// The `Server-Timing` header as (phase, milliseconds).
+    pub timings: Vec<(String, f64)>,
+}
+
+/// Parses `name;dur=12.5, other;dur=3`.
+fn parse_server_timing(v: &str) -> Vec<(String, f64)> {
+    v.split(',')
+        .filter_map(|part| {
+            let mut fields = part.trim().split(';');
+            let name = fields.next()?.trim().to_string();
+            let dur = fields.find_map(|f| f.trim().strip_prefix("dur=")?.parse().ok())?;
+            Some((name, dur))
+        })
+        .collect()
 }
 
 impl Client {
@@ -96,13 +110,23 @@ impl Client {
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let status = resp.status();
+        let timings = resp
+            .headers()
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .map(parse_server_timing)
+            .unwrap_or_default();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?
             .to_bytes();
-        Ok(RawResponse { status, body })
+        Ok(RawResponse {
+            status,
+            body,
+            timings,
+        })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -111,6 +135,16 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
+        self.call_timed(method, path, body).await.map(|(v, _)| v)
+    }
+
+    /// A call whose answer comes with the daemon's phase timings (ms).
+    async fn call_timed<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<(T, Vec<(String, f64)>), ClientError> {
         let body = body.map(|b| serde_json::to_vec(b).expect("request types serialize"));
         let resp = self.raw(method, path, body).await?;
         if !resp.status.is_success() {
@@ -132,8 +166,9 @@ impl Client {
         } else {
             resp.body
         };
-        serde_json::from_slice(&body)
-            .map_err(|e| ClientError::Transport(format!("bad response body: {e}")))
+        let value = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Transport(format!("bad response body: {e}")))?;
+        Ok((value, resp.timings))
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
@@ -185,11 +220,24 @@ impl Client {
         snapshot_id: &str,
         kind: SnapshotKind,
     ) -> Result<CreateSnapshotResponse, ClientError> {
+        Ok(self
+            .create_snapshot_timed(machine, snapshot_id, kind)
+            .await?
+            .0)
+    }
+
+    /// Also returns the phases (quiesce, paused, hash, total) in milliseconds.
+    pub async fn create_snapshot_timed(
+        &self,
+        machine: &str,
+        snapshot_id: &str,
+        kind: SnapshotKind,
+    ) -> Result<(CreateSnapshotResponse, Vec<(String, f64)>), ClientError> {
         let req = CreateSnapshotRequest {
             snapshot_id: snapshot_id.to_string(),
             kind: Some(kind),
         };
-        self.call(
+        self.call_timed(
             Method::POST,
             &format!("/machines/{machine}/snapshots"),
             Some(&req),
@@ -227,13 +275,22 @@ impl Client {
         snapshot: &str,
         req: &RestoreRequest,
     ) -> Result<Machine, ClientError> {
-        let env: MachineEnvelope = self
-            .call(
+        Ok(self.restore_timed(snapshot, req).await?.0)
+    }
+
+    /// Also returns the phases (disks, running, agent) in milliseconds.
+    pub async fn restore_timed(
+        &self,
+        snapshot: &str,
+        req: &RestoreRequest,
+    ) -> Result<(Machine, Vec<(String, f64)>), ClientError> {
+        let (env, t): (MachineEnvelope, _) = self
+            .call_timed(
                 Method::POST,
                 &format!("/snapshots/{snapshot}/restore"),
                 Some(req),
             )
             .await?;
-        Ok(env.machine)
+        Ok((env.machine, t))
     }
 }

@@ -1,45 +1,50 @@
-//! `hearth demo`: the README's main job against a running daemon, with timings.
+//! `hearth demo`: the README's main job against a running daemon, with timings: create, exec,
+//! snapshot, restore, fork, stop, start, delete.
 
 use crate::machines::image_artifact;
+use crate::snapshots::{restore_local, restore_request};
 use crate::{output, Ctx};
 use anyhow::{ensure, Result};
 use clap::Args;
-use hearth_api::{CreateMachineRequest, ExecRequest};
+use hearth_api::{CreateMachineRequest, ExecRequest, ExecResponse, SnapshotKind};
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Name of the demo machine (replaced if it exists).
+    /// Name of the demo machine (replaced if it exists; its clones get suffixes).
     #[arg(long, default_value = "demo")]
     pub name: String,
-    /// Keep the machine at the end instead of deleting it.
+    /// Keep the machines at the end instead of deleting them.
     #[arg(long)]
     pub keep: bool,
 }
 
+#[derive(Default)]
 struct Report {
     rows: Vec<Vec<String>>,
 }
 
 impl Report {
     fn step(&mut self, what: &str, took: Duration, note: impl Into<String>) {
-        println!(
-            "  {what:<26} {:>9.1} ms  {}",
-            took.as_secs_f64() * 1000.0,
-            note.into()
-        );
-        self.rows.push(vec![
-            what.to_string(),
-            format!("{:.1} ms", took.as_secs_f64() * 1000.0),
-        ]);
+        let ms = format!("{:.1} ms", took.as_secs_f64() * 1000.0);
+        let note = note.into();
+        println!("  {what:<30} {ms:>11}  {note}");
+        self.rows.push(vec![what.to_string(), ms, note]);
+    }
+
+    fn note(&mut self, what: &str, note: impl Into<String>) {
+        let note = note.into();
+        println!("  {what:<30} {:>11}  {note}", "");
+        self.rows.push(vec![what.to_string(), String::new(), note]);
     }
 }
 
-fn exec_req(cmd: &[&str]) -> ExecRequest {
-    ExecRequest {
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
+fn phase(timings: &[(String, f64)], name: &str) -> String {
+    timings
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, ms)| format!("{ms:.1} ms"))
+        .unwrap_or_else(|| "?".into())
 }
 
 pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
@@ -47,8 +52,26 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
     c.health().await?;
     let artifact = image_artifact(&ctx.root, "default")?;
     let name = args.name;
-    c.delete_machine(&name).await?;
-    let mut report = Report { rows: Vec::new() };
+    let (restored, forked, snap) = (
+        format!("{name}-restored"),
+        format!("{name}-fork"),
+        format!("{name}-snap"),
+    );
+    for m in [&name, &restored, &forked] {
+        c.delete_machine(m).await?;
+    }
+    if c.get_snapshot(&snap).await.is_ok() {
+        c.delete_snapshot(&snap).await?;
+    }
+    let exec = |m: &str, script: &str| {
+        let req = ExecRequest {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            ..Default::default()
+        };
+        let m = m.to_string();
+        async move { c.exec(&m, &req).await }
+    };
+    let mut report = Report::default();
     println!("hearth demo: machine {name} from the default image");
 
     let t = Instant::now();
@@ -70,7 +93,7 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
     );
 
     let t = Instant::now();
-    let r = c.exec(&name, &exec_req(&["uname", "-r"])).await?;
+    let r = exec(&name, "uname -r").await?;
     ensure!(r.exit_code == 0, "uname failed: {}", r.stderr);
     report.step(
         "exec uname -r",
@@ -81,7 +104,7 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
     let mut rtts = Vec::new();
     for _ in 0..10 {
         let t = Instant::now();
-        c.exec(&name, &exec_req(&["true"])).await?;
+        exec(&name, "true").await?;
         rtts.push(t.elapsed());
     }
     rtts.sort();
@@ -91,15 +114,73 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
         "of 10 × `true`",
     );
 
-    c.exec(
+    // A counter in tmpfs: memory only, so it survives a restore only if memory does.
+    exec(
         &name,
-        &exec_req(&["sh", "-c", "echo written-before-stop > /root/demo.txt"]),
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &",
     )
     .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let before = counter(&exec(&name, "cat /tmp/counter").await?);
+    let t = Instant::now();
+    let (_, timings) = c
+        .create_snapshot_timed(&name, &snap, SnapshotKind::Memory)
+        .await?;
+    report.step(
+        "snapshot (memory)",
+        t.elapsed(),
+        format!("paused {} ; hashed after resume", phase(&timings, "paused")),
+    );
+
+    let t = Instant::now();
+    let req = restore_request(ctx, &snap, &restored, None).await?;
+    let (_, timings) = c.restore_timed(&snap, &req).await?;
+    report.step(
+        "restore → agent ready",
+        t.elapsed(),
+        format!("VM running after {}", phase(&timings, "running")),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = exec(&restored, "cat /tmp/counter; hostname").await?;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let restored_counter: u64 = lines.first().and_then(|l| l.parse().ok()).unwrap_or(0);
+    ensure!(
+        restored_counter >= before,
+        "the counter did not continue in the restored machine: {restored_counter} < {before}"
+    );
+    report.note(
+        "process continued after restore",
+        format!(
+            "counter {restored_counter} (was {before} just before the snapshot), hostname {}",
+            lines.get(1).unwrap_or(&"?")
+        ),
+    );
+
+    let t = Instant::now();
+    c.create_snapshot(&name, &format!("{forked}.fork"), SnapshotKind::Memory)
+        .await?;
+    restore_local(ctx, &format!("{forked}.fork"), &forked, None).await?;
+    c.delete_snapshot(&format!("{forked}.fork")).await?;
+    report.step(
+        "fork (snapshot + restore)",
+        t.elapsed(),
+        format!("{name} → {forked}"),
+    );
+    exec(&forked, "echo only-in-fork > /root/f").await?;
+    let seen = exec(&name, "cat /root/f 2>/dev/null || echo absent").await?;
+    report.note(
+        "fork is independent",
+        format!(
+            "file written in the fork, in {name}: {}",
+            seen.stdout.trim()
+        ),
+    );
+
+    exec(&name, "echo written-before-stop > /root/demo.txt && sync").await?;
     let t = Instant::now();
     c.stop_machine(&name).await?;
     report.step("stop (guest power-off)", t.elapsed(), "");
-
     let t = Instant::now();
     c.start_machine(&name).await?;
     report.step(
@@ -107,28 +188,28 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
         t.elapsed(),
         "cold boot from the same disk",
     );
-
-    let r = c.exec(&name, &exec_req(&["cat", "/root/demo.txt"])).await?;
+    let r = exec(&name, "cat /root/demo.txt").await?;
     ensure!(
         r.stdout.trim() == "written-before-stop",
-        "the file written before the stop is gone: {:?}",
-        r.stdout
+        "the file written before the stop is gone"
     );
-    println!(
-        "  {:<26} {:>12}  {}",
-        "disk survived stop+start",
-        "",
-        r.stdout.trim()
-    );
+    report.note("disk survived stop + start", r.stdout.trim());
 
     if !args.keep {
         let t = Instant::now();
-        c.delete_machine(&name).await?;
-        report.step("delete", t.elapsed(), "");
+        for m in [&forked, &restored, &name] {
+            c.delete_machine(m).await?;
+        }
+        c.delete_snapshot(&snap).await?;
+        report.step("delete 3 machines + snapshot", t.elapsed(), "");
     }
     if ctx.json {
         output::print_json(&report.rows);
     }
     println!("demo finished");
     Ok(())
+}
+
+fn counter(r: &ExecResponse) -> u64 {
+    r.stdout.trim().parse().unwrap_or(0)
 }

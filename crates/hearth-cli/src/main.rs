@@ -5,6 +5,7 @@ mod image;
 mod machines;
 mod output;
 mod size;
+mod snapshots;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -58,7 +59,15 @@ enum Cmd {
     Start { name: String },
     /// Delete a machine and everything it has.
     Rm { names: Vec<String> },
-    /// Walk through the main job: create, exec, stop, start, delete, with timings.
+    /// Snapshots.
+    #[command(subcommand)]
+    Snapshot(snapshots::SnapshotCmd),
+    /// Restore a snapshot into a new machine.
+    Restore(snapshots::RestoreArgs),
+    /// Fork a running machine: snapshot it and restore the snapshot as a new machine.
+    Fork { source: String, name: String },
+    /// Walk through the main job: create, exec, snapshot, restore, fork, stop, start, delete,
+    /// with timings.
     Demo(demo::DemoArgs),
 }
 
@@ -136,6 +145,9 @@ async fn run(cmd: Cmd, ctx: &Ctx) -> Result<ExitCode> {
         Cmd::Stop { name } => machines::stop(ctx, &name).await?,
         Cmd::Start { name } => machines::start(ctx, &name).await?,
         Cmd::Rm { names } => machines::remove(ctx, &names).await?,
+        Cmd::Snapshot(cmd) => snapshots::run(ctx, cmd).await?,
+        Cmd::Restore(args) => snapshots::restore(ctx, args).await?,
+        Cmd::Fork { source, name } => snapshots::fork(ctx, &source, &name).await?,
         Cmd::Demo(args) => demo::run(ctx, args).await?,
     }
     Ok(ExitCode::SUCCESS)

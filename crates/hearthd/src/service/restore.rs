@@ -3,7 +3,7 @@
 //! private and paged in lazily); from a disk snapshot it cold-boots from copies of the disks.
 //! Either way its disks are its own and it gets its own identity, clock and entropy.
 
-use super::snapshots::{hash_file, Timings, MEMORY, SYSTEM_DISK, VMSTATE};
+use super::snapshots::{Timings, MEMORY, SYSTEM_DISK, VMSTATE};
 use super::{machines::guest_hostname, nonce, Service};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -174,7 +174,7 @@ impl Service {
                 )));
             }
             if a.name == VMSTATE {
-                let (_, sha) = hash_file(&path)?;
+                let (_, sha) = storage::sha256_sparse(&path)?;
                 if Some(&sha) != a.sha256_hex.as_ref() {
                     return Err(integrity(format!(
                         "sha256 {sha} does not match the snapshot's"

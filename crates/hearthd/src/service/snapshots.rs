@@ -12,7 +12,7 @@ use hearth_api::{
     SnapshotArtifact, SnapshotKind,
 };
 use hearth_proto::Op;
-use sha2::{Digest, Sha256};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -302,7 +302,7 @@ impl Service {
             .map(|w| {
                 let path = dir.join(w.name);
                 tokio::task::spawn_blocking(move || {
-                    let (size, sha) = hash_file(&path)?;
+                    let (size, sha) = storage::sha256_sparse(&path)?;
                     Ok::<_, Error>(SnapshotArtifact {
                         id: w.id.to_string(),
                         kind: w.kind,
@@ -323,12 +323,4 @@ impl Service {
         snap.ready = true;
         self.store.update_snapshot(snap)
     }
-}
-
-pub fn hash_file(path: &Path) -> Result<(u64, String)> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| Error::internal(format!("open {}: {e}", path.display())))?;
-    let mut hasher = Sha256::new();
-    let size = std::io::copy(&mut file, &mut hasher)?;
-    Ok((size, hex::encode(hasher.finalize())))
 }
