@@ -100,7 +100,7 @@ fn sparse_copy(from: &File, to: &File) -> Result<()> {
 /// zero buffer instead of read: reading a hole costs the kernel as much as reading data.
 pub fn sha256_sparse(path: &Path) -> Result<(u64, String)> {
     use sha2::{Digest, Sha256};
-    const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
     let mut file =
         File::open(path).map_err(|e| Error::internal(format!("open {}: {e}", path.display())))?;
     let len = file.metadata()?.len();

@@ -71,7 +71,7 @@ impl Service {
 
     /// A machine whose snapshot a crash interrupted may be paused and frozen: resume and thaw.
     async fn resume_after_crash(&self, rec: &MachineRecord) {
-        let Some(proc) = rec.process.filter(|p| process::is_alive(p)) else {
+        let Some(proc) = rec.process.filter(process::is_alive) else {
             return;
         };
         let paths = self.paths(&rec.id);
