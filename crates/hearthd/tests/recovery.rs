@@ -59,8 +59,10 @@ async fn leftovers_of_unknown_machines_are_removed() {
     std::fs::write(stray.join("system.img"), b"x").unwrap();
     let stray_run = d.path().join("run").join("0123456789abcdef");
     std::fs::create_dir_all(&stray_run).unwrap();
+    let stray_snapshot = d.path().join("snapshots").join("ghost-snap");
+    std::fs::create_dir_all(&stray_snapshot).unwrap();
     let cleaned = eventually(Duration::from_secs(10), async || {
-        !stray.exists() && !stray_run.exists()
+        !stray.exists() && !stray_run.exists() && !stray_snapshot.exists()
     })
     .await;
     assert!(cleaned, "reconcile left the stray directories");

@@ -413,6 +413,9 @@ impl Service {
             }
         }
         let paths = self.paths(id);
+        // A crash between the VMM's start and the record of its pid leaves only its pid file
+        // to find it by.
+        process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
         let _ = std::fs::remove_dir_all(&paths.sock_dir);
         let _ = std::fs::remove_file(paths.memory());
     }

@@ -8,7 +8,6 @@ use crate::store::{MachineRecord, OpKind};
 use crate::vmm::process;
 use hearth_api::Phase;
 use std::collections::HashSet;
-use std::ffi::OsStr;
 
 impl Service {
     /// The start-up pass: interrupted operations first, then a regular pass.
@@ -164,22 +163,34 @@ impl Service {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+        // A snapshot's record is written before its directory, so a directory without one is
+        // a leftover.
+        let snapshots: HashSet<String> = self
+            .store
+            .snapshot_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for entry in read_dir(&self.cfg.root.join("snapshots")) {
+            if !snapshots.contains(entry.file_name().to_string_lossy().as_ref()) {
+                tracing::info!(
+                    "removing leftover snapshot directory {}",
+                    entry.path().display()
+                );
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         for entry in read_dir(&self.cfg.root.join("run")) {
             let dir = entry.path();
             if sock_dirs.contains(&dir) {
                 continue;
             }
-            if let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid"))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                if runs_from(pid, dir.as_os_str()) {
-                    tracing::info!(pid, "killing an orphaned VMM");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+            if let Some(pid) = process::vmm_of(&dir, &dir.join("vmm.pid")) {
+                tracing::info!(pid = pid.pid, "killing an orphaned VMM");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             tracing::info!("removing leftover runtime directory {}", dir.display());
             let _ = std::fs::remove_dir_all(&dir);
@@ -191,11 +202,4 @@ fn read_dir(dir: &std::path::Path) -> Vec<std::fs::DirEntry> {
     std::fs::read_dir(dir)
         .map(|it| it.flatten().collect())
         .unwrap_or_default()
-}
-
-/// The process's command line mentions `dir`: it is a VMM of ours, not a reused pid.
-fn runs_from(pid: i32, dir: &OsStr) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = dir.as_encoded_bytes();
-    cmdline.windows(needle.len()).any(|w| w == needle)
 }

@@ -4,6 +4,7 @@
 use crate::store::ProcessRecord;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The start time (clock ticks since boot, field 22 of /proc/PID/stat) and state of a process.
@@ -24,6 +25,24 @@ pub fn record(pid: i32) -> Option<ProcessRecord> {
 /// The recorded process still runs (a zombie counts as gone).
 pub fn is_alive(p: &ProcessRecord) -> bool {
     matches!(stat(p.pid), Some((start, state)) if start == p.start_time && state != 'Z' && state != 'X')
+}
+
+/// The live process named by `pidfile` whose command line mentions `dir` (a VMM of ours, not a
+/// process that reused the pid).
+pub fn vmm_of(dir: &Path, pidfile: &Path) -> Option<ProcessRecord> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let ours = !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle);
+    record(pid).filter(|p| ours && is_alive(p))
+}
+
+/// Kills the VMM that `pidfile` in `dir` names, if it still runs.
+pub async fn kill_vmm_of(dir: &Path, pidfile: &Path) {
+    if let Some(p) = vmm_of(dir, pidfile) {
+        tracing::info!(pid = p.pid, "killing a VMM found by its pid file");
+        kill_and_wait(&p).await;
+    }
 }
 
 /// SIGKILLs the process and waits until it is gone.

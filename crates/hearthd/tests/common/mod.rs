@@ -70,6 +70,8 @@ pub struct Daemon {
     pub client: Client,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Environment for the next (re)start, such as failpoints.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -89,6 +91,7 @@ impl Daemon {
             client,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         d.spawn().await;
         d
@@ -115,6 +118,7 @@ impl Daemon {
             ])
             .args(&self.extra_args)
             .env("HEARTH_LOG", "info,hearthd=debug")
+            .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -251,4 +255,38 @@ pub async fn eventually(limit: Duration, mut check: impl AsyncFnMut() -> bool) -
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A restore request for this host's snapshot `snap` as machine `id`.
+pub fn restore_req(snap: &str, id: &str) -> hearth_api::RestoreRequest {
+    hearth_api::RestoreRequest {
+        machine_id: id.to_string(),
+        artifact: artifact(),
+        memory_mib: None,
+        storage_bytes: None,
+        local_snapshot: Some(hearth_api::LocalSnapshotRef {
+            snapshot_id: snap.to_string(),
+        }),
+        snapshot: None,
+        guest_config: None,
+    }
+}
+
+/// Starts a counter in tmpfs that ticks every 100 ms: it survives a restore only with memory.
+pub async fn start_counter(client: &Client, id: &str) {
+    let r = sh(
+        client,
+        id,
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &",
+    )
+    .await;
+    assert_eq!(r.exit_code, 0, "{}", r.stderr);
+}
+
+pub async fn read_counter(client: &Client, id: &str) -> u64 {
+    let r = sh(client, id, "cat /tmp/counter").await;
+    r.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("counter in {id}: {r:?}"))
 }

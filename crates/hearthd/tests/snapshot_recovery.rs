@@ -1,0 +1,103 @@
+//! The daemon killed (SIGKILL) in the middle of a snapshot or a restore: a restart leaves no
+//! trace of the half-done work and the source machine runs on.
+
+mod common;
+
+use common::*;
+use hearth_api::{ErrorCode, Phase, SnapshotKind};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_in_the_middle_of_a_snapshot_and_of_a_restore() {
+    let mut d = Daemon::start().await;
+    d.client.create_machine(&create_req("src")).await.unwrap();
+    start_counter(&d.client, "src").await;
+
+    // Killed while the machine is paused and its filesystem frozen, mid-snapshot.
+    d.env = vec![("HEARTH_STALL_AT".into(), "snapshot-paused".into())];
+    d.restart().await;
+    let client = d.client.clone();
+    let pending = tokio::spawn(async move {
+        client
+            .create_snapshot("src", "half", SnapshotKind::Memory)
+            .await
+    });
+    let dir = d.path().join("snapshots/half");
+    assert!(
+        eventually(Duration::from_secs(30), async || dir
+            .join("system.img")
+            .exists())
+        .await,
+        "the snapshot never reached its paused phase"
+    );
+    d.env.clear();
+    d.restart().await;
+    let _ = pending.await;
+
+    let err = d.client.get_snapshot("half").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    assert!(!dir.exists(), "partial snapshot files left");
+    assert!(d.client.list_snapshots(None).await.unwrap().is_empty());
+    // Resumed and thawed: its counter moves and its disk takes writes.
+    let a = read_counter(&d.client, "src").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        read_counter(&d.client, "src").await > a,
+        "the source is still paused"
+    );
+    let r = sh(
+        &d.client,
+        "src",
+        "echo ok > /root/after-crash && cat /root/after-crash",
+    )
+    .await;
+    assert_eq!(r.stdout, "ok\n");
+
+    // Killed while a restored machine is running but not yet handed over.
+    d.client
+        .create_snapshot("src", "snap", SnapshotKind::Memory)
+        .await
+        .unwrap();
+    d.env = vec![("HEARTH_STALL_AT".into(), "restore-running".into())];
+    d.restart().await;
+    let client = d.client.clone();
+    let pending = tokio::spawn(async move {
+        client
+            .restore("snap", &restore_req("snap", "partial"))
+            .await
+    });
+    let client = d.client.clone();
+    let started = eventually(Duration::from_secs(30), async || {
+        client
+            .get_machine("partial")
+            .await
+            .is_ok_and(|m| m.phase == Phase::Starting)
+    })
+    .await;
+    assert!(started, "the restore never started");
+    assert!(
+        eventually(Duration::from_secs(30), async || d.vmm_pids().len() == 2).await,
+        "the restored VMM never ran"
+    );
+    d.env.clear();
+    d.restart().await;
+    let _ = pending.await;
+    d.assert_nothing_left("partial").await;
+    assert_eq!(
+        d.vmm_pids().len(),
+        1,
+        "the partial machine's VMM is still running"
+    );
+    assert_eq!(
+        d.client.get_machine("src").await.unwrap().phase,
+        Phase::Running
+    );
+    assert!(
+        d.client.get_snapshot("snap").await.is_ok(),
+        "the snapshot itself is intact"
+    );
+
+    d.client.delete_machine("src").await.unwrap();
+    d.client.delete_snapshot("snap").await.unwrap();
+    assert!(d.vmm_pids().is_empty());
+}

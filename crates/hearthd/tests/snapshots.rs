@@ -1,0 +1,379 @@
+//! Memory snapshots, restore and fork on one host, with real machines.
+
+mod common;
+
+use common::*;
+use hearth_api::{ArtifactKind, ErrorCode, Phase, SnapshotKind};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_continues_and_forks_are_independent() {
+    let d = Daemon::start().await;
+    let c = &d.client;
+    c.create_machine(&create_req("src")).await.unwrap();
+    start_counter(c, "src").await;
+    sh(c, "src", "echo memory-only > /tmp/note").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = read_counter(c, "src").await;
+
+    let resp = c
+        .create_snapshot("src", "s1", SnapshotKind::Memory)
+        .await
+        .unwrap();
+    let snap = &resp.snapshot;
+    assert_eq!(
+        (snap.machine_id.as_str(), snap.kind, snap.memory_mib),
+        ("src", SnapshotKind::Memory, 256)
+    );
+    let kinds: Vec<ArtifactKind> = snap.artifacts.iter().map(|a| a.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ArtifactKind::Vmstate,
+            ArtifactKind::Memory,
+            ArtifactKind::Disk,
+            ArtifactKind::Manifest
+        ]
+    );
+    let dir = d.path().join("snapshots/s1");
+    for a in &snap.artifacts {
+        let meta = std::fs::metadata(dir.join(&a.name)).unwrap();
+        assert_eq!(meta.len(), a.size_bytes, "{}", a.name);
+        assert_eq!(
+            a.sha256_hex.as_ref().map(String::len),
+            Some(64),
+            "{}",
+            a.name
+        );
+    }
+    let vmstate = snap
+        .artifacts
+        .iter()
+        .find(|a| a.kind == ArtifactKind::Vmstate)
+        .unwrap();
+    assert!(
+        vmstate.size_bytes < 1 << 20,
+        "device state holds RAM: {} bytes",
+        vmstate.size_bytes
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["memory_mib"], 256);
+    assert_eq!(manifest["vmm"]["kind"], "qemu");
+    assert!(
+        manifest["vmm"]["version"]
+            .as_str()
+            .unwrap()
+            .contains("QEMU"),
+        "{manifest}"
+    );
+    assert_eq!(manifest["guest_kernel"], kernel_release());
+    assert!(manifest["host"]["cpu_flags"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty()));
+    assert_eq!(c.list_snapshots(Some("src")).await.unwrap().len(), 1);
+    assert_eq!(c.get_snapshot("s1").await.unwrap(), *snap);
+
+    // The same snapshot id again is a conflict and leaves the first untouched.
+    let err = c
+        .create_snapshot("src", "s1", SnapshotKind::Memory)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
+    assert_eq!(c.get_snapshot("s1").await.unwrap(), *snap);
+    assert!(dir.join("vmstate").exists());
+
+    // The source keeps running after its snapshot.
+    assert!(read_counter(c, "src").await >= before);
+
+    // 5 s later, a fork: it continues from the snapshot's instant, with its own identity.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let m = c.restore("s1", &restore_req("s1", "clone")).await.unwrap();
+    assert_eq!(m.phase, Phase::Running);
+    assert_eq!(m.restored_from.as_deref(), Some("s1"));
+    let host_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let guest_now: f64 = sh(c, "clone", "date +%s")
+        .await
+        .stdout
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (guest_now - host_now).abs() <= 2.0,
+        "clock off by {}",
+        guest_now - host_now
+    );
+    let at_restore = read_counter(c, "clone").await;
+    assert!(
+        at_restore >= before,
+        "counter went back: {at_restore} < {before}"
+    );
+    assert!(
+        at_restore < before + 40,
+        "counter did not start at the snapshot: {at_restore}"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        read_counter(c, "clone").await > at_restore,
+        "the counter process is not running"
+    );
+    assert_eq!(
+        sh(c, "clone", "cat /tmp/note").await.stdout,
+        "memory-only\n"
+    );
+
+    let ident = |id: &'static str| async move {
+        let r = sh(c, id, "hostname; cat /etc/machine-id").await;
+        r.stdout
+    };
+    let (src_id, clone_id) = (ident("src").await, ident("clone").await);
+    assert_ne!(src_id, clone_id);
+    assert!(clone_id.starts_with("clone\n"), "{clone_id}");
+
+    // Writes in one are absent in the other, on disk and in memory.
+    sh(
+        c,
+        "clone",
+        "echo c > /root/only-clone; echo c > /tmp/only-clone; sync",
+    )
+    .await;
+    sh(c, "src", "echo s > /root/only-src; sync").await;
+    assert_eq!(
+        sh(
+            c,
+            "src",
+            "ls /root/only-clone /tmp/only-clone 2>&1 | grep -c 'No such'"
+        )
+        .await
+        .stdout
+        .trim(),
+        "2"
+    );
+    assert_eq!(
+        sh(c, "clone", "ls /root/only-src 2>&1 | grep -c 'No such'")
+            .await
+            .stdout
+            .trim(),
+        "1"
+    );
+
+    // Two clones of one snapshot draw different random bytes right after restore.
+    c.restore("s1", &restore_req("s1", "clone2")).await.unwrap();
+    let rand_of = |id: &'static str| async move {
+        sh(c, id, "head -c 16 /dev/urandom | od -An -tx1")
+            .await
+            .stdout
+    };
+    let (r1, r2) = (rand_of("clone2").await, rand_of("clone").await);
+    assert_eq!(r1.split_whitespace().count(), 16);
+    assert_ne!(r1, r2);
+
+    // A restore into an existing machine id is a conflict.
+    let err = c
+        .restore("s1", &restore_req("s1", "clone"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
+
+    // A fork of a fork: the clone's RAM is a private mapping, so its snapshot carries RAM in
+    // the device state; it still restores and continues.
+    let mark = read_counter(c, "clone").await;
+    let resp = c
+        .create_snapshot("clone", "s2", SnapshotKind::Memory)
+        .await
+        .unwrap();
+    assert!(resp
+        .artifacts
+        .iter()
+        .all(|a| a.kind != ArtifactKind::Memory));
+    c.restore("s2", &restore_req("s2", "grandchild"))
+        .await
+        .unwrap();
+    let g = read_counter(c, "grandchild").await;
+    assert!(g >= mark, "grandchild counter {g} < {mark}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(read_counter(c, "grandchild").await > g);
+    assert_eq!(
+        sh(c, "grandchild", "cat /root/only-clone").await.stdout,
+        "c\n"
+    );
+
+    for m in ["grandchild", "clone2", "clone", "src"] {
+        c.delete_machine(m).await.unwrap();
+    }
+    for s in ["s1", "s2"] {
+        c.delete_snapshot(s).await.unwrap();
+        assert!(!d.path().join("snapshots").join(s).exists());
+    }
+    let err = c.delete_snapshot("s1").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    assert!(d.vmm_pids().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_clones_share_one_snapshot() {
+    let d = Daemon::start().await;
+    let c = &d.client;
+    c.create_machine(&create_req("base")).await.unwrap();
+    start_counter(c, "base").await;
+    let resp = c
+        .create_snapshot("base", "gold", SnapshotKind::Memory)
+        .await
+        .unwrap();
+    c.delete_machine("base").await.unwrap();
+    let memory = resp
+        .snapshot
+        .artifacts
+        .iter()
+        .find(|a| a.kind == ArtifactKind::Memory)
+        .unwrap();
+    let memory_path = d.path().join("snapshots/gold/memory");
+
+    let ids: Vec<String> = (1..=5).map(|i| format!("clone{i}")).collect();
+    for id in &ids {
+        c.restore("gold", &restore_req("gold", id)).await.unwrap();
+    }
+    for id in &ids {
+        assert_eq!(c.get_machine(id).await.unwrap().phase, Phase::Running);
+        sh(
+            c,
+            id,
+            &format!("echo {id} > /tmp/who; head -c 4000000 /dev/urandom > /tmp/noise"),
+        )
+        .await;
+    }
+    for id in &ids {
+        assert_eq!(sh(c, id, "cat /tmp/who").await.stdout.trim(), id);
+        assert!(read_counter(c, id).await > 0);
+    }
+    assert_eq!(d.vmm_pids().len(), 5);
+    // Writes went to each clone's private copy, never to the snapshot.
+    let (_, sha) = hearthd::storage::sha256_sparse(&memory_path).unwrap();
+    assert_eq!(Some(sha), memory.sha256_hex);
+
+    // Deleting the snapshot leaves the clones running from the pages they map.
+    c.delete_snapshot("gold").await.unwrap();
+    assert!(!memory_path.exists());
+    for id in &ids {
+        let before = read_counter(c, id).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(read_counter(c, id).await > before, "{id} stalled");
+        c.delete_machine(id).await.unwrap();
+    }
+    assert!(d.vmm_pids().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_snapshots_and_bad_input() {
+    let d = Daemon::start().await;
+    let c = &d.client;
+
+    let err = c
+        .create_snapshot("nope", "s", SnapshotKind::Memory)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = c
+        .create_snapshot("nope", "Bad/Id", SnapshotKind::Memory)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Invalid));
+    let err = c
+        .restore("nope", &restore_req("nope", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+
+    c.create_machine(&create_req("src")).await.unwrap();
+    sh(
+        c,
+        "src",
+        "echo on-disk > /root/kept; echo in-memory > /tmp/lost",
+    )
+    .await;
+    let resp = c
+        .create_snapshot("src", "disk1", SnapshotKind::Disk)
+        .await
+        .unwrap();
+    let kinds: Vec<ArtifactKind> = resp.artifacts.iter().map(|a| a.kind).collect();
+    assert_eq!(kinds, [ArtifactKind::Disk, ArtifactKind::Manifest]);
+    // The source's filesystem was thawed: it still takes writes.
+    assert_eq!(
+        sh(c, "src", "echo after > /root/after && cat /root/after")
+            .await
+            .stdout,
+        "after\n"
+    );
+
+    // A disk-only snapshot cold-boots with the source's files (and not its memory).
+    c.restore("disk1", &restore_req("disk1", "cold"))
+        .await
+        .unwrap();
+    assert_eq!(sh(c, "cold", "cat /root/kept").await.stdout, "on-disk\n");
+    assert_eq!(
+        sh(c, "cold", "cat /tmp/lost 2>/dev/null || echo gone")
+            .await
+            .stdout,
+        "gone\n"
+    );
+    assert_eq!(sh(c, "cold", "hostname").await.stdout.trim(), "cold");
+    c.delete_machine("cold").await.unwrap();
+
+    // Memory snapshot checks: a different memory size, a mismatched local id, both sources.
+    c.create_snapshot("src", "mem1", SnapshotKind::Memory)
+        .await
+        .unwrap();
+    let mut req = restore_req("mem1", "x");
+    req.memory_mib = Some(512);
+    assert_eq!(
+        c.restore("mem1", &req).await.unwrap_err().code(),
+        Some(ErrorCode::Invalid)
+    );
+    let req = restore_req("disk1", "x");
+    assert_eq!(
+        c.restore("mem1", &req).await.unwrap_err().code(),
+        Some(ErrorCode::Invalid)
+    );
+    let mut req = restore_req("mem1", "x");
+    req.local_snapshot = None;
+    assert_eq!(
+        c.restore("mem1", &req).await.unwrap_err().code(),
+        Some(ErrorCode::Invalid)
+    );
+    d.assert_nothing_left("x").await;
+
+    // A corrupted, then a truncated device state: 422, and no machine is left.
+    let vmstate = d.path().join("snapshots/mem1/vmstate");
+    let good = std::fs::read(&vmstate).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&vmstate, &bad).unwrap();
+    let err = c
+        .restore("mem1", &restore_req("mem1", "corrupt"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Integrity), "{err}");
+    d.assert_nothing_left("corrupt").await;
+    std::fs::write(&vmstate, &good[..good.len() / 3]).unwrap();
+    let err = c
+        .restore("mem1", &restore_req("mem1", "truncated"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Integrity), "{err}");
+    d.assert_nothing_left("truncated").await;
+
+    // Only a running machine can be snapshotted.
+    c.stop_machine("src").await.unwrap();
+    let err = c
+        .create_snapshot("src", "s3", SnapshotKind::Memory)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
+    assert!(!d.path().join("snapshots/s3").exists());
+    c.delete_machine("src").await.unwrap();
+    assert!(d.vmm_pids().is_empty());
+}
