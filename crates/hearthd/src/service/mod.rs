@@ -64,11 +64,7 @@ impl Service {
     }
 
     pub fn paths(&self, id: &str) -> MachinePaths {
-        let hash = hex::encode(Sha256::digest(id.as_bytes()));
-        MachinePaths {
-            dir: self.cfg.root.join("machines").join(id),
-            sock_dir: self.cfg.root.join("run").join(&hash[..16]),
-        }
+        machine_paths(&self.cfg.root, id)
     }
 
     fn machines_dir(&self) -> PathBuf {
@@ -125,6 +121,15 @@ impl Service {
                 svc.reconcile_pass().await;
             }
         });
+    }
+}
+
+/// Where machine `id` keeps its files under data root `root`.
+pub fn machine_paths(root: &std::path::Path, id: &str) -> MachinePaths {
+    let hash = hex::encode(Sha256::digest(id.as_bytes()));
+    MachinePaths {
+        dir: root.join("machines").join(id),
+        sock_dir: root.join("run").join(&hash[..16]),
     }
 }
 

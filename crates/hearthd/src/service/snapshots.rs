@@ -252,7 +252,7 @@ impl Service {
         Ok(written)
     }
 
-    /// Writes the manifest, hashes every artifact and marks the snapshot ready.
+    /// Writes the manifest, flushes and hashes every artifact, and marks the snapshot ready.
     async fn finish(
         &self,
         rec: &MachineRecord,
@@ -302,6 +302,7 @@ impl Service {
             .map(|w| {
                 let path = dir.join(w.name);
                 tokio::task::spawn_blocking(move || {
+                    storage::sync_file(&path)?;
                     let (size, sha) = storage::sha256_sparse(&path)?;
                     Ok::<_, Error>(SnapshotArtifact {
                         id: w.id.to_string(),

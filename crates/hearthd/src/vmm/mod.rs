@@ -2,7 +2,7 @@
 
 pub mod process;
 pub mod qemu;
-mod qmp;
+pub mod qmp;
 
 use crate::error::Result;
 use crate::store::ProcessRecord;

@@ -4,6 +4,10 @@
 //! `hearth-bench boot`: raw QEMU (the very command line hearthd uses, on a ready-made disk) from
 //! spawn to the agent's first byte, against hearthd's create → running, alternating; plus the
 //! exec round trip.
+//!
+//! `hearth-bench snapshot`: on guests with half their memory dirtied, hearth's snapshot and
+//! restore against plain QEMU save/restore with RAM in the migration stream (what `virsh save`
+//! does) on the same guest; and the memory (PSS) of clones sharing one snapshot.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -17,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
+
+mod snapshot;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +50,16 @@ enum Bench {
         #[arg(long, default_value_t = 256)]
         memory_mib: u32,
     },
+    /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
+    Snapshot {
+        /// Guest sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        sizes: Vec<u32>,
+        #[arg(long, default_value_t = 5)]
+        clones: usize,
+        #[arg(long, default_value_t = 512)]
+        clone_memory_mib: u32,
+    },
 }
 
 #[tokio::main]
@@ -61,6 +77,31 @@ async fn main() -> Result<()> {
     }
     match args.bench {
         Bench::Boot { rounds, memory_mib } => boot(&args.image, rounds, memory_mib).await,
+        Bench::Snapshot {
+            sizes,
+            clones,
+            clone_memory_mib,
+        } => snapshot::run(&args.image, &sizes, clones, clone_memory_mib).await,
+    }
+}
+
+/// The QEMU backend as hearthd configures it by default.
+fn qemu() -> Qemu {
+    Qemu {
+        version: String::new(),
+        binary: "qemu-system-x86_64".into(),
+        accel: host::choose_accel(AccelChoice::Auto),
+        tsc_khz: host::measure_tsc_khz(),
+    }
+}
+
+/// The image's files as `file://` artifact URLs.
+fn image_artifact(image: &Path) -> ArtifactRef {
+    let url = |f: &str| format!("file://{}", image.join(f).display());
+    ArtifactRef {
+        kernel_image_url: url("vmlinux"),
+        rootfs_url: url("rootfs.ext4"),
+        initrd_url: Some(url("initrd.img")),
     }
 }
 
@@ -77,18 +118,9 @@ async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
     let work = tempfile::Builder::new()
         .prefix("hbench")
         .tempdir_in("/tmp")?;
-    let qemu = Qemu {
-        version: String::new(),
-        binary: "qemu-system-x86_64".into(),
-        accel: host::choose_accel(AccelChoice::Auto),
-        tsc_khz: host::measure_tsc_khz(),
-    };
+    let qemu = qemu();
     let daemon = Daemon::start(&work.path().join("root")).await?;
-    let artifact = ArtifactRef {
-        kernel_image_url: format!("file://{}", image.join("vmlinux").display()),
-        rootfs_url: format!("file://{}", image.join("rootfs.ext4").display()),
-        initrd_url: Some(format!("file://{}", image.join("initrd.img").display())),
-    };
+    let artifact = image_artifact(image);
     let create = |id: String| CreateMachineRequest {
         machine_id: id,
         artifact: artifact.clone(),
@@ -218,6 +250,7 @@ async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Res
 struct Daemon {
     child: std::process::Child,
     client: Client,
+    root: PathBuf,
 }
 
 impl Daemon {
@@ -238,7 +271,11 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Daemon { child, client })
+        Ok(Daemon {
+            child,
+            client,
+            root: root.to_path_buf(),
+        })
     }
 }
 

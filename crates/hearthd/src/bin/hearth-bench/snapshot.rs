@@ -1,0 +1,308 @@
+//! hearth snapshot/restore against plain QEMU migration with RAM in the stream, same guest,
+//! same run; then the PSS of clones sharing one snapshot's memory.
+
+use super::{image_artifact, ms, qemu, Daemon};
+use anyhow::{bail, Context, Result};
+use hearth_api::{
+    CreateMachineRequest, ExecRequest, LocalSnapshotRef, RestoreRequest, SnapshotKind,
+};
+use hearthd::service::machine_paths;
+use hearthd::vmm::qmp::Qmp;
+use hearthd::vmm::{process, MachinePaths, MemoryBacking, VmSpec};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn phase(t: &[(String, f64)], name: &str) -> Duration {
+    t.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, ms)| Duration::from_secs_f64(ms / 1000.0))
+        .unwrap_or_default()
+}
+
+fn caps(on: bool) -> serde_json::Value {
+    json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": on } ] })
+}
+
+async fn wait_migration(qmp: &mut Qmp) -> Result<()> {
+    loop {
+        let info = qmp
+            .execute("query-migrate", None)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => bail!("migration failed: {info}"),
+            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+}
+
+/// Fills half the guest's RAM with non-zero data in a tmpfs (zero pages would let plain
+/// migration skip them).
+async fn dirty_half(d: &Daemon, id: &str, memory_mib: u32) -> Result<()> {
+    let script = format!(
+        "mkdir -p /mnt/fill && mount -t tmpfs -o size=90% tmpfs /mnt/fill && \
+         yes hearth-bench-dirty-page | head -c {} > /mnt/fill/data",
+        (memory_mib as u64 / 2) << 20
+    );
+    let r = d
+        .client
+        .exec(
+            id,
+            &ExecRequest {
+                command: vec!["sh".into(), "-c".into(), script],
+                ..Default::default()
+            },
+        )
+        .await?;
+    anyhow::ensure!(r.exit_code == 0, "dirtying memory failed: {}", r.stderr);
+    Ok(())
+}
+
+fn create(id: &str, image: &Path, memory_mib: u32) -> CreateMachineRequest {
+    CreateMachineRequest {
+        machine_id: id.into(),
+        artifact: image_artifact(image),
+        memory_mib: Some(memory_mib),
+        vcpus: Some(1),
+        storage_bytes: None,
+        user_volume_ids: None,
+        guest_config: None,
+    }
+}
+
+fn restore(snap: &str, id: &str, image: &Path) -> RestoreRequest {
+    RestoreRequest {
+        machine_id: id.into(),
+        artifact: image_artifact(image),
+        memory_mib: None,
+        storage_bytes: None,
+        local_snapshot: Some(LocalSnapshotRef {
+            snapshot_id: snap.into(),
+        }),
+        snapshot: None,
+        guest_config: None,
+    }
+}
+
+pub async fn run(image: &Path, sizes: &[u32], clones: usize, clone_mib: u32) -> Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("hbench")
+        .tempdir_in("/tmp")?;
+    let daemon = Daemon::start(&work.path().join("root")).await?;
+    let mut lines = Vec::new();
+    for &mib in sizes {
+        eprintln!("{mib} MiB guest: booting and dirtying half its memory…");
+        lines.push(compare(&daemon, image, mib, work.path()).await?);
+    }
+    let pss = if clones > 0 {
+        eprintln!("{clones} clones of a {clone_mib} MiB guest…");
+        Some(clones_pss(&daemon, image, clones, clone_mib).await?)
+    } else {
+        None
+    };
+
+    println!("snapshot benchmark (half of guest memory dirtied; plain = QEMU migration with RAM in the stream)");
+    for l in &lines {
+        println!("  {} MiB guest", l.mib);
+        println!(
+            "    snapshot pause → resumed   hearth {:>10}   plain {:>10}   {:>6.1}×",
+            ms(l.hearth_paused),
+            ms(l.plain_paused),
+            l.plain_paused.as_secs_f64() / l.hearth_paused.as_secs_f64()
+        );
+        println!(
+            "    snapshot total (+ hashing)  hearth {:>10}",
+            ms(l.hearth_total)
+        );
+        println!(
+            "    restore → running          hearth {:>10}   plain {:>10}   {:>6.1}×",
+            ms(l.hearth_running),
+            ms(l.plain_running),
+            l.plain_running.as_secs_f64() / l.hearth_running.as_secs_f64()
+        );
+        println!(
+            "    restore → agent ready      hearth {:>10}",
+            ms(l.hearth_agent)
+        );
+    }
+    if let Some(l) = lines.iter().find(|l| l.mib == 1024) {
+        let snap = l.plain_paused.as_secs_f64() / l.hearth_paused.as_secs_f64();
+        let rest = l.plain_running.as_secs_f64() / l.hearth_running.as_secs_f64();
+        println!(
+            "  targets at 1 GiB: snapshot ≥ 10× ({snap:.1}×: {}), restore → running ≥ 20× ({rest:.1}×: {})",
+            if snap >= 10.0 { "met" } else { "NOT met" },
+            if rest >= 20.0 { "met" } else { "NOT met" }
+        );
+    }
+    let Some(pss) = pss else { return Ok(()) };
+    println!(
+        "  PSS of {clones} clones of a {clone_mib} MiB guest (each read its {} MiB of dirtied memory): \
+         {:.0} MiB total, against {} MiB for {clones} separate copies ({:.1}×)",
+        clone_mib / 2,
+        pss as f64 / 1024.0,
+        clones as u32 * clone_mib,
+        (clones as u64 * clone_mib as u64 * 1024) as f64 / pss as f64
+    );
+    Ok(())
+}
+
+struct Line {
+    mib: u32,
+    hearth_paused: Duration,
+    hearth_total: Duration,
+    plain_paused: Duration,
+    hearth_running: Duration,
+    hearth_agent: Duration,
+    plain_running: Duration,
+}
+
+async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line> {
+    let (id, snap, clone) = (
+        format!("src{mib}"),
+        format!("snap{mib}"),
+        format!("clone{mib}"),
+    );
+    d.client.create_machine(&create(&id, image, mib)).await?;
+    dirty_half(d, &id, mib).await?;
+
+    let (_, t) = d
+        .client
+        .create_snapshot_timed(&id, &snap, SnapshotKind::Memory)
+        .await?;
+    let (hearth_paused, hearth_total) = (phase(&t, "paused"), phase(&t, "total"));
+
+    // Plain save of the same running guest: pause, RAM and devices into one stream, resume.
+    let src = machine_paths(&d.root, &id);
+    let plain_file = work.join(format!("plain{mib}.state"));
+    let mut qmp = Qmp::connect(&src.control_socket())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    qmp.execute("stop", None)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    qmp.execute("migrate-set-capabilities", Some(caps(false)))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let uri = format!("exec:cat > '{}'", plain_file.display());
+    qmp.execute("migrate", Some(json!({ "uri": uri })))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    wait_migration(&mut qmp).await?;
+    qmp.execute("cont", None)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let plain_paused = t0.elapsed();
+    drop(qmp);
+
+    let (_, t) = d
+        .client
+        .restore_timed(&snap, &restore(&snap, &clone, image))
+        .await?;
+    let (hearth_running, hearth_agent) = (phase(&t, "running"), phase(&t, "agent"));
+
+    // Plain restore: the same machine started on anonymous RAM, fed the whole stream.
+    let dir = work.join(format!("plain{mib}"));
+    std::fs::create_dir_all(&dir)?;
+    let paths = MachinePaths {
+        dir: dir.clone(),
+        sock_dir: dir.clone(),
+    };
+    std::fs::copy(
+        d.root.join("snapshots").join(&snap).join("system.img"),
+        paths.system_disk(),
+    )?;
+    let spec = VmSpec {
+        kernel: image.join("vmlinux"),
+        initrd: Some(image.join("initrd.img")),
+        memory_mib: mib,
+        vcpus: 1,
+        disks: vec![paths.system_disk()],
+        memory: MemoryBacking::Anonymous,
+        paths: paths.clone(),
+    };
+    let t0 = Instant::now();
+    let status = qemu().command(&spec, true).status().await?;
+    anyhow::ensure!(status.success(), "plain restore QEMU failed to start");
+    let mut qmp = Qmp::connect(&paths.control_socket())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    qmp.execute("migrate-set-capabilities", Some(caps(false)))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let uri = format!("exec:cat '{}'", plain_file.display());
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    wait_migration(&mut qmp).await?;
+    qmp.execute("cont", None)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let plain_running = t0.elapsed();
+    drop(qmp);
+    let pid: i32 = std::fs::read_to_string(paths.pidfile())?.trim().parse()?;
+    if let Some(p) = process::record(pid) {
+        process::kill_and_wait(&p).await;
+    }
+    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_file(&plain_file)?;
+
+    d.client.delete_machine(&clone).await?;
+    d.client.delete_machine(&id).await?;
+    d.client.delete_snapshot(&snap).await?;
+    Ok(Line {
+        mib,
+        hearth_paused,
+        hearth_total,
+        plain_paused,
+        hearth_running,
+        hearth_agent,
+        plain_running,
+    })
+}
+
+/// Total PSS (KiB) of `n` clones of one snapshot, after each read its dirtied memory.
+async fn clones_pss(d: &Daemon, image: &Path, n: usize, mib: u32) -> Result<u64> {
+    d.client
+        .create_machine(&create("pss-src", image, mib))
+        .await?;
+    dirty_half(d, "pss-src", mib).await?;
+    d.client
+        .create_snapshot("pss-src", "pss-snap", SnapshotKind::Memory)
+        .await?;
+    d.client.delete_machine("pss-src").await?;
+    let ids: Vec<String> = (0..n).map(|i| format!("pss-{i}")).collect();
+    for id in &ids {
+        d.client
+            .restore("pss-snap", &restore("pss-snap", id, image))
+            .await?;
+        let read = ExecRequest {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat /mnt/fill/data > /dev/null".into(),
+            ],
+            ..Default::default()
+        };
+        d.client.exec(id, &read).await?;
+    }
+    let mut total = 0;
+    for id in &ids {
+        let pidfile = machine_paths(&d.root, id).pidfile();
+        let pid = std::fs::read_to_string(&pidfile)?.trim().to_string();
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+        let pss: u64 = rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no Pss in smaps_rollup")?;
+        total += pss;
+    }
+    for id in &ids {
+        d.client.delete_machine(id).await?;
+    }
+    d.client.delete_snapshot("pss-snap").await?;
+    Ok(total)
+}
