@@ -4,7 +4,7 @@
 use crate::{
     CreateMachineRequest, CreateSnapshotRequest, CreateSnapshotResponse, ErrorBody, ErrorCode,
     ExecRequest, ExecResponse, Health, Machine, MachineEnvelope, MachineList, RestoreRequest,
-    Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList,
+    Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList, UploadRequest, UploadResponse,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -263,6 +263,16 @@ impl Client {
             .call(Method::GET, &format!("/snapshots/{id}"), None::<&()>)
             .await?;
         Ok(env.snapshot)
+    }
+
+    /// Asks hearthd to PUT a snapshot's artifacts to presigned part URLs.
+    pub async fn upload_snapshot(
+        &self,
+        id: &str,
+        req: &UploadRequest,
+    ) -> Result<UploadResponse, ClientError> {
+        self.call(Method::POST, &format!("/snapshots/{id}/upload"), Some(req))
+            .await
     }
 
     pub async fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {

@@ -283,3 +283,46 @@ pub struct RestoreRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_config: Option<GuestConfig>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UploadPart {
+    pub part_number: u32,
+    pub offset_bytes: u64,
+    pub size_bytes: u64,
+    pub upload_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UploadArtifact {
+    pub artifact_id: String,
+    pub object_key: String,
+    pub upload_id: String,
+    pub parts: Vec<UploadPart>,
+}
+
+/// The caller (a control plane) opened a multipart upload per artifact and presigned its
+/// parts; hearthd PUTs them and returns their ETags for the caller to complete the uploads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadRequest {
+    pub artifacts: Vec<UploadArtifact>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CompletedPart {
+    pub part_number: u32,
+    pub etag: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadedArtifact {
+    pub artifact_id: String,
+    pub completed_parts: Vec<CompletedPart>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadResponse {
+    pub artifacts: Vec<UploadedArtifact>,
+}

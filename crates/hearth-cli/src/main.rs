@@ -4,6 +4,7 @@ mod demo;
 mod image;
 mod machines;
 mod output;
+mod remote;
 mod size;
 mod snapshots;
 
@@ -66,6 +67,10 @@ enum Cmd {
     Restore(snapshots::RestoreArgs),
     /// Fork a running machine: snapshot it and restore the snapshot as a new machine.
     Fork { source: String, name: String },
+    /// Upload a snapshot to s3://bucket/prefix (endpoint and keys from AWS_* variables).
+    Push { snapshot: String, dest: String },
+    /// Restore s3://bucket/prefix/SNAPSHOT as a new machine.
+    Pull { source: String, name: String },
     /// Walk through the main job: create, exec, snapshot, restore, fork, stop, start, delete,
     /// with timings.
     Demo(demo::DemoArgs),
@@ -148,6 +153,8 @@ async fn run(cmd: Cmd, ctx: &Ctx) -> Result<ExitCode> {
         Cmd::Snapshot(cmd) => snapshots::run(ctx, cmd).await?,
         Cmd::Restore(args) => snapshots::restore(ctx, args).await?,
         Cmd::Fork { source, name } => snapshots::fork(ctx, &source, &name).await?,
+        Cmd::Push { snapshot, dest } => remote::push(ctx, &snapshot, &dest).await?,
+        Cmd::Pull { source, name } => remote::pull(ctx, &source, &name).await?,
         Cmd::Demo(args) => demo::run(ctx, args).await?,
     }
     Ok(ExitCode::SUCCESS)

@@ -56,10 +56,7 @@ impl ArtifactCache {
     /// The blob for `url`, fetched if it is not cached. `field` names the request field in errors.
     pub async fn fetch(&self, field: &str, url: &str) -> Result<Blob> {
         let source = Source::parse(url).map_err(|e| Error::invalid(format!("{field}: {e}")))?;
-        let gate = {
-            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(url.to_string()).or_default().clone()
-        };
+        let gate = self.gate(url);
         let result = {
             let _one_at_a_time = gate.lock().await;
             self.fetch_locked(field, url, &source).await
@@ -69,6 +66,12 @@ impl ArtifactCache {
             map.remove(url);
         }
         result
+    }
+
+    /// The lock that lets one fetch of `key` run at a time.
+    pub fn gate(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_string()).or_default().clone()
     }
 
     async fn fetch_locked(&self, field: &str, url: &str, source: &Source) -> Result<Blob> {

@@ -56,6 +56,9 @@ pub struct Config {
     /// Seconds between reconcile passes.
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL", default_value_t = 5)]
     pub reconcile_interval_secs: u64,
+    /// Parts uploaded, or chunks downloaded, at once by one transfer.
+    #[arg(long, env = "HEARTH_TRANSFER_CONCURRENCY", default_value_t = 8)]
+    pub transfer_concurrency: usize,
     /// Host TSC frequency in kHz for TCG guests (measured when not given).
     #[arg(long, env = "HEARTH_TSC_KHZ")]
     pub tsc_khz: Option<u64>,

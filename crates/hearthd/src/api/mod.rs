@@ -39,6 +39,11 @@ pub fn router(svc: Arc<Service>) -> Router {
             get(snapshots::get).delete(snapshots::delete),
         )
         .route("/snapshots/{id}/restore", post(snapshots::restore))
+        .route("/snapshots/{id}/upload", post(snapshots::upload))
+        .route(
+            "/snapshots/{id}/artifacts/{artifact_id}",
+            get(snapshots::artifact),
+        )
         .fallback(|| async { crate::error::Error::not_found("no such endpoint") })
         .with_state(svc)
 }

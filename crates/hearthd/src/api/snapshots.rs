@@ -1,15 +1,19 @@
 use super::ApiJson;
+use crate::error::Error;
 use crate::error::Result;
 use crate::service::snapshots::Timings;
 use crate::service::Service;
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hearth_api::{
     CreateSnapshotRequest, CreateSnapshotResponse, MachineEnvelope, RestoreRequest,
-    SnapshotEnvelope, SnapshotList,
+    SnapshotEnvelope, SnapshotList, UploadRequest, UploadResponse,
 };
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 type Svc = State<Arc<Service>>;
 
@@ -73,4 +77,98 @@ pub async fn restore(
         server_timing(&timings),
         Json(MachineEnvelope { machine }),
     ))
+}
+
+pub async fn upload(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<UploadRequest>,
+) -> Result<Json<UploadResponse>> {
+    Ok(Json(svc.upload_snapshot(&id, req).await?))
+}
+
+/// One artifact's bytes, whole (200) or a single `Range: bytes=a-b` (206), streamed.
+pub async fn artifact(
+    State(svc): Svc,
+    Path((id, artifact_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let (path, size) = svc.artifact_file(&id, &artifact_id)?;
+    let range = headers
+        .get(axum::http::header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let (start, end) = match range {
+        None => (0, size),
+        Some(spec) => match parse_range(spec, size) {
+            Some(r) => r,
+            None => {
+                let mut resp = Error {
+                    code: hearth_api::ErrorCode::Invalid,
+                    message: format!("unsatisfiable range {spec:?} for {size} bytes"),
+                }
+                .into_response();
+                *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                resp.headers_mut().insert(
+                    "content-range",
+                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+                );
+                return Ok(resp);
+            }
+        },
+    };
+    let mut file = tokio::fs::File::open(&path).await?;
+    file.seek(std::io::SeekFrom::Start(start)).await?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.take(end - start)));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert("accept-ranges", HeaderValue::from_static("bytes"));
+    h.insert("content-length", HeaderValue::from(end - start));
+    if range.is_some() {
+        let cr = format!("bytes {start}-{}/{size}", end - 1);
+        h.insert("content-range", HeaderValue::from_str(&cr).expect("ascii"));
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    Ok(resp)
+}
+
+/// `bytes=a-b`, `bytes=a-` or `bytes=-n` as a half-open range within `size`.
+fn parse_range(spec: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = spec.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            (size.saturating_sub(n), size)
+        }
+        (a, "") => (a.parse().ok()?, size),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.saturating_add(1).min(size),
+        ),
+    };
+    (start < end && start < size).then_some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 100)));
+        assert_eq!(parse_range("bytes=900-", 1000), Some((900, 1000)));
+        assert_eq!(parse_range("bytes=-10", 1000), Some((990, 1000)));
+        assert_eq!(parse_range("bytes=990-5000", 1000), Some((990, 1000)));
+        assert_eq!(parse_range("bytes=1000-1001", 1000), None);
+        assert_eq!(parse_range("bytes=5-2", 1000), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(parse_range("items=0-1", 1000), None);
+    }
 }

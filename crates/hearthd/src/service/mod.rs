@@ -8,6 +8,7 @@ mod machines;
 mod reconcile;
 mod restore;
 pub mod snapshots;
+mod transfer;
 
 use crate::agent::AgentClient;
 use crate::artifacts::ArtifactCache;
@@ -31,6 +32,10 @@ pub struct Service {
     artifacts: ArtifactCache,
     vmm: Arc<dyn Vmm>,
     runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
+    /// Transfers using each snapshot; -1 while it is being deleted.
+    snapshot_uses: Mutex<HashMap<String, i64>>,
+    /// For object-store transfers.
+    http: reqwest::Client,
 }
 
 /// In-memory state of one machine: its operation lock and its agent connection.
@@ -54,12 +59,19 @@ impl Service {
         }
         let store = Arc::new(Store::open(&root.join("state").join("hearth.db"))?);
         let artifacts = ArtifactCache::new(&root.join("images"), store.clone())?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::internal(format!("http client: {e}")))?;
         Ok(Arc::new(Service {
             cfg,
             store,
             artifacts,
             vmm,
             runtimes: Mutex::new(HashMap::new()),
+            snapshot_uses: Mutex::new(HashMap::new()),
+            http,
         }))
     }
 

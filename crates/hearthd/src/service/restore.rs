@@ -1,9 +1,11 @@
-//! Restore: a new machine from a snapshot on this host. From a memory snapshot it continues at
-//! the snapshot's instant (QEMU loads the device state over the snapshot's memory file, mapped
-//! private and paged in lazily); from a disk snapshot it cold-boots from copies of the disks.
-//! Either way its disks are its own and it gets its own identity, clock and entropy.
+//! Restore: a new machine from a snapshot, on this host (`local_snapshot`) or from object
+//! storage (`snapshot`, artifacts downloaded and verified first). From a memory snapshot it
+//! continues at the snapshot's instant (QEMU loads the device state over the snapshot's memory
+//! file, mapped private and paged in lazily); from a disk snapshot it cold-boots from copies of
+//! the disks. Either way its disks are its own and it gets its own identity, clock and entropy.
 
-use super::snapshots::{Timings, MEMORY, SYSTEM_DISK, VMSTATE};
+use super::snapshots::{SnapshotManifest, Timings, MEMORY, SYSTEM_DISK, VMSTATE};
+use super::transfer::SnapshotUse;
 use super::{machines::guest_hostname, nonce, Service};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -11,9 +13,24 @@ use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind, SnapshotRecord};
 use crate::vmm::MemoryBacking;
 use chrono::Utc;
-use hearth_api::{validate_id, ErrorCode, Machine, Phase, RestoreRequest, SnapshotKind};
+use hearth_api::{
+    validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, Phase,
+    RestoreRequest, SnapshotKind,
+};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// A snapshot's files, wherever they are, and what it was taken of.
+struct Source {
+    id: String,
+    kind: SnapshotKind,
+    memory_in_vmstate: bool,
+    spec: MachineSpec,
+    vmstate: PathBuf,
+    memory: PathBuf,
+    disk: PathBuf,
+}
 
 impl Service {
     pub async fn restore(
@@ -22,7 +39,17 @@ impl Service {
         req: RestoreRequest,
     ) -> Result<(Machine, Timings)> {
         validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
-        let snap = match (&req.local_snapshot, &req.snapshot) {
+        validate_id("snapshot", snapshot_id).map_err(Error::invalid)?;
+        if self.store.get_machine(&req.machine_id)?.is_some() {
+            return Err(Error::conflict(format!(
+                "machine {} already exists",
+                req.machine_id
+            )));
+        }
+        let (source, in_use): (Source, Option<SnapshotUse>) = match (
+            &req.local_snapshot,
+            &req.snapshot,
+        ) {
             (Some(local), None) => {
                 if local.snapshot_id != snapshot_id {
                     return Err(Error::invalid(format!(
@@ -30,27 +57,29 @@ impl Service {
                         local.snapshot_id
                     )));
                 }
-                self.ready_snapshot(snapshot_id)?
+                let snap = self.ready_snapshot(snapshot_id)?;
+                let in_use = self.use_snapshot(snapshot_id)?;
+                self.verify_local_artifacts(&snap)?;
+                (self.local_source(snap), Some(in_use))
             }
-            (None, Some(_)) => {
-                return Err(Error::invalid(
-                    "restore from object storage (snapshot) is not supported by this hearthd yet",
-                ))
-            }
+            (None, Some(durable)) => (
+                self.download_source(snapshot_id, durable, &req.artifact)
+                    .await?,
+                None,
+            ),
             _ => {
                 return Err(Error::invalid(
                     "give exactly one of local_snapshot and snapshot",
                 ))
             }
         };
-        let spec = self.restored_spec(&snap, &req)?;
+        let spec = restored_spec(&source, &req)?;
         let (svc, id) = (self.clone(), req.machine_id.clone());
         Self::detached(async move {
+            let _in_use = in_use;
             let rt = svc.runtime(&id);
             let Ok(_op) = rt.op.try_lock() else {
-                return Err(Error::conflict(format!(
-                    "machine {id} has an operation pending"
-                )));
+                return Err(Error::conflict(format!("machine {id} has an operation pending")));
             };
             let mut rec = MachineRecord {
                 id: id.clone(),
@@ -65,10 +94,10 @@ impl Service {
             svc.store.insert_machine(&rec)?;
             let op = svc
                 .store
-                .begin_snapshot_op(OpKind::Restore, &id, Some(&snap.id))?;
-            let result = svc.restore_into(&mut rec, &snap).await;
+                .begin_snapshot_op(OpKind::Restore, &id, Some(&source.id))?;
+            let result = svc.restore_into(&mut rec, &source).await;
             if let Err(e) = &result {
-                tracing::info!(machine = %id, snapshot = %snap.id, "restore failed: {}", e.message);
+                tracing::info!(machine = %id, snapshot = %source.id, "restore failed: {}", e.message);
                 svc.destroy(&id, rec.process.as_ref()).await;
             }
             svc.store.end_op(op)?;
@@ -77,73 +106,148 @@ impl Service {
         .await
     }
 
-    /// The new machine's spec: the source's, with the request's identity and sizes.
-    fn restored_spec(&self, snap: &SnapshotRecord, req: &RestoreRequest) -> Result<MachineSpec> {
-        let src = &snap.source;
-        let memory_mib = match (snap.kind, req.memory_mib) {
-            (SnapshotKind::Memory, Some(m)) if m != src.memory_mib => {
-                return Err(Error::invalid(format!(
-                    "memory_mib {m} differs from the memory snapshot's {}",
-                    src.memory_mib
-                )))
-            }
-            (_, m) => m.unwrap_or(src.memory_mib),
-        };
-        let storage_bytes = req.storage_bytes.unwrap_or(src.storage_bytes);
-        if storage_bytes < src.storage_bytes {
+    fn local_source(&self, snap: SnapshotRecord) -> Source {
+        let dir = self.snapshot_dir(&snap.id);
+        Source {
+            id: snap.id,
+            kind: snap.kind,
+            memory_in_vmstate: snap.memory_in_vmstate,
+            spec: snap.source,
+            vmstate: dir.join(VMSTATE),
+            memory: dir.join(MEMORY),
+            disk: dir.join(SYSTEM_DISK),
+        }
+    }
+
+    /// Downloads (or finds in the blob store) every artifact of a durable snapshot, verified.
+    async fn download_source(
+        &self,
+        snapshot_id: &str,
+        d: &DurableSnapshotRef,
+        artifact: &ArtifactRef,
+    ) -> Result<Source> {
+        if d.snapshot_id != snapshot_id {
             return Err(Error::invalid(format!(
-                "storage_bytes {storage_bytes} is smaller than the snapshot's disk ({}); disks never shrink",
-                src.storage_bytes
+                "snapshot.snapshot_id {} is not the snapshot in the path ({snapshot_id})",
+                d.snapshot_id
             )));
         }
-        Ok(MachineSpec {
-            artifact: req.artifact.clone(),
-            memory_mib,
-            storage_bytes,
-            hostname: guest_hostname(&req.machine_id, req.guest_config.as_ref())?,
-            machine_uuid: nonce(),
-            restored_from: Some(snap.id.clone()),
-            ..src.clone()
+        validate_id("machine", &d.machine_id).map_err(Error::invalid)?;
+        let find = |kind: ArtifactKind| d.artifacts.iter().find(|a| a.kind == kind);
+        let fetch = |a: &hearth_api::SnapshotArtifact| {
+            let a = a.clone();
+            async move {
+                let (Some(url), Some(sha)) = (&a.download_url, &a.sha256_hex) else {
+                    return Err(Error::invalid(format!(
+                        "artifact {}: download_url and sha256_hex are required",
+                        a.name
+                    )));
+                };
+                self.fetch_verified(&a.name, url, sha, a.size_bytes).await
+            }
+        };
+        let manifest = find(ArtifactKind::Manifest)
+            .ok_or_else(|| Error::invalid("the snapshot's manifest artifact is required"))?;
+        let text = std::fs::read(fetch(manifest).await?)?;
+        let m: SnapshotManifest = serde_json::from_slice(&text)
+            .map_err(|e| Error::invalid(format!("the snapshot's manifest does not parse: {e}")))?;
+        let mut missing = Vec::new();
+        if find(ArtifactKind::Disk).is_none() {
+            missing.push("disk");
+        }
+        if m.kind == SnapshotKind::Memory {
+            if find(ArtifactKind::Vmstate).is_none() {
+                missing.push("vmstate");
+            }
+            if !m.memory_in_vmstate && find(ArtifactKind::Memory).is_none() {
+                missing.push("memory");
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::invalid(format!(
+                "a {:?} snapshot needs its {} artifact(s)",
+                m.kind,
+                missing.join(", ")
+            )));
+        }
+        let kernel = self
+            .artifacts
+            .fetch("kernel_image_url", &artifact.kernel_image_url)
+            .await?;
+        if kernel.sha256 != m.images.kernel_sha256 {
+            return Err(Error::invalid(
+                "artifact.kernel_image_url is not the kernel the snapshot was taken with",
+            ));
+        }
+        let initrd = match &artifact.initrd_url {
+            Some(url) => Some(self.artifacts.fetch("initrd_url", url).await?.sha256),
+            None => None,
+        };
+        let optional = |kind| async move {
+            match find(kind) {
+                Some(a) => fetch(a).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (disk, vmstate, memory) = tokio::try_join!(
+            fetch(find(ArtifactKind::Disk).expect("checked")),
+            optional(ArtifactKind::Vmstate),
+            optional(ArtifactKind::Memory),
+        )?;
+        Ok(Source {
+            id: d.snapshot_id.clone(),
+            kind: m.kind,
+            memory_in_vmstate: m.memory_in_vmstate,
+            spec: MachineSpec {
+                artifact: artifact.clone(),
+                memory_mib: m.memory_mib,
+                vcpus: m.vcpus,
+                storage_bytes: m.storage_bytes,
+                hostname: String::new(),
+                machine_uuid: String::new(),
+                kernel_sha256: kernel.sha256,
+                initrd_sha256: initrd,
+                rootfs_sha256: m.images.rootfs_sha256,
+                vmm: m.vmm.kind,
+                restored_from: None,
+            },
+            vmstate: vmstate.unwrap_or_default(),
+            memory: memory.unwrap_or_default(),
+            disk,
         })
     }
 
-    async fn restore_into(
-        &self,
-        rec: &mut MachineRecord,
-        snap: &SnapshotRecord,
-    ) -> Result<Timings> {
+    async fn restore_into(&self, rec: &mut MachineRecord, src: &Source) -> Result<Timings> {
         let started = Instant::now();
-        let snap_dir = self.snapshot_dir(&snap.id);
-        self.verify_local_artifacts(snap)?;
         let paths = self.paths(&rec.id);
         std::fs::create_dir_all(&paths.dir)?;
-        let (src, dst, mode, size) = (
-            snap_dir.join(SYSTEM_DISK),
+        let (disk, dst, mode, size) = (
+            src.disk.clone(),
             paths.system_disk(),
             self.cfg.clone,
             rec.spec.storage_bytes,
         );
         tokio::task::spawn_blocking(move || {
-            storage::clone_file(&src, &dst, mode)?;
+            storage::clone_file(&disk, &dst, mode)?;
             storage::grow_ext4(&dst, size)
         })
         .await
         .map_err(|e| Error::internal(e.to_string()))??;
         let mut timings = vec![("disks", started.elapsed())];
 
-        if snap.kind == SnapshotKind::Disk {
+        if src.kind == SnapshotKind::Disk {
             self.boot(rec).await?;
             timings.push(("agent", started.elapsed()));
             return Ok(timings);
         }
-        let memory = if snap.memory_in_vmstate {
+        let memory = if src.memory_in_vmstate {
             MemoryBacking::Anonymous
         } else {
-            MemoryBacking::PrivateFile(snap_dir.join(MEMORY))
+            MemoryBacking::PrivateFile(src.memory.clone())
         };
         let spec = self.vm_spec(rec, memory);
         let t = Instant::now();
-        let proc = self.vmm.restore(&spec, &snap_dir.join(VMSTATE)).await?;
+        let proc = self.vmm.restore(&spec, &src.vmstate).await?;
         timings.push(("running", t.elapsed()));
         rec.process = Some(proc);
         rec.ram_shared = false;
@@ -184,4 +288,34 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// The new machine's spec: the source's, with the request's identity and sizes.
+fn restored_spec(src: &Source, req: &RestoreRequest) -> Result<MachineSpec> {
+    let from = &src.spec;
+    let memory_mib = match (src.kind, req.memory_mib) {
+        (SnapshotKind::Memory, Some(m)) if m != from.memory_mib => {
+            return Err(Error::invalid(format!(
+                "memory_mib {m} differs from the memory snapshot's {}",
+                from.memory_mib
+            )))
+        }
+        (_, m) => m.unwrap_or(from.memory_mib),
+    };
+    let storage_bytes = req.storage_bytes.unwrap_or(from.storage_bytes);
+    if storage_bytes < from.storage_bytes {
+        return Err(Error::invalid(format!(
+            "storage_bytes {storage_bytes} is smaller than the snapshot's disk ({}); disks never shrink",
+            from.storage_bytes
+        )));
+    }
+    Ok(MachineSpec {
+        artifact: req.artifact.clone(),
+        memory_mib,
+        storage_bytes,
+        hostname: guest_hostname(&req.machine_id, req.guest_config.as_ref())?,
+        machine_uuid: nonce(),
+        restored_from: Some(src.id.clone()),
+        ..from.clone()
+    })
 }

@@ -8,10 +8,11 @@ use crate::store::{MachineRecord, OpKind, SnapshotRecord};
 use crate::{failpoint, host};
 use chrono::Utc;
 use hearth_api::{
-    validate_id, ArtifactKind, CreateSnapshotRequest, CreateSnapshotResponse, Phase, Snapshot,
-    SnapshotArtifact, SnapshotKind,
+    validate_id, ArtifactKind, ArtifactRef, CreateSnapshotRequest, CreateSnapshotResponse, Phase,
+    Snapshot, SnapshotArtifact, SnapshotKind, VmmKind,
 };
 use hearth_proto::Op;
+use serde::{Deserialize, Serialize};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +22,50 @@ pub const MEMORY: &str = "memory";
 pub const VMSTATE: &str = "vmstate";
 pub const SYSTEM_DISK: &str = "system.img";
 pub const MANIFEST: &str = "manifest.json";
+
+/// `manifest.json`: what a snapshot needs to be restored anywhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    pub snapshot_id: String,
+    pub machine_id: String,
+    pub kind: SnapshotKind,
+    pub created_at: chrono::DateTime<Utc>,
+    pub vmm: VmmInfo,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub storage_bytes: u64,
+    pub memory_in_vmstate: bool,
+    pub artifact: ArtifactRef,
+    pub images: ImageDigests,
+    pub disks: Vec<DiskEntry>,
+    pub guest_kernel: Option<String>,
+    pub host: HostInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmmInfo {
+    pub kind: VmmKind,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageDigests {
+    pub kernel_sha256: String,
+    pub initrd_sha256: Option<String>,
+    pub rootfs_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskEntry {
+    pub name: String,
+    pub role: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub cpu_model: String,
+    pub cpu_flags: Vec<String>,
+}
 
 /// Named durations of the phases of an operation, for `Server-Timing`.
 pub type Timings = Vec<(&'static str, Duration)>;
@@ -58,6 +103,19 @@ impl Service {
         Ok(snap)
     }
 
+    /// The file behind one artifact of a ready snapshot, and its size.
+    pub fn artifact_file(&self, id: &str, artifact_id: &str) -> Result<(PathBuf, u64)> {
+        let snap = self.ready_snapshot(id)?;
+        let a = snap
+            .artifacts
+            .iter()
+            .find(|a| a.id == artifact_id)
+            .ok_or_else(|| {
+                Error::not_found(format!("snapshot {id} has no artifact {artifact_id}"))
+            })?;
+        Ok((self.snapshot_dir(id).join(&a.name), a.size_bytes))
+    }
+
     pub fn list_snapshots(&self, machine_id: Option<&str>) -> Result<Vec<Snapshot>> {
         if let Some(id) = machine_id {
             validate_id("machine", id).map_err(Error::invalid)?;
@@ -74,13 +132,16 @@ impl Service {
     /// the memory pages they use, and their disks are their own.
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
         self.ready_snapshot(id)?;
+        self.claim_for_delete(id)?;
         let dir = self.snapshot_dir(id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(Error::internal(format!("removing {}: {e}", dir.display())));
+        let result = match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::internal(format!("removing {}: {e}", dir.display())))
             }
-        }
-        self.store.delete_snapshot(id)
+            _ => self.store.delete_snapshot(id),
+        };
+        self.release_delete(id);
+        result
     }
 
     pub async fn create_snapshot(
@@ -267,26 +328,35 @@ impl Service {
             .and_then(|a| a.identity())
             .map(|i| i.kernel_release);
         let (cpu_model, cpu_flags) = host::cpu_model_and_flags();
-        let manifest = serde_json::json!({
-            "snapshot_id": snap.id,
-            "machine_id": snap.machine_id,
-            "kind": snap.kind,
-            "created_at": snap.created_at,
-            "vmm": { "kind": self.vmm.kind(), "version": self.vmm.version() },
-            "memory_mib": snap.source.memory_mib,
-            "vcpus": snap.source.vcpus,
-            "storage_bytes": snap.source.storage_bytes,
-            "memory_in_vmstate": snap.memory_in_vmstate,
-            "artifact": snap.source.artifact,
-            "images": {
-                "kernel_sha256": snap.source.kernel_sha256,
-                "initrd_sha256": snap.source.initrd_sha256,
-                "rootfs_sha256": snap.source.rootfs_sha256,
+        let manifest = SnapshotManifest {
+            snapshot_id: snap.id.clone(),
+            machine_id: snap.machine_id.clone(),
+            kind: snap.kind,
+            created_at: snap.created_at,
+            vmm: VmmInfo {
+                kind: self.vmm.kind(),
+                version: self.vmm.version(),
             },
-            "disks": [{ "name": SYSTEM_DISK, "role": "system" }],
-            "guest_kernel": guest_kernel,
-            "host": { "cpu_model": cpu_model, "cpu_flags": cpu_flags },
-        });
+            memory_mib: snap.source.memory_mib,
+            vcpus: snap.source.vcpus,
+            storage_bytes: snap.source.storage_bytes,
+            memory_in_vmstate: snap.memory_in_vmstate,
+            artifact: snap.source.artifact.clone(),
+            images: ImageDigests {
+                kernel_sha256: snap.source.kernel_sha256.clone(),
+                initrd_sha256: snap.source.initrd_sha256.clone(),
+                rootfs_sha256: snap.source.rootfs_sha256.clone(),
+            },
+            disks: vec![DiskEntry {
+                name: SYSTEM_DISK.into(),
+                role: "system".into(),
+            }],
+            guest_kernel,
+            host: HostInfo {
+                cpu_model,
+                cpu_flags,
+            },
+        };
         let text =
             serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
         std::fs::write(dir.join(MANIFEST), text)?;

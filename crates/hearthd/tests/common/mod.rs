@@ -290,3 +290,194 @@ pub async fn read_counter(client: &Client, id: &str) -> u64 {
         .parse()
         .unwrap_or_else(|_| panic!("counter in {id}: {r:?}"))
 }
+
+/// The `hearth` CLI built beside `hearthd`.
+pub fn hearth_cli() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_hearthd")).with_file_name("hearth");
+    assert!(
+        path.exists(),
+        "{} is not built (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A real S3-compatible server (moto) on a loopback port, with one bucket.
+pub struct S3Server {
+    pub endpoint: String,
+    pub bucket: String,
+    child: Child,
+}
+
+pub const S3_KEY: &str = "hearth-test-key";
+pub const S3_SECRET: &str = "hearth-test-secret";
+
+impl S3Server {
+    pub async fn start() -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]')");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let s3 = S3Server {
+            endpoint,
+            bucket: "snapshots".into(),
+            child,
+        };
+        s3.boto("s3.create_bucket(Bucket=bucket)");
+        s3
+    }
+
+    /// Runs Python with `s3` (a boto3 client for this server) and `bucket` defined; returns
+    /// what it prints.
+    pub fn boto(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3, hashlib, sys\n\
+             s3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='{S3_KEY}', \
+             aws_secret_access_key='{S3_SECRET}', region_name='us-east-1')\n\
+             bucket = '{}'\n{code}\n",
+            self.endpoint, self.bucket
+        );
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "boto3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The environment `hearth push/pull` reads, with `endpoint` as the store's address.
+    pub fn env(&self, endpoint: &str) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), endpoint.into()),
+            ("AWS_ACCESS_KEY_ID".into(), S3_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET.into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the `hearth` CLI against daemon `d` with extra environment; returns (ok, stdout, stderr).
+pub fn run_cli(d: &Daemon, env: &[(String, String)], args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(hearth_cli())
+        .arg("--socket")
+        .arg(d.client.socket())
+        .args(args)
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A TCP proxy to `upstream` that fails the first PUT connections: `fail_500` of them with an
+/// HTTP 500, then `resets` of them with a connection reset. Everything else passes through.
+pub struct FaultProxy {
+    pub endpoint: String,
+    pub faults_served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str, fail_500: usize, resets: usize) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = vec![0u8; 4];
+                if conn.read_exact(&mut head).await.is_err() {
+                    continue;
+                }
+                let fault = if &head == b"PUT " {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    if n < fail_500 {
+                        Some(true)
+                    } else if n < fail_500 + resets {
+                        Some(false)
+                    } else {
+                        counter.fetch_sub(1, Ordering::SeqCst);
+                        None
+                    }
+                } else {
+                    None
+                };
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    match fault {
+                        Some(true) => {
+                            let _ = conn
+                                .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .await;
+                        }
+                        Some(false) => {
+                            // SO_LINGER 0: closing sends a reset instead of a FIN.
+                            use std::os::fd::AsRawFd;
+                            let linger = libc::linger {
+                                l_onoff: 1,
+                                l_linger: 0,
+                            };
+                            unsafe {
+                                libc::setsockopt(
+                                    conn.as_raw_fd(),
+                                    libc::SOL_SOCKET,
+                                    libc::SO_LINGER,
+                                    &linger as *const libc::linger as *const libc::c_void,
+                                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                                );
+                            }
+                        }
+                        None => {
+                            let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                                return;
+                            };
+                            if up.write_all(&head).await.is_ok() {
+                                let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            endpoint,
+            faults_served: served,
+        }
+    }
+}

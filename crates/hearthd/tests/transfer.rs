@@ -1,0 +1,206 @@
+//! Snapshots through object storage: hearthd A uploads through presigned multipart URLs, and
+//! hearthd B (another data root) restores from the store, verified byte for byte.
+
+mod common;
+
+use common::*;
+use hearth_api::{ErrorCode, SnapshotKind, UploadArtifact, UploadPart, UploadRequest};
+use hyper::Method;
+use std::sync::atomic::Ordering;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_travels_to_another_host() {
+    let s3 = S3Server::start().await;
+    // Two 500s and two connection resets on the first part uploads: retries must absorb them.
+    let proxy = FaultProxy::start(&s3.endpoint, 2, 2).await;
+    let a = Daemon::start().await;
+    let b = Daemon::start().await;
+    let dest = format!("s3://{}/fleet", s3.bucket);
+
+    // A small machine keeps the store's traffic small: 128 MiB of RAM, a 128 MiB disk.
+    let mut req = create_req("src");
+    req.memory_mib = Some(128);
+    req.storage_bytes = Some(128 << 20);
+    a.client.create_machine(&req).await.unwrap();
+    start_counter(&a.client, "src").await;
+    sh(&a.client, "src", "echo from-host-a > /tmp/note").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before = read_counter(&a.client, "src").await;
+    let snap = a
+        .client
+        .create_snapshot("src", "travel", SnapshotKind::Memory)
+        .await
+        .unwrap()
+        .snapshot;
+
+    let (ok, out, err) = run_cli(&a, &s3.env(&proxy.endpoint), &["push", "travel", &dest]);
+    assert!(ok, "push failed: {out}{err}");
+    assert_eq!(
+        proxy.faults_served.load(Ordering::SeqCst),
+        4,
+        "the faults were not all hit"
+    );
+
+    // Every object equals its local artifact.
+    for art in &snap.artifacts {
+        let sha = s3.boto(&format!(
+            "print(hashlib.sha256(s3.get_object(Bucket=bucket, Key='fleet/travel/{}')['Body'].read()).hexdigest())",
+            art.name
+        ));
+        assert_eq!(Some(sha), art.sha256_hex, "{}", art.name);
+    }
+
+    // Host B restores it: the process running on A continues on B.
+    let env = s3.env(&s3.endpoint);
+    let (ok, out, err) = run_cli(&b, &env, &["pull", &format!("{dest}/travel"), "moved"]);
+    assert!(ok, "pull failed: {out}{err}");
+    let on_b = read_counter(&b.client, "moved").await;
+    assert!(on_b >= before, "counter {on_b} < {before}");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(read_counter(&b.client, "moved").await > on_b);
+    assert_eq!(
+        sh(&b.client, "moved", "cat /tmp/note").await.stdout,
+        "from-host-a\n"
+    );
+    assert_eq!(
+        sh(&b.client, "moved", "hostname").await.stdout.trim(),
+        "moved"
+    );
+
+    // A corrupted object fails the restore with 422 and leaves no machine and no staged file
+    // (on a third host, whose cache does not have the good copy).
+    let c = Daemon::start().await;
+    s3.boto(
+        "k = 'fleet/travel/manifest.json'\n\
+         n = len(s3.get_object(Bucket=bucket, Key=k)['Body'].read())\n\
+         s3.put_object(Bucket=bucket, Key=k, Body=b'x' * n)",
+    );
+    let (ok, _, err) = run_cli(&c, &env, &["pull", &format!("{dest}/travel"), "broken"]);
+    assert!(!ok);
+    assert!(err.contains("Integrity") && err.contains("sha256"), "{err}");
+    c.assert_nothing_left("broken").await;
+    // The manifest is checked before anything else is fetched.
+    assert_eq!(
+        std::fs::read_dir(c.path().join("images/blobs"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // A second restore of the same artifacts downloads nothing: with the artifact objects gone
+    // from the store, it still works from B's cache.
+    s3.boto(
+        "for o in s3.list_objects_v2(Bucket=bucket, Prefix='fleet/travel/')['Contents']:\n    \
+         k = o['Key']\n    \
+         s3.delete_object(Bucket=bucket, Key=k) if not k.endswith('hearth-snapshot.json') else None",
+    );
+    let (ok, out, err) = run_cli(&b, &env, &["pull", &format!("{dest}/travel"), "again"]);
+    assert!(ok, "second pull failed: {out}{err}");
+    assert!(read_counter(&b.client, "again").await >= before);
+    assert_eq!(
+        std::fs::read_dir(b.path().join("images/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    for m in ["moved", "again"] {
+        b.client.delete_machine(m).await.unwrap();
+    }
+    a.client.delete_machine("src").await.unwrap();
+    assert!(a.vmm_pids().is_empty() && b.vmm_pids().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_errors_name_the_artifact_and_part() {
+    let s3 = S3Server::start().await;
+    let d = Daemon::start().await;
+    d.client.create_machine(&create_req("m")).await.unwrap();
+    let snap = d
+        .client
+        .create_snapshot("m", "s", SnapshotKind::Disk)
+        .await
+        .unwrap()
+        .snapshot;
+    let manifest = snap.artifacts.iter().find(|a| a.id == "manifest").unwrap();
+    let upload = |artifact_id: &str, url: String| UploadRequest {
+        artifacts: vec![UploadArtifact {
+            artifact_id: artifact_id.into(),
+            object_key: "k".into(),
+            upload_id: "u".into(),
+            parts: vec![UploadPart {
+                part_number: 1,
+                offset_bytes: 0,
+                size_bytes: manifest.size_bytes,
+                upload_url: url,
+            }],
+        }],
+    };
+    // A tampered URL (an upload the store never opened): 502 naming the artifact and part.
+    let url = format!(
+        "{}/{}/k?partNumber=1&uploadId=forged",
+        s3.endpoint, s3.bucket
+    );
+    let err = d
+        .client
+        .upload_snapshot("s", &upload("manifest", url.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Upstream), "{err}");
+    assert!(
+        err.to_string().contains("artifact manifest part 1"),
+        "{err}"
+    );
+    // An unknown artifact is 404; a part past the end of the file is 400.
+    let err = d
+        .client
+        .upload_snapshot("s", &upload("nope", url.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+    let mut req = upload("manifest", url);
+    req.artifacts[0].parts[0].size_bytes += 1;
+    let err = d.client.upload_snapshot("s", &req).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
+
+    // Serving: whole artifacts and byte ranges.
+    let path = format!("/snapshots/s/artifacts/{}", manifest.id);
+    let whole = d.client.raw(Method::GET, &path, None).await.unwrap();
+    assert_eq!(whole.status.as_u16(), 200);
+    let local = std::fs::read(d.path().join("snapshots/s/manifest.json")).unwrap();
+    assert_eq!(whole.body.as_ref(), local.as_slice());
+    let part = ranged(&d, &path, "bytes=10-19").await;
+    assert_eq!(part, local[10..20]);
+    let missing = d
+        .client
+        .raw(Method::GET, "/snapshots/s/artifacts/nope", None)
+        .await
+        .unwrap();
+    assert_eq!(missing.status.as_u16(), 404);
+    d.client.delete_machine("m").await.unwrap();
+}
+
+async fn ranged(d: &Daemon, path: &str, range: &str) -> Vec<u8> {
+    let stream = tokio::net::UnixStream::connect(d.client.socket())
+        .await
+        .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://h{path}"))
+        .header("host", "h")
+        .header("range", range)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 206);
+    use http_body_util::BodyExt;
+    resp.into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
