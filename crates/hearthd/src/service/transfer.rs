@@ -196,8 +196,9 @@ impl Service {
         Ok(UploadResponse { artifacts: done })
     }
 
-    /// The blob with this sha256, downloading it from `url` when the store lacks it.
-    pub(super) async fn fetch_verified(
+    /// The blob with this sha256, downloading it from `url` when the store lacks it (public for
+    /// the transfer benchmark).
+    pub async fn fetch_verified(
         &self,
         name: &str,
         url: &str,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 mod snapshot;
+mod transfer;
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +50,12 @@ enum Bench {
         rounds: usize,
         #[arg(long, default_value_t = 256)]
         memory_mib: u32,
+    },
+        /// Upload and download of a 1 GiB artifact through a local S3 server vs raw baselines.
+    Transfer {
+        /// Non-zero data in the 1 GiB disk artifact, in MiB.
+        #[arg(long, default_value_t = 900)]
+        data_mib: u64,
     },
     /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
     Snapshot {
@@ -77,6 +84,7 @@ async fn main() -> Result<()> {
     }
     match args.bench {
         Bench::Boot { rounds, memory_mib } => boot(&args.image, rounds, memory_mib).await,
+                Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
         Bench::Snapshot {
             sizes,
             clones,
