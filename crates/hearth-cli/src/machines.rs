@@ -82,6 +82,16 @@ pub fn image_artifact(root: &Path, image: &str) -> Result<ArtifactRef> {
     })
 }
 
+/// Prints a machine that an operation left running: JSON, or one line with the time taken.
+pub fn report_machine(ctx: &Ctx, m: &hearth_api::Machine, what: &str, started: Instant) {
+    if ctx.json {
+        output::print_json(m);
+    } else {
+        let secs = started.elapsed().as_secs_f64();
+        println!("{} {what} ({secs:.2} s)", m.id);
+    }
+}
+
 pub fn spinner(msg: String) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").unwrap());
@@ -115,17 +125,7 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
     let t = Instant::now();
     let res = ctx.client.create_machine(&req).await;
     bar.finish_and_clear();
-    let machine = res?;
-    if ctx.json {
-        output::print_json(&machine);
-    } else {
-        println!(
-            "{} is {} ({:.2} s)",
-            machine.id,
-            machine.phase.as_str(),
-            t.elapsed().as_secs_f64()
-        );
-    }
+    report_machine(ctx, &res?, "is running", t);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! Endpoint and keys come from `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
 //! and `AWS_REGION`; addressing is path-style.
 
-use crate::machines::spinner;
+use crate::machines::{report_machine, spinner};
 use crate::{output, Ctx};
 use anyhow::{bail, ensure, Context, Result};
 use hearth_api::{
@@ -276,17 +276,7 @@ pub async fn pull(ctx: &Ctx, source: &str, name: &str) -> Result<()> {
     let t = Instant::now();
     let res = ctx.client.restore(&snap.id, &req).await;
     bar.finish_and_clear();
-    let m = res?;
-    if ctx.json {
-        output::print_json(&m);
-    } else {
-        println!(
-            "{} is {} ({:.2} s)",
-            m.id,
-            m.phase.as_str(),
-            t.elapsed().as_secs_f64()
-        );
-    }
+    report_machine(ctx, &res?, &format!("restored from {source}"), t);
     Ok(())
 }
 

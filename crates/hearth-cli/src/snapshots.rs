@@ -1,6 +1,6 @@
 //! Snapshot commands: create, list, delete, restore, fork.
 
-use crate::machines::spinner;
+use crate::machines::{report_machine, spinner};
 use crate::size::human;
 use crate::{output, Ctx};
 use anyhow::Result;
@@ -150,17 +150,7 @@ pub async fn restore(ctx: &Ctx, args: RestoreArgs) -> Result<()> {
     let t = Instant::now();
     let res = restore_local(ctx, &args.snapshot, &args.name, args.hostname).await;
     bar.finish_and_clear();
-    let m = res?;
-    if ctx.json {
-        output::print_json(&m);
-    } else {
-        println!(
-            "{} is {} ({:.2} s)",
-            m.id,
-            m.phase.as_str(),
-            t.elapsed().as_secs_f64()
-        );
-    }
+    report_machine(ctx, &res?, &format!("restored from {}", args.snapshot), t);
     Ok(())
 }
 
@@ -180,15 +170,6 @@ pub async fn fork(ctx: &Ctx, source: &str, name: &str) -> Result<()> {
     }
     .await;
     bar.finish_and_clear();
-    let m = res?;
-    if ctx.json {
-        output::print_json(&m);
-    } else {
-        println!(
-            "{} forked from {source} ({:.2} s)",
-            m.id,
-            t.elapsed().as_secs_f64()
-        );
-    }
+    report_machine(ctx, &res?, &format!("forked from {source}"), t);
     Ok(())
 }

@@ -163,6 +163,47 @@ async fn upload_errors_name_the_artifact_and_part() {
     let err = d.client.upload_snapshot("s", &req).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
 
+    // A snapshot with an upload under way cannot be deleted: the upload is never torn.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging = format!("http://{}/slow", listener.local_addr().unwrap());
+    let client = d.client.clone();
+    let req = upload("manifest", hanging);
+    let pending = tokio::spawn(async move { client.upload_snapshot("s", &req).await });
+    let (conn, _) = listener.accept().await.unwrap();
+    let err = d.client.delete_snapshot("s").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
+    drop((conn, listener));
+    let err = pending.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Upstream), "{err}");
+    assert!(d.client.get_snapshot("s").await.is_ok());
+
+    // A durable restore needs the manifest, and URLs and hashes for what it downloads.
+    let mut durable = hearth_api::DurableSnapshotRef {
+        snapshot_id: "s".into(),
+        machine_id: "m".into(),
+        image_id: "default".into(),
+        source_runtime_host: None,
+        source_tap_device: None,
+        artifacts: snap
+            .artifacts
+            .iter()
+            .filter(|a| a.id != "manifest")
+            .cloned()
+            .collect(),
+    };
+    let mut restore = restore_req("s", "durable");
+    restore.local_snapshot = None;
+    restore.snapshot = Some(durable.clone());
+    let err = d.client.restore("s", &restore).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
+    assert!(err.to_string().contains("manifest"), "{err}");
+    durable.artifacts = snap.artifacts.clone();
+    restore.snapshot = Some(durable);
+    let err = d.client.restore("s", &restore).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
+    assert!(err.to_string().contains("download_url"), "{err}");
+    d.assert_nothing_left("durable").await;
+
     // Serving: whole artifacts and byte ranges.
     let path = format!("/snapshots/s/artifacts/{}", manifest.id);
     let whole = d.client.raw(Method::GET, &path, None).await.unwrap();

@@ -10,6 +10,7 @@ use base64::Engine;
 use chrono::Utc;
 use hearth_api::{validate_id, CreateMachineRequest, GuestConfig, Machine, Phase};
 use hearth_proto::{Configure, Op};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -144,10 +145,16 @@ impl Service {
                 rec.spec.storage_bytes, rootfs.size_bytes
             )));
         }
+        self.make_system_disk(rec, &rootfs.path).await?;
+        self.boot(rec).await
+    }
+
+    /// The machine's system disk: a clone of `src` grown to the machine's storage size.
+    pub(super) async fn make_system_disk(&self, rec: &MachineRecord, src: &Path) -> Result<()> {
         let paths = self.paths(&rec.id);
         std::fs::create_dir_all(&paths.dir)?;
         let (src, dst, mode, size) = (
-            rootfs.path.clone(),
+            src.to_path_buf(),
             paths.system_disk(),
             self.cfg.clone,
             rec.spec.storage_bytes,
@@ -157,8 +164,7 @@ impl Service {
             storage::grow_ext4(&dst, size)
         })
         .await
-        .map_err(|e| Error::internal(e.to_string()))??;
-        self.boot(rec).await
+        .map_err(|e| Error::internal(e.to_string()))?
     }
 
     /// Boots the machine from its disks and waits for its agent; on success the record says

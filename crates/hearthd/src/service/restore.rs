@@ -220,19 +220,7 @@ impl Service {
     async fn restore_into(&self, rec: &mut MachineRecord, src: &Source) -> Result<Timings> {
         let started = Instant::now();
         let paths = self.paths(&rec.id);
-        std::fs::create_dir_all(&paths.dir)?;
-        let (disk, dst, mode, size) = (
-            src.disk.clone(),
-            paths.system_disk(),
-            self.cfg.clone,
-            rec.spec.storage_bytes,
-        );
-        tokio::task::spawn_blocking(move || {
-            storage::clone_file(&disk, &dst, mode)?;
-            storage::grow_ext4(&dst, size)
-        })
-        .await
-        .map_err(|e| Error::internal(e.to_string()))??;
+        self.make_system_disk(rec, &src.disk).await?;
         let mut timings = vec![("disks", started.elapsed())];
 
         if src.kind == SnapshotKind::Disk {

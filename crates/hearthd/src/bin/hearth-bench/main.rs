@@ -51,7 +51,7 @@ enum Bench {
         #[arg(long, default_value_t = 256)]
         memory_mib: u32,
     },
-        /// Upload and download of a 1 GiB artifact through a local S3 server vs raw baselines.
+    /// Upload and download of a 1 GiB artifact through a local S3 server vs raw baselines.
     Transfer {
         /// Non-zero data in the 1 GiB disk artifact, in MiB.
         #[arg(long, default_value_t = 900)]
@@ -84,7 +84,7 @@ async fn main() -> Result<()> {
     }
     match args.bench {
         Bench::Boot { rounds, memory_mib } => boot(&args.image, rounds, memory_mib).await,
-                Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
+        Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
         Bench::Snapshot {
             sizes,
             clones,
