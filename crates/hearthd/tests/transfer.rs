@@ -245,3 +245,73 @@ async fn ranged(d: &Daemon, path: &str, range: &str) -> Vec<u8> {
         .to_bytes()
         .to_vec()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_and_tampered_urls_fail_naming_the_part() {
+    // rclone checks SigV4 signatures and expiry, as a real object store does.
+    let s3 = S3Server::start_rclone().await;
+    let d = Daemon::start().await;
+    d.client.create_machine(&create_req("m")).await.unwrap();
+    let snap = d
+        .client
+        .create_snapshot("m", "s", SnapshotKind::Disk)
+        .await
+        .unwrap()
+        .snapshot;
+    d.client.delete_machine("m").await.unwrap();
+    let manifest = snap.artifacts.iter().find(|a| a.id == "manifest").unwrap();
+    let presign = |expires: u32| {
+        s3.boto(&format!(
+            "u = s3.create_multipart_upload(Bucket=bucket, Key='s/manifest.json')['UploadId']\n\
+             print(u)\n\
+             print(s3.generate_presigned_url('upload_part', Params={{'Bucket': bucket, \
+             'Key': 's/manifest.json', 'UploadId': u, 'PartNumber': 1}}, ExpiresIn={expires}))"
+        ))
+    };
+    let request = |plan: String| {
+        let (upload_id, url) = plan.split_once('\n').unwrap();
+        UploadRequest {
+            artifacts: vec![UploadArtifact {
+                artifact_id: "manifest".into(),
+                object_key: "s/manifest.json".into(),
+                upload_id: upload_id.into(),
+                parts: vec![UploadPart {
+                    part_number: 1,
+                    offset_bytes: 0,
+                    size_bytes: manifest.size_bytes,
+                    upload_url: url.trim().into(),
+                }],
+            }],
+        }
+    };
+
+    // A good URL works against the signature-checking store.
+    let done = d
+        .client
+        .upload_snapshot("s", &request(presign(600)))
+        .await
+        .unwrap();
+    assert!(!done.artifacts[0].completed_parts[0].etag.is_empty());
+
+    // A tampered signature and an expired URL fail at once (4xx is not retried), naming the part.
+    let mut tampered = request(presign(600));
+    let url = &mut tampered.artifacts[0].parts[0].upload_url;
+    *url = url.replace("X-Amz-Signature=", "X-Amz-Signature=0");
+    let err = d.client.upload_snapshot("s", &tampered).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Upstream), "{err}");
+    assert!(
+        err.to_string().contains("artifact manifest part 1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("SignatureDoesNotMatch"), "{err}");
+
+    let expiring = request(presign(1));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let err = d.client.upload_snapshot("s", &expiring).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Upstream), "{err}");
+    assert!(
+        err.to_string().contains("artifact manifest part 1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("AccessDenied"), "{err}");
+}

