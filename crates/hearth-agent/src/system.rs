@@ -77,7 +77,6 @@ pub fn init() {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| DEFAULT_HOSTNAME.to_string());
     let _ = nix::unistd::sethostname(&hostname);
-    let _ = nix::unistd::setsid();
 }
 
 pub fn configure(cfg: &Configure) -> Result<(), String> {

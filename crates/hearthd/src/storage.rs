@@ -144,14 +144,6 @@ pub fn sha256_sparse(path: &Path) -> Result<(u64, String)> {
     Ok((len, hex::encode(hasher.finalize())))
 }
 
-/// Bytes really allocated to a file (st_blocks), not its apparent size.
-pub fn allocated_bytes(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
-}
-
 const EXT4_MAGIC_OFFSET: u64 = 1024 + 0x38;
 
 /// True when the file holds an ext2/3/4 superblock.
@@ -192,6 +184,14 @@ pub fn grow_ext4(path: &Path, bytes: u64) -> Result<()> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Bytes really allocated to a file (st_blocks), not its apparent size.
+    fn allocated_bytes(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    }
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {

@@ -167,13 +167,6 @@ impl Store {
         Ok(out)
     }
 
-    pub fn machine_ids(&self) -> Result<Vec<String>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id FROM machines")?;
-        let ids = stmt.query_map([], |r| r.get(0))?;
-        Ok(ids.collect::<rusqlite::Result<_>>()?)
-    }
-
     pub fn delete_machine(&self, id: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM machines WHERE id = ?1", [id])?;

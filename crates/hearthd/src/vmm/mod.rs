@@ -56,9 +56,6 @@ impl MachinePaths {
     pub fn agent_socket(&self) -> PathBuf {
         self.sock_dir.join("agent.sock")
     }
-    pub fn vmstate(&self) -> PathBuf {
-        self.dir.join("vmstate")
-    }
     pub fn control_socket(&self) -> PathBuf {
         self.sock_dir.join("control.sock")
     }
