@@ -38,6 +38,22 @@ async fn wait_migration(qmp: &mut Qmp) -> Result<()> {
     }
 }
 
+/// Plain QEMU migration through a file: RAM in the stream, `command` (`migrate` or
+/// `migrate-incoming`) on `uri`, wait for it, continue.
+async fn plain_migration(qmp: &mut Qmp, command: &str, uri: String) -> Result<()> {
+    qmp.execute("migrate-set-capabilities", Some(caps(false)))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    qmp.execute(command, Some(json!({ "uri": uri })))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    wait_migration(qmp).await?;
+    qmp.execute("cont", None)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
 /// Fills half the guest's RAM with non-zero data in a tmpfs (zero pages would let plain
 /// migration skip them).
 async fn dirty_half(d: &Daemon, id: &str, memory_mib: u32) -> Result<()> {
@@ -183,17 +199,8 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     qmp.execute("stop", None)
         .await
         .map_err(anyhow::Error::msg)?;
-    qmp.execute("migrate-set-capabilities", Some(caps(false)))
-        .await
-        .map_err(anyhow::Error::msg)?;
     let uri = format!("exec:cat > '{}'", plain_file.display());
-    qmp.execute("migrate", Some(json!({ "uri": uri })))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    wait_migration(&mut qmp).await?;
-    qmp.execute("cont", None)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    plain_migration(&mut qmp, "migrate", uri).await?;
     let plain_paused = t0.elapsed();
     drop(qmp);
 
@@ -229,17 +236,8 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     let mut qmp = Qmp::connect(&paths.control_socket())
         .await
         .map_err(anyhow::Error::msg)?;
-    qmp.execute("migrate-set-capabilities", Some(caps(false)))
-        .await
-        .map_err(anyhow::Error::msg)?;
     let uri = format!("exec:cat '{}'", plain_file.display());
-    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    wait_migration(&mut qmp).await?;
-    qmp.execute("cont", None)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    plain_migration(&mut qmp, "migrate-incoming", uri).await?;
     let plain_running = t0.elapsed();
     drop(qmp);
     let pid: i32 = std::fs::read_to_string(paths.pidfile())?.trim().parse()?;
