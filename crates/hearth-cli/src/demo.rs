@@ -117,7 +117,7 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
     // A counter in tmpfs: memory only, so it survives a restore only if memory does.
     exec(
         &name,
-        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &",
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &",
     )
     .await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -273,11 +273,12 @@ pub fn restore_req(snap: &str, id: &str) -> hearth_api::RestoreRequest {
 }
 
 /// Starts a counter in tmpfs that ticks every 100 ms: it survives a restore only with memory.
+/// Each tick renames a new file into place, so a reader never sees a half-written one.
 pub async fn start_counter(client: &Client, id: &str) {
     let r = sh(
         client,
         id,
-        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &",
+        "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.1; done) >/dev/null 2>&1 &",
     )
     .await;
     assert_eq!(r.exit_code, 0, "{}", r.stderr);
