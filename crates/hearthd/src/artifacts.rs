@@ -7,6 +7,7 @@ use crate::store::{CachedArtifact, Store};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -56,22 +57,27 @@ impl ArtifactCache {
     /// The blob for `url`, fetched if it is not cached. `field` names the request field in errors.
     pub async fn fetch(&self, field: &str, url: &str) -> Result<Blob> {
         let source = Source::parse(url).map_err(|e| Error::invalid(format!("{field}: {e}")))?;
-        let gate = self.gate(url);
-        let result = {
-            let _one_at_a_time = gate.lock().await;
-            self.fetch_locked(field, url, &source).await
-        };
-        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if Arc::strong_count(&gate) == 2 {
-            map.remove(url);
-        }
-        result
+        self.one_at_a_time(url, self.fetch_locked(field, url, &source))
+            .await
     }
 
-    /// The lock that lets one fetch of `key` run at a time.
-    pub fn gate(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// Runs `work` under the lock for `key`, so one fetch of a thing runs at a time and the
+    /// callers that waited find its result. The lock goes once nobody holds or awaits it.
+    pub async fn one_at_a_time<T>(&self, key: &str, work: impl Future<Output = T>) -> T {
+        let gate = {
+            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(key.to_string()).or_default().clone()
+        };
+        let result = {
+            let _held = gate.lock().await;
+            work.await
+        };
         let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key.to_string()).or_default().clone()
+        // One reference in the map, one here: nobody else waits.
+        if Arc::strong_count(&gate) == 2 {
+            map.remove(key);
+        }
+        result
     }
 
     async fn fetch_locked(&self, field: &str, url: &str, source: &Source) -> Result<Blob> {
@@ -237,6 +243,14 @@ mod tests {
     use super::*;
     use hearth_api::ErrorCode;
 
+    /// No blob and no partial download under the data root.
+    fn assert_nothing_stored(root: &Path) {
+        for sub in ["images/tmp", "images/blobs"] {
+            let n = std::fs::read_dir(root.join(sub)).unwrap().count();
+            assert_eq!(n, 0, "{sub} is not empty");
+        }
+    }
+
     fn cache(dir: &Path) -> ArtifactCache {
         let store = Arc::new(Store::open(&dir.join("s.db")).unwrap());
         ArtifactCache::new(&dir.join("images"), store).unwrap()
@@ -352,18 +366,7 @@ mod tests {
             assert_eq!(err.code, ErrorCode::Upstream, "{path}: {}", err.message);
             assert!(err.message.contains("kernel_image_url"), "{}", err.message);
         }
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("images/tmp"))
-                .unwrap()
-                .count(),
-            0
-        );
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("images/blobs"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_nothing_stored(dir.path());
     }
 
     #[tokio::test]
@@ -388,17 +391,6 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(down.code, ErrorCode::Upstream);
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("images/tmp"))
-                .unwrap()
-                .count(),
-            0
-        );
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("images/blobs"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_nothing_stored(dir.path());
     }
 }

@@ -115,13 +115,7 @@ async fn a_snapshot_travels_to_another_host() {
 async fn upload_errors_name_the_artifact_and_part() {
     let s3 = S3Server::start().await;
     let d = Daemon::start().await;
-    d.client.create_machine(&create_req("m")).await.unwrap();
-    let snap = d
-        .client
-        .create_snapshot("m", "s", SnapshotKind::Disk)
-        .await
-        .unwrap()
-        .snapshot;
+    let snap = disk_snapshot(&d).await;
     let manifest = snap.artifacts.iter().find(|a| a.id == "manifest").unwrap();
     let upload = |artifact_id: &str, url: String| UploadRequest {
         artifacts: vec![UploadArtifact {
@@ -251,13 +245,7 @@ async fn expired_and_tampered_urls_fail_naming_the_part() {
     // rclone checks SigV4 signatures and expiry, as a real object store does.
     let s3 = S3Server::start_rclone().await;
     let d = Daemon::start().await;
-    d.client.create_machine(&create_req("m")).await.unwrap();
-    let snap = d
-        .client
-        .create_snapshot("m", "s", SnapshotKind::Disk)
-        .await
-        .unwrap()
-        .snapshot;
+    let snap = disk_snapshot(&d).await;
     d.client.delete_machine("m").await.unwrap();
     let manifest = snap.artifacts.iter().find(|a| a.id == "manifest").unwrap();
     let presign = |expires: u32| {
@@ -314,4 +302,14 @@ async fn expired_and_tampered_urls_fail_naming_the_part() {
         "{err}"
     );
     assert!(err.to_string().contains("AccessDenied"), "{err}");
+}
+
+/// Machine "m" and its disk-only snapshot "s" (small artifacts to move around).
+async fn disk_snapshot(d: &Daemon) -> hearth_api::Snapshot {
+    d.client.create_machine(&create_req("m")).await.unwrap();
+    d.client
+        .create_snapshot("m", "s", SnapshotKind::Disk)
+        .await
+        .unwrap()
+        .snapshot
 }

@@ -50,21 +50,8 @@ impl Service {
         Self::detached(async move {
             let id = req.machine_id;
             let rt = svc.runtime(&id);
-            let Ok(_op) = rt.op.try_lock() else {
-                return Err(Error::conflict(format!(
-                    "machine {id} has an operation pending"
-                )));
-            };
-            let mut rec = MachineRecord {
-                id: id.clone(),
-                spec,
-                phase: Phase::Starting,
-                error: None,
-                created_at: Utc::now(),
-                started_at: None,
-                process: None,
-                ram_shared: true,
-            };
+            let _op = rt.begin(&id)?;
+            let mut rec = MachineRecord::starting(&id, spec, true);
             svc.store.insert_machine(&rec)?;
             let op = svc.store.begin_op(OpKind::Create, &id)?;
             let result = svc.provision_and_boot(&mut rec).await;
@@ -282,11 +269,7 @@ impl Service {
         let (svc, id) = (self.clone(), id.to_string());
         Self::detached(async move {
             let rt = svc.runtime(&id);
-            let Ok(_op) = rt.op.try_lock() else {
-                return Err(Error::conflict(format!(
-                    "machine {id} has an operation pending"
-                )));
-            };
+            let _op = rt.begin(&id)?;
             let mut rec = svc.record(&id)?;
             if rec.phase == Phase::Stopped {
                 return Ok(());
@@ -329,11 +312,7 @@ impl Service {
         let (svc, id) = (self.clone(), id.to_string());
         Self::detached(async move {
             let rt = svc.runtime(&id);
-            let Ok(_op) = rt.op.try_lock() else {
-                return Err(Error::conflict(format!(
-                    "machine {id} has an operation pending"
-                )));
-            };
+            let _op = rt.begin(&id)?;
             let mut rec = svc.record(&id)?;
             if !matches!(rec.phase, Phase::Stopped | Phase::Failed) {
                 return Err(Error::conflict(format!(
@@ -369,11 +348,7 @@ impl Service {
         let (svc, id) = (self.clone(), id.to_string());
         Self::detached(async move {
             let rt = svc.runtime(&id);
-            let Ok(_op) = rt.op.try_lock() else {
-                return Err(Error::conflict(format!(
-                    "machine {id} has an operation pending"
-                )));
-            };
+            let _op = rt.begin(&id)?;
             let Some(rec) = svc.store.get_machine(&id)? else {
                 svc.forget_runtime(&id);
                 return Ok(());

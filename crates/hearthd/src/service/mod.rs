@@ -45,6 +45,15 @@ struct Runtime {
     agent: tokio::sync::Mutex<Option<Arc<AgentClient>>>,
 }
 
+impl Runtime {
+    /// Takes machine `id`'s operation lock; with another operation under way, 409.
+    fn begin(&self, id: &str) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+        self.op
+            .try_lock()
+            .map_err(|_| Error::conflict(format!("machine {id} has an operation pending")))
+    }
+}
+
 impl Service {
     pub fn new(cfg: Config, vmm: Arc<dyn Vmm>) -> Result<Arc<Service>> {
         let root = &cfg.root;

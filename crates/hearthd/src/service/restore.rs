@@ -12,10 +12,9 @@ use crate::failpoint;
 use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind, SnapshotRecord};
 use crate::vmm::MemoryBacking;
-use chrono::Utc;
 use hearth_api::{
-    validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, Phase,
-    RestoreRequest, SnapshotKind,
+    validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
+    SnapshotKind,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,19 +77,8 @@ impl Service {
         Self::detached(async move {
             let _in_use = in_use;
             let rt = svc.runtime(&id);
-            let Ok(_op) = rt.op.try_lock() else {
-                return Err(Error::conflict(format!("machine {id} has an operation pending")));
-            };
-            let mut rec = MachineRecord {
-                id: id.clone(),
-                spec,
-                phase: Phase::Starting,
-                error: None,
-                created_at: Utc::now(),
-                started_at: None,
-                process: None,
-                ram_shared: false,
-            };
+            let _op = rt.begin(&id)?;
+                        let mut rec = MachineRecord::starting(&id, spec, false);
             svc.store.insert_machine(&rec)?;
             let op = svc
                 .store

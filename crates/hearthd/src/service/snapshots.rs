@@ -156,11 +156,7 @@ impl Service {
         Self::detached(async move {
             let started = Instant::now();
             let rt = svc.runtime(&machine_id);
-            let Ok(op_lock) = rt.op.try_lock() else {
-                return Err(Error::conflict(format!(
-                    "machine {machine_id} has an operation pending"
-                )));
-            };
+            let op_lock = rt.begin(&machine_id)?;
             let rec = svc.record(&machine_id)?;
             if rec.phase != Phase::Running {
                 return Err(Error::conflict(format!(

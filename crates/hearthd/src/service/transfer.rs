@@ -212,9 +212,20 @@ impl Service {
             )));
         }
         let sha256 = sha256.to_ascii_lowercase();
-        let blob = self.cfg.root.join("images/blobs").join(&sha256);
-        let gate = self.artifacts.gate(&format!("sha256:{sha256}"));
-        let _one_at_a_time = gate.lock().await;
+        let key = format!("sha256:{sha256}");
+        self.artifacts
+            .one_at_a_time(&key, self.download_blob(name, url, &sha256, size))
+            .await
+    }
+
+    async fn download_blob(
+        &self,
+        name: &str,
+        url: &str,
+        sha256: &str,
+        size: u64,
+    ) -> Result<PathBuf> {
+        let blob = self.cfg.root.join("images/blobs").join(sha256);
         if std::fs::metadata(&blob).is_ok_and(|m| m.len() == size) {
             return Ok(blob);
         }
@@ -224,12 +235,18 @@ impl Service {
         staged.as_file().set_len(size)?;
         let sem = Arc::new(Semaphore::new(self.cfg.transfer_concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
+        // One descriptor shared by every chunk: positioned writes need no seek.
+        let file = Arc::new(staged.reopen()?);
         let chunks = size.div_ceil(CHUNK).max(1);
         for i in 0..chunks {
             let start = i * CHUNK;
             let len = CHUNK.min(size - start);
-            let (sem, http, url) = (sem.clone(), self.http.clone(), url.to_string());
-            let file = Arc::new(staged.reopen()?);
+            let (sem, http, url, file) = (
+                sem.clone(),
+                self.http.clone(),
+                url.to_string(),
+                file.clone(),
+            );
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
                 with_retries(|| get_chunk(&http, &url, start, len, size, &file)).await

@@ -46,6 +46,20 @@ pub struct MachineRecord {
 }
 
 impl MachineRecord {
+    /// A new machine about to start, on shared RAM (a boot) or not (a restore).
+    pub fn starting(id: &str, spec: MachineSpec, ram_shared: bool) -> MachineRecord {
+        MachineRecord {
+            id: id.to_string(),
+            spec,
+            phase: Phase::Starting,
+            error: None,
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            process: None,
+            ram_shared,
+        }
+    }
+
     pub fn to_api(&self) -> Machine {
         Machine {
             id: self.id.clone(),

@@ -229,19 +229,35 @@ impl Qemu {
         }
     }
 
-    async fn load_and_run(&self, paths: &MachinePaths, vmstate: &Path) -> Result<()> {
+    /// Runs `command` (`migrate` or `migrate-incoming`) on `uri` with `x-ignore-shared` set,
+    /// and waits for it; returns the QMP connection for what follows.
+    async fn migrate(
+        &self,
+        paths: &MachinePaths,
+        command: &str,
+        uri: String,
+        what: &str,
+    ) -> Result<Qmp> {
         let mut qmp = self.qmp(paths).await?;
-        let fail = |e: String| Error::unavailable(format!("restoring device state: {e}"));
+        let fail = |e: String| Error::unavailable(format!("{what}: {e}"));
         qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
             .await
             .map_err(fail)?;
-        let uri = format!("exec:cat {}", shell_quoted(vmstate)?);
-        qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        qmp.execute(command, Some(json!({ "uri": uri })))
             .await
             .map_err(fail)?;
-        Self::await_migration(&mut qmp, "loading the device state").await?;
-        qmp.execute("cont", None).await.map_err(fail)?;
-        Ok(())
+        Self::await_migration(&mut qmp, what).await?;
+        Ok(qmp)
+    }
+
+    async fn load_and_run(&self, paths: &MachinePaths, vmstate: &Path) -> Result<()> {
+        let what = "loading the device state";
+        let uri = format!("exec:cat {}", shell_quoted(vmstate)?);
+        let mut qmp = self.migrate(paths, "migrate-incoming", uri, what).await?;
+        qmp.execute("cont", None)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::unavailable(format!("{what}: {e}")))
     }
 }
 
@@ -307,15 +323,9 @@ impl Vmm for Qemu {
     }
 
     async fn save_device_state(&self, paths: &MachinePaths, dest: &Path) -> Result<()> {
-        let mut qmp = self.qmp(paths).await?;
-        let fail = |e: String| Error::unavailable(format!("saving device state: {e}"));
-        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
-            .await
-            .map_err(fail)?;
         let uri = format!("exec:cat > {}", shell_quoted(dest)?);
-        qmp.execute("migrate", Some(json!({ "uri": uri })))
+        self.migrate(paths, "migrate", uri, "saving the device state")
             .await
-            .map_err(fail)?;
-        Self::await_migration(&mut qmp, "saving the device state").await
+            .map(|_| ())
     }
 }
