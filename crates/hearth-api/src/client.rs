@@ -3,8 +3,9 @@
 
 use crate::{
     CreateMachineRequest, CreateSnapshotRequest, CreateSnapshotResponse, ErrorBody, ErrorCode,
-    ExecRequest, ExecResponse, Health, Machine, MachineEnvelope, MachineList, RestoreRequest,
-    Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList, UploadRequest, UploadResponse,
+    ExecRequest, ExecResponse, ForkRequest, Health, Machine, MachineEnvelope, MachineList,
+    RestoreRequest, Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList, UploadRequest,
+    UploadResponse,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -300,6 +301,22 @@ impl Client {
                 &format!("/snapshots/{snapshot}/restore"),
                 Some(req),
             )
+            .await?;
+        Ok((env.machine, t))
+    }
+
+    pub async fn fork(&self, source: &str, req: &ForkRequest) -> Result<Machine, ClientError> {
+        Ok(self.fork_timed(source, req).await?.0)
+    }
+
+    /// Also returns the phases (quiesce, paused, running, agent, total) in milliseconds.
+    pub async fn fork_timed(
+        &self,
+        source: &str,
+        req: &ForkRequest,
+    ) -> Result<(Machine, Vec<(String, f64)>), ClientError> {
+        let (env, t): (MachineEnvelope, _) = self
+            .call_timed(Method::POST, &format!("/machines/{source}/fork"), Some(req))
             .await?;
         Ok((env.machine, t))
     }

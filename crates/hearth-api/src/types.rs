@@ -284,6 +284,16 @@ pub struct RestoreRequest {
     pub guest_config: Option<GuestConfig>,
 }
 
+/// `POST /machines/{id}/fork`: a new machine that continues from the source's present instant,
+/// with its own disks and identity. The source keeps running.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    pub machine_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_config: Option<GuestConfig>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UploadPart {

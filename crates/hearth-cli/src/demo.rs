@@ -2,11 +2,11 @@
 //! snapshot, restore, fork, stop, start, delete.
 
 use crate::machines::image_artifact;
-use crate::snapshots::{restore_local, restore_request};
+use crate::snapshots::restore_request;
 use crate::{output, Ctx};
 use anyhow::{ensure, Result};
 use clap::Args;
-use hearth_api::{CreateMachineRequest, ExecRequest, ExecResponse, SnapshotKind};
+use hearth_api::{CreateMachineRequest, ExecRequest, ExecResponse, ForkRequest, SnapshotKind};
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
@@ -158,14 +158,18 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
     );
 
     let t = Instant::now();
-    c.create_snapshot(&name, &format!("{forked}.fork"), SnapshotKind::Memory)
-        .await?;
-    restore_local(ctx, &format!("{forked}.fork"), &forked, None).await?;
-    c.delete_snapshot(&format!("{forked}.fork")).await?;
+    let fork = ForkRequest {
+        machine_id: forked.clone(),
+        guest_config: None,
+    };
+    let (_, timings) = c.fork_timed(&name, &fork).await?;
     report.step(
-        "fork (snapshot + restore)",
+        "fork (one operation)",
         t.elapsed(),
-        format!("{name} → {forked}"),
+        format!(
+            "{name} → {forked}; source paused {}",
+            phase(&timings, "paused")
+        ),
     );
     exec(&forked, "echo only-in-fork > /root/f").await?;
     let seen = exec(&name, "cat /root/f 2>/dev/null || echo absent").await?;

@@ -5,7 +5,7 @@ use crate::size::human;
 use crate::{output, Ctx};
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use hearth_api::{LocalSnapshotRef, RestoreRequest, Snapshot, SnapshotKind};
+use hearth_api::{ForkRequest, LocalSnapshotRef, RestoreRequest, Snapshot, SnapshotKind};
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -154,21 +154,16 @@ pub async fn restore(ctx: &Ctx, args: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// Snapshot + restore in one step; the intermediate snapshot is deleted afterwards (the new
-/// machine keeps the memory pages it maps).
+/// A new machine continuing from `source`'s present instant: one server operation, undone as a
+/// whole if it fails (or the daemon dies) midway.
 pub async fn fork(ctx: &Ctx, source: &str, name: &str) -> Result<()> {
-    let snap = format!("{name}.fork");
     let bar = spinner(format!("forking {source} into {name}"));
     let t = Instant::now();
-    let res = async {
-        ctx.client
-            .create_snapshot(source, &snap, SnapshotKind::Memory)
-            .await?;
-        let restored = restore_local(ctx, &snap, name, None).await;
-        ctx.client.delete_snapshot(&snap).await?;
-        restored
-    }
-    .await;
+    let req = ForkRequest {
+        machine_id: name.to_string(),
+        guest_config: None,
+    };
+    let res = ctx.client.fork(source, &req).await;
     bar.finish_and_clear();
     report_machine(ctx, &res?, &format!("forked from {source}"), t);
     Ok(())

@@ -2,9 +2,12 @@ use super::ApiJson;
 use crate::error::Result;
 use crate::service::Service;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::Json;
-use hearth_api::{CreateMachineRequest, ExecRequest, ExecResponse, MachineEnvelope, MachineList};
+use hearth_api::{
+    CreateMachineRequest, ExecRequest, ExecResponse, ForkRequest, MachineEnvelope, MachineList,
+};
 use std::sync::Arc;
 
 type Svc = State<Arc<Service>>;
@@ -51,4 +54,17 @@ pub async fn exec(
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>> {
     Ok(Json(svc.exec(&id, req).await?))
+}
+
+pub async fn fork(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ForkRequest>,
+) -> Result<(StatusCode, HeaderMap, Json<MachineEnvelope>)> {
+    let (machine, timings) = svc.fork_machine(&id, req).await?;
+    Ok((
+        StatusCode::CREATED,
+        super::snapshots::server_timing(&timings),
+        Json(MachineEnvelope { machine }),
+    ))
 }

@@ -29,6 +29,7 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/machines/{id}/stop", post(machines::stop))
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/exec", post(machines::exec))
+        .route("/machines/{id}/fork", post(machines::fork))
         .route(
             "/machines/{id}/snapshots",
             post(snapshots::create).get(snapshots::list_for_machine),

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 type Svc = State<Arc<Service>>;
 
 /// The phases of the operation as a standard `Server-Timing` header (milliseconds).
-fn server_timing(t: &Timings) -> HeaderMap {
+pub(super) fn server_timing(t: &Timings) -> HeaderMap {
     let value = t
         .iter()
         .map(|(name, d)| format!("{name};dur={:.1}", d.as_secs_f64() * 1000.0))

@@ -1,11 +1,11 @@
 //! Machine lifecycle: create, start, stop, delete.
 
-use super::{nonce, Service};
+use super::{nonce, Operation, Service};
 use crate::agent::AgentClient;
 use crate::error::{Error, Result};
-use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
 use crate::vmm::{process, MachinePaths, MemoryBacking, VmSpec};
+use crate::{failpoint, storage};
 use base64::Engine;
 use chrono::Utc;
 use hearth_api::{validate_id, CreateMachineRequest, GuestConfig, Machine, Phase};
@@ -46,22 +46,19 @@ impl Service {
     /// left: no process, file, socket or record.
     pub async fn create_machine(self: &Arc<Self>, req: CreateMachineRequest) -> Result<Machine> {
         let spec = self.validate_create(&req)?;
-        let svc = self.clone();
-        Self::detached(async move {
-            let id = req.machine_id;
-            let rt = svc.runtime(&id);
-            let _op = rt.begin(&id)?;
-            let mut rec = MachineRecord::starting(&id, spec, true);
-            svc.store.insert_machine(&rec)?;
-            let op = svc.store.begin_op(OpKind::Create, &id)?;
-            let result = svc.provision_and_boot(&mut rec).await;
-            if let Err(e) = &result {
-                tracing::info!(machine = %id, "create failed: {}", e.message);
-                svc.destroy(&id, rec.process.as_ref()).await;
-            }
-            svc.store.end_op(op)?;
-            result.map(|()| rec.to_api())
-        })
+        self.operation(
+            Operation::on(OpKind::Create, &req.machine_id),
+            |svc, id, _| async move {
+                let mut rec = MachineRecord::starting(&id, spec, true);
+                svc.store.insert_machine(&rec)?;
+                let result = svc.provision_and_boot(&mut rec).await;
+                if let Err(e) = &result {
+                    tracing::info!(machine = %id, "create failed: {}", e.message);
+                    svc.destroy(&id, rec.process.as_ref()).await;
+                }
+                result.map(|()| rec.to_api())
+            },
+        )
         .await
     }
 
@@ -161,6 +158,8 @@ impl Service {
         let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()));
         let started = Instant::now();
         let proc = self.vmm.boot(&spec).await?;
+        // A crash here leaves a VMM that only its pid file names.
+        failpoint::stall("vmm-spawned").await;
         rec.process = Some(proc);
         rec.ram_shared = true;
         self.store.update_machine(rec)?;
@@ -266,28 +265,23 @@ impl Service {
     /// after the stop timeout. Stopping a stopped machine does nothing.
     pub async fn stop_machine(self: &Arc<Self>, id: &str) -> Result<()> {
         validate_id("machine", id).map_err(Error::invalid)?;
-        let (svc, id) = (self.clone(), id.to_string());
-        Self::detached(async move {
-            let rt = svc.runtime(&id);
-            let _op = rt.begin(&id)?;
+        self.operation(Operation::on(OpKind::Stop, id), |svc, id, _| async move {
             let mut rec = svc.record(&id)?;
             if rec.phase == Phase::Stopped {
                 return Ok(());
             }
-            let op = svc.store.begin_op(OpKind::Stop, &id)?;
             if let Some(proc) = rec.process {
                 if rec.phase == Phase::Running {
                     svc.power_off(&id, &proc).await;
                 }
+                failpoint::stall("stop-powered-off").await;
                 process::kill_and_wait(&proc).await;
             }
             svc.clear_runtime_files(&id).await;
             rec.phase = Phase::Stopped;
             rec.process = None;
             rec.error = None;
-            svc.store.update_machine(&rec)?;
-            svc.store.end_op(op)?;
-            Ok(())
+            svc.store.update_machine(&rec)
         })
         .await
     }
@@ -309,10 +303,7 @@ impl Service {
     /// Boots a stopped or failed machine again from its own disks.
     pub async fn start_machine(self: &Arc<Self>, id: &str) -> Result<Machine> {
         validate_id("machine", id).map_err(Error::invalid)?;
-        let (svc, id) = (self.clone(), id.to_string());
-        Self::detached(async move {
-            let rt = svc.runtime(&id);
-            let _op = rt.begin(&id)?;
+        self.operation(Operation::on(OpKind::Start, id), |svc, id, _| async move {
             let mut rec = svc.record(&id)?;
             if !matches!(rec.phase, Phase::Stopped | Phase::Failed) {
                 return Err(Error::conflict(format!(
@@ -320,7 +311,6 @@ impl Service {
                     rec.phase.as_str()
                 )));
             }
-            let op = svc.store.begin_op(OpKind::Start, &id)?;
             if let Some(proc) = rec.process.take() {
                 process::kill_and_wait(&proc).await;
             }
@@ -333,10 +323,9 @@ impl Service {
                 rec.phase = Phase::Failed;
                 rec.error = Some(e.message.clone());
                 rec.process = None;
-                svc.store.update_machine(&rec)?;
                 svc.clear_runtime_files(&id).await;
+                svc.store.update_machine(&rec)?;
             }
-            svc.store.end_op(op)?;
             result.map(|()| rec.to_api())
         })
         .await
@@ -345,17 +334,10 @@ impl Service {
     /// Destroys a machine and everything it has. A missing machine is already deleted.
     pub async fn delete_machine(self: &Arc<Self>, id: &str) -> Result<()> {
         validate_id("machine", id).map_err(Error::invalid)?;
-        let (svc, id) = (self.clone(), id.to_string());
-        Self::detached(async move {
-            let rt = svc.runtime(&id);
-            let _op = rt.begin(&id)?;
-            let Some(rec) = svc.store.get_machine(&id)? else {
-                svc.forget_runtime(&id);
-                return Ok(());
-            };
-            let op = svc.store.begin_op(OpKind::Delete, &id)?;
-            svc.destroy(&id, rec.process.as_ref()).await;
-            svc.store.end_op(op)?;
+        self.operation(Operation::on(OpKind::Delete, id), |svc, id, _| async move {
+            if let Some(rec) = svc.store.get_machine(&id)? {
+                svc.destroy(&id, rec.process.as_ref()).await;
+            }
             Ok(())
         })
         .await
@@ -366,6 +348,7 @@ impl Service {
         if let Some(proc) = proc {
             process::kill_and_wait(proc).await;
         }
+        failpoint::stall("destroy-killed").await;
         self.clear_runtime_files(id).await;
         let paths = self.paths(id);
         if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
@@ -376,7 +359,6 @@ impl Service {
         if let Err(e) = self.store.delete_machine(id) {
             tracing::warn!(machine = %id, "deleting record: {}", e.message);
         }
-        self.forget_runtime(id);
     }
 
     /// Drops the agent connection and removes what only a running VMM needs: its sockets and

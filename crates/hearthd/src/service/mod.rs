@@ -1,9 +1,10 @@
 //! The service: what the API does, independent of HTTP. Every mutating operation on a machine
-//! holds that machine's operation lock (a second one is refused with 409), writes its journal
-//! row first and clears it last, and runs in a task of its own so a client that hangs up midway
-//! cannot leave it half-done.
+//! runs through [`Service::operation`]: in a task of its own (a client that hangs up midway
+//! cannot leave it half-done), under that machine's operation lock (a second one is refused
+//! with 409), with its journal row written before it touches anything and cleared when it ends.
 
 mod exec;
+mod fork;
 mod machines;
 mod reconcile;
 mod restore;
@@ -14,7 +15,7 @@ use crate::agent::AgentClient;
 use crate::artifacts::ArtifactCache;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{OpKind, Store};
 use crate::vmm::{MachinePaths, Vmm};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -32,6 +33,10 @@ pub struct Service {
     artifacts: ArtifactCache,
     vmm: Arc<dyn Vmm>,
     runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
+    /// Held by the leftover sweep while it decides what no record owns, and by an operation
+    /// while it writes its journal row: an operation's files appear only after its row, so the
+    /// sweep never removes the work of one in flight.
+    sweep: tokio::sync::Mutex<()>,
     /// Transfers using each snapshot; -1 while it is being deleted.
     snapshot_uses: Mutex<HashMap<String, i64>>,
     /// For object-store transfers.
@@ -41,15 +46,64 @@ pub struct Service {
 /// In-memory state of one machine: its operation lock and its agent connection.
 #[derive(Default)]
 struct Runtime {
-    op: tokio::sync::Mutex<()>,
+    op: Arc<tokio::sync::Mutex<()>>,
     agent: tokio::sync::Mutex<Option<Arc<AgentClient>>>,
+}
+
+/// An operation's hold on its machine's lock. The operation keeps it to its end unless the
+/// body lets it go early (a snapshot, once its machine runs again, hashes outside the lock).
+#[derive(Clone)]
+struct OpLock(Arc<Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>>);
+
+impl OpLock {
+    fn release(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// What an operation is, for its journal row.
+#[derive(Debug, Clone)]
+struct Operation {
+    kind: OpKind,
+    machine_id: String,
+    snapshot_id: Option<String>,
+    source_id: Option<String>,
+    /// The operation makes the machine: it must not exist yet.
+    creates: bool,
+}
+
+impl Operation {
+    fn on(kind: OpKind, machine_id: &str) -> Operation {
+        Operation {
+            kind,
+            machine_id: machine_id.to_string(),
+            snapshot_id: None,
+            source_id: None,
+            creates: matches!(kind, OpKind::Create | OpKind::Restore | OpKind::Fork),
+        }
+    }
+
+    fn snapshot(self, id: &str) -> Operation {
+        Operation {
+            snapshot_id: Some(id.to_string()),
+            ..self
+        }
+    }
+
+    fn source(self, id: &str) -> Operation {
+        Operation {
+            source_id: Some(id.to_string()),
+            ..self
+        }
+    }
 }
 
 impl Runtime {
     /// Takes machine `id`'s operation lock; with another operation under way, 409.
-    fn begin(&self, id: &str) -> Result<tokio::sync::MutexGuard<'_, ()>> {
+    fn begin(&self, id: &str) -> Result<tokio::sync::OwnedMutexGuard<()>> {
         self.op
-            .try_lock()
+            .clone()
+            .try_lock_owned()
             .map_err(|_| Error::conflict(format!("machine {id} has an operation pending")))
     }
 }
@@ -79,6 +133,7 @@ impl Service {
             artifacts,
             vmm,
             runtimes: Mutex::new(HashMap::new()),
+            sweep: tokio::sync::Mutex::new(()),
             snapshot_uses: Mutex::new(HashMap::new()),
             http,
         }))
@@ -101,19 +156,61 @@ impl Service {
             .clone()
     }
 
-    fn forget_runtime(&self, id: &str) {
-        self.runtimes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+    /// Drops machine `id`'s in-memory state once nobody uses it and it has no record, so ids
+    /// that were only asked about (or whose machine is gone) do not accumulate.
+    fn release_runtime(&self, id: &str) {
+        let mut map = self.runtimes.lock().unwrap_or_else(|e| e.into_inner());
+        let unused = map.get(id).is_some_and(|rt| Arc::strong_count(rt) == 1);
+        if unused && matches!(self.store.get_machine(id), Ok(None)) {
+            map.remove(id);
+        }
     }
 
-    /// Runs `op` on a task of its own, so it completes even when the caller goes away.
-    async fn detached<T: Send + 'static>(
-        fut: impl Future<Output = Result<T>> + Send + 'static,
-    ) -> Result<T> {
-        tokio::spawn(fut)
-            .await
+    /// Runs a mutating operation on machine `id` on a task of its own, so it completes even when
+    /// the caller goes away: under the machine's operation lock (409 when another holds it),
+    /// with a journal row written before `body` (given the service and the machine id) runs and
+    /// cleared after it ends, whatever the
+    /// outcome. An operation that `creates` the machine is refused (409) when it exists. A crash
+    /// leaves the row for [`Service::recover`] to finish or undo the operation.
+    async fn operation<T, F, Fut>(self: &Arc<Self>, op: Operation, body: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Service>, String, OpLock) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let svc = self.clone();
+        let Operation {
+            kind,
+            machine_id: id,
+            snapshot_id: snapshot,
+            source_id: source,
+            creates,
+        } = op;
+        let task = tokio::spawn(async move {
+            let rt = svc.runtime(&id);
+            let result = async {
+                let lock = OpLock(Arc::new(Mutex::new(Some(rt.begin(&id)?))));
+                if creates && svc.store.get_machine(&id)?.is_some() {
+                    return Err(Error::conflict(format!("machine {id} already exists")));
+                }
+                let row = {
+                    let _sweep = svc.sweep.lock().await;
+                    svc.store
+                        .begin_op(kind, &id, snapshot.as_deref(), source.as_deref())?
+                };
+                let result = body(svc.clone(), id.clone(), lock.clone()).await;
+                if let Err(e) = svc.store.end_op(row) {
+                    tracing::warn!(machine = %id, "clearing journal row {row}: {}", e.message);
+                }
+                lock.release();
+                result
+            }
+            .await;
+            drop(rt);
+            svc.release_runtime(&id);
+            result
+        });
+        task.await
             .map_err(|e| Error::internal(format!("operation task failed: {e}")))?
     }
 
@@ -157,4 +254,74 @@ pub fn machine_paths(root: &std::path::Path, id: &str) -> MachinePaths {
 /// A fresh random token: per-boot nonces, machine ids.
 pub fn nonce() -> String {
     hex::encode(rand::random::<[u8; 16]>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ProcessRecord;
+    use crate::vmm::VmSpec;
+    use clap::Parser;
+    use hearth_api::{CreateSnapshotRequest, ErrorCode, ForkRequest, VmmKind};
+    use std::path::Path;
+
+    /// A VMM that never starts anything: the operations below end before they would need one.
+    struct NoVmm;
+
+    #[async_trait::async_trait]
+    impl Vmm for NoVmm {
+        fn kind(&self) -> VmmKind {
+            VmmKind::Qemu
+        }
+        fn version(&self) -> String {
+            "none".into()
+        }
+        async fn boot(&self, _: &VmSpec) -> Result<ProcessRecord> {
+            Err(Error::unavailable("no VMM in this test"))
+        }
+        async fn reattach(&self, _: &MachinePaths, _: &ProcessRecord) -> Result<()> {
+            Err(Error::unavailable("no VMM in this test"))
+        }
+        async fn restore(&self, _: &VmSpec, _: &Path) -> Result<ProcessRecord> {
+            Err(Error::unavailable("no VMM in this test"))
+        }
+        async fn pause(&self, _: &MachinePaths) -> Result<()> {
+            Err(Error::unavailable("no VMM in this test"))
+        }
+        async fn resume(&self, _: &MachinePaths) -> Result<()> {
+            Err(Error::unavailable("no VMM in this test"))
+        }
+        async fn save_device_state(&self, _: &MachinePaths, _: &Path) -> Result<()> {
+            Err(Error::unavailable("no VMM in this test"))
+        }
+    }
+
+    #[tokio::test]
+    async fn operations_on_missing_machines_leave_no_state_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse_from(["hearthd", "--root", dir.path().to_str().unwrap()]);
+        let svc = Service::new(cfg, Arc::new(NoVmm)).unwrap();
+        for i in 0..20 {
+            let id = format!("ghost{i}");
+            let snap = CreateSnapshotRequest {
+                snapshot_id: format!("s{i}"),
+                kind: None,
+            };
+            let fork = ForkRequest {
+                machine_id: format!("fork{i}"),
+                guest_config: None,
+            };
+            let codes = [
+                svc.stop_machine(&id).await.unwrap_err().code,
+                svc.start_machine(&id).await.unwrap_err().code,
+                svc.create_snapshot(&id, snap).await.unwrap_err().code,
+                svc.fork_machine(&id, fork).await.unwrap_err().code,
+            ];
+            assert_eq!(codes, [ErrorCode::NotFound; 4]);
+            svc.delete_machine(&id).await.unwrap();
+        }
+        assert!(svc.runtimes.lock().unwrap().is_empty());
+        assert!(svc.store.pending_ops().unwrap().is_empty());
+        assert!(svc.store.snapshot_ids().unwrap().is_empty());
+    }
 }

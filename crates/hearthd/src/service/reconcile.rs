@@ -1,10 +1,12 @@
 //! Reconcile: bring the records and the host back in line. At start-up it also finishes or
 //! undoes the operations a crash interrupted (journal rows). Every pass marks machines whose VMM
-//! died as failed and removes runtime leftovers of machines that no longer exist. One bad record
-//! never stops the rest.
+//! died as failed and removes runtime leftovers of machines that no longer exist. It never acts
+//! on a machine that has an operation under way, and re-reads each record under the machine's
+//! lock before it acts. One bad record never stops the rest.
 
 use super::Service;
-use crate::store::{MachineRecord, OpKind};
+use crate::failpoint;
+use crate::store::{MachineRecord, OpKind, OpRecord};
 use crate::vmm::process;
 use hearth_api::Phase;
 use std::collections::HashSet;
@@ -16,39 +18,7 @@ impl Service {
             Ok(ops) => {
                 for op in ops {
                     tracing::info!(machine = %op.machine_id, kind = ?op.kind, "finishing an interrupted operation");
-                    let rec = self.store.get_machine(&op.machine_id).ok().flatten();
-                    match (op.kind, rec) {
-                        // Undo: a create that never returned must leave nothing.
-                        (OpKind::Create | OpKind::Delete | OpKind::Restore, Some(rec)) => {
-                            self.destroy(&rec.id, rec.process.as_ref()).await
-                        }
-                        (OpKind::Snapshot, rec) => {
-                            if let Some(id) = &op.snapshot_id {
-                                self.discard_partial_snapshot(id);
-                            }
-                            if let Some(rec) = rec {
-                                self.resume_after_crash(&rec).await;
-                            }
-                        }
-                        (OpKind::Start, Some(rec)) => {
-                            self.mark_failed(
-                                rec,
-                                "the daemon stopped while the machine was starting",
-                            )
-                            .await
-                        }
-                        (OpKind::Stop, Some(mut rec)) => {
-                            if let Some(p) = rec.process.take() {
-                                process::kill_and_wait(&p).await;
-                            }
-                            self.clear_runtime_files(&rec.id).await;
-                            rec.phase = Phase::Stopped;
-                            if let Err(e) = self.store.update_machine(&rec) {
-                                tracing::warn!(machine = %rec.id, "{}", e.message);
-                            }
-                        }
-                        (_, None) => self.destroy(&op.machine_id, None).await,
-                    }
+                    self.recover_op(&op).await;
                     if let Err(e) = self.store.end_op(op.id) {
                         tracing::warn!("clearing journal row {}: {}", op.id, e.message);
                     }
@@ -60,8 +30,75 @@ impl Service {
         self.reconcile_pass().await;
     }
 
-    /// Removes a snapshot that a crash interrupted, files and record.
-    fn discard_partial_snapshot(&self, id: &str) {
+    /// Finishes or undoes one operation a crash interrupted.
+    async fn recover_op(&self, op: &OpRecord) {
+        let rec = self.store.get_machine(&op.machine_id).ok().flatten();
+        match (op.kind, rec) {
+            // A machine that was being made and never ran is undone; one that was running
+            // when the crash came is kept (its operation had finished but for the journal).
+            (OpKind::Create | OpKind::Restore | OpKind::Fork, Some(rec))
+                if rec.phase == Phase::Running =>
+            {
+                if op.kind == OpKind::Fork {
+                    self.recover_fork_source(op).await;
+                }
+            }
+            (OpKind::Create | OpKind::Restore | OpKind::Fork | OpKind::Delete, Some(rec)) => {
+                self.destroy(&rec.id, rec.process.as_ref()).await;
+                if op.kind == OpKind::Fork {
+                    self.recover_fork_source(op).await;
+                }
+            }
+            (OpKind::Snapshot, rec) => {
+                if let Some(id) = &op.snapshot_id {
+                    let ready = self
+                        .store
+                        .get_snapshot(id)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|s| s.ready);
+                    if !ready {
+                        self.discard_partial_snapshot(id);
+                    }
+                }
+                if let Some(rec) = rec {
+                    self.resume_after_crash(&rec).await;
+                }
+            }
+            (OpKind::Start, Some(rec)) => {
+                self.mark_failed(rec, "the daemon stopped while the machine was starting")
+                    .await
+            }
+            (OpKind::Stop, Some(mut rec)) => {
+                if let Some(p) = rec.process.take() {
+                    process::kill_and_wait(&p).await;
+                }
+                self.clear_runtime_files(&rec.id).await;
+                rec.phase = Phase::Stopped;
+                rec.error = None;
+                if let Err(e) = self.store.update_machine(&rec) {
+                    tracing::warn!(machine = %rec.id, "{}", e.message);
+                }
+            }
+            (_, None) => {
+                self.destroy(&op.machine_id, None).await;
+                if op.kind == OpKind::Fork {
+                    self.recover_fork_source(op).await;
+                }
+            }
+        }
+    }
+
+    /// A fork's source may have been left paused and frozen by the crash.
+    async fn recover_fork_source(&self, op: &OpRecord) {
+        let source = op.source_id.as_deref();
+        if let Some(rec) = source.and_then(|id| self.store.get_machine(id).ok().flatten()) {
+            self.resume_after_crash(&rec).await;
+        }
+    }
+
+    /// Removes a snapshot that a crash or a failure interrupted, files and record.
+    pub(super) fn discard_partial_snapshot(&self, id: &str) {
         let _ = std::fs::remove_dir_all(self.snapshot_dir(id));
         if let Err(e) = self.store.delete_snapshot(id) {
             tracing::warn!(snapshot = id, "{}", e.message);
@@ -118,24 +155,39 @@ impl Service {
                 return;
             }
         };
-        for rec in &records {
-            // A machine with an operation under way is that operation's business.
-            let rt = self.runtime(&rec.id);
-            let Ok(_op) = rt.op.try_lock() else { continue };
-            if !matches!(rec.phase, Phase::Running | Phase::Starting) {
+        failpoint::delay("reconcile-listed").await;
+        for listed in &records {
+            if !matches!(listed.phase, Phase::Running | Phase::Starting) {
                 continue;
             }
-            let alive = rec.process.as_ref().is_some_and(process::is_alive);
-            if !alive {
+            // A machine with an operation under way is that operation's business.
+            let rt = self.runtime(&listed.id);
+            let Ok(_op) = rt.op.try_lock() else { continue };
+            // The list may be stale: an operation may have ended since it was read.
+            let Ok(Some(rec)) = self.store.get_machine(&listed.id) else {
+                continue;
+            };
+            let running = matches!(rec.phase, Phase::Running | Phase::Starting);
+            if running && !rec.process.as_ref().is_some_and(process::is_alive) {
                 let console = self.paths(&rec.id).console_tail(5);
                 let reason = format!("the VMM process exited unexpectedly; console:\n{console}");
-                self.mark_failed(rec.clone(), &reason).await;
+                self.mark_failed(rec, &reason).await;
             }
         }
-        self.remove_leftovers(&records);
+        self.remove_leftovers().await;
+        let ids: Vec<String> = self
+            .runtimes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            self.release_runtime(&id);
+        }
     }
 
-    async fn mark_failed(&self, mut rec: MachineRecord, reason: &str) {
+    pub(super) async fn mark_failed(&self, mut rec: MachineRecord, reason: &str) {
         tracing::warn!(machine = %rec.id, "machine failed: {reason}");
         if let Some(p) = rec.process.take() {
             process::kill_and_wait(&p).await;
@@ -148,14 +200,31 @@ impl Service {
         }
     }
 
-    /// Machine directories and socket directories that belong to no record, and any VMM still
-    /// running from one of them.
-    fn remove_leftovers(&self, records: &[MachineRecord]) {
-        let known: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        let sock_dirs: HashSet<_> = records.iter().map(|r| self.paths(&r.id).sock_dir).collect();
+    /// Machine, snapshot and socket directories that belong to no record and to no operation
+    /// in flight, and any VMM still running from one of them. Decided and done under the sweep
+    /// lock, which an operation takes to write its journal row before it makes any file.
+    async fn remove_leftovers(&self) {
+        let _sweep = self.sweep.lock().await;
+        let (records, ops, snapshot_ids) = match (
+            self.store.list_machines(),
+            self.store.pending_ops(),
+            self.store.snapshot_ids(),
+        ) {
+            (Ok(r), Ok(o), Ok(s)) => (r, o, s),
+            _ => {
+                tracing::warn!("reconcile: cannot read the records; no leftovers removed");
+                return;
+            }
+        };
+        let mut known: HashSet<String> = records.into_iter().map(|r| r.id).collect();
+        let mut snapshots: HashSet<String> = snapshot_ids.into_iter().collect();
+        for op in ops {
+            known.insert(op.machine_id);
+            snapshots.extend(op.snapshot_id);
+        }
+        let sock_dirs: HashSet<_> = known.iter().map(|id| self.paths(id).sock_dir).collect();
         for entry in read_dir(&self.machines_dir()) {
-            let name = entry.file_name();
-            if !known.contains(name.to_string_lossy().as_ref()) {
+            if !known.contains(entry.file_name().to_string_lossy().as_ref()) {
                 tracing::info!(
                     "removing leftover machine directory {}",
                     entry.path().display()
@@ -163,14 +232,6 @@ impl Service {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        // A snapshot's record is written before its directory, so a directory without one is
-        // a leftover.
-        let snapshots: HashSet<String> = self
-            .store
-            .snapshot_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
         for entry in read_dir(&self.cfg.root.join("snapshots")) {
             if !snapshots.contains(entry.file_name().to_string_lossy().as_ref()) {
                 tracing::info!(
@@ -185,14 +246,8 @@ impl Service {
             if sock_dirs.contains(&dir) {
                 continue;
             }
-            if let Some(pid) = process::vmm_of(&dir, &dir.join("vmm.pid")) {
-                tracing::info!(pid = pid.pid, "killing an orphaned VMM");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
             tracing::info!("removing leftover runtime directory {}", dir.display());
+            process::kill_vmm_of(&dir, &dir.join("vmm.pid")).await;
             let _ = std::fs::remove_dir_all(&dir);
         }
     }

@@ -5,8 +5,7 @@
 //! the disks. Either way its disks are its own and it gets its own identity, clock and entropy.
 
 use super::snapshots::{SnapshotManifest, Timings, MEMORY, SYSTEM_DISK, VMSTATE};
-use super::transfer::SnapshotUse;
-use super::{machines::guest_hostname, nonce, Service};
+use super::{machines::guest_hostname, nonce, Operation, Service};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
@@ -16,7 +15,7 @@ use hearth_api::{
     validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
     SnapshotKind,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -39,56 +38,48 @@ impl Service {
     ) -> Result<(Machine, Timings)> {
         validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
         validate_id("snapshot", snapshot_id).map_err(Error::invalid)?;
-        if self.store.get_machine(&req.machine_id)?.is_some() {
-            return Err(Error::conflict(format!(
-                "machine {} already exists",
-                req.machine_id
-            )));
-        }
-        let (source, in_use): (Source, Option<SnapshotUse>) = match (
-            &req.local_snapshot,
-            &req.snapshot,
-        ) {
-            (Some(local), None) => {
-                if local.snapshot_id != snapshot_id {
-                    return Err(Error::invalid(format!(
-                        "local_snapshot.snapshot_id {} is not the snapshot in the path ({snapshot_id})",
-                        local.snapshot_id
-                    )));
-                }
-                let snap = self.ready_snapshot(snapshot_id)?;
-                let in_use = self.use_snapshot(snapshot_id)?;
-                self.verify_local_artifacts(&snap)?;
-                (self.local_source(snap), Some(in_use))
+        let given = |id: &str, field: &str| {
+            if id == snapshot_id {
+                Ok(())
+            } else {
+                Err(Error::invalid(format!(
+                    "{field}.snapshot_id {id} is not the snapshot in the path ({snapshot_id})"
+                )))
             }
-            (None, Some(durable)) => (
-                self.download_source(snapshot_id, durable, &req.artifact)
-                    .await?,
-                None,
-            ),
+        };
+        match (&req.local_snapshot, &req.snapshot) {
+            (Some(local), None) => given(&local.snapshot_id, "local_snapshot")?,
+            (None, Some(durable)) => {
+                given(&durable.snapshot_id, "snapshot")?;
+                validate_id("machine", &durable.machine_id).map_err(Error::invalid)?;
+            }
             _ => {
                 return Err(Error::invalid(
                     "give exactly one of local_snapshot and snapshot",
                 ))
             }
-        };
-        let spec = restored_spec(&source, &req)?;
-        let (svc, id) = (self.clone(), req.machine_id.clone());
-        Self::detached(async move {
-            let _in_use = in_use;
-            let rt = svc.runtime(&id);
-            let _op = rt.begin(&id)?;
-                        let mut rec = MachineRecord::starting(&id, spec, false);
+        }
+        let op = Operation::on(OpKind::Restore, &req.machine_id).snapshot(snapshot_id);
+        let snapshot_id = snapshot_id.to_string();
+        // The download is part of the operation: a client that hangs up does not cut it short.
+        self.operation(op, move |svc, id, _| async move {
+            let (source, _in_use) = match &req.snapshot {
+                Some(durable) => (svc.download_source(durable, &req.artifact).await?, None),
+                None => {
+                    let snap = svc.ready_snapshot(&snapshot_id)?;
+                    let in_use = svc.use_snapshot(&snapshot_id)?;
+                    svc.verify_local_artifacts(&snap)?;
+                    (svc.local_source(snap), Some(in_use))
+                }
+            };
+            let spec = restored_spec(&source, &req)?;
+            let mut rec = MachineRecord::starting(&id, spec, false);
             svc.store.insert_machine(&rec)?;
-            let op = svc
-                .store
-                .begin_snapshot_op(OpKind::Restore, &id, Some(&source.id))?;
             let result = svc.restore_into(&mut rec, &source).await;
             if let Err(e) = &result {
                 tracing::info!(machine = %id, snapshot = %source.id, "restore failed: {}", e.message);
                 svc.destroy(&id, rec.process.as_ref()).await;
             }
-            svc.store.end_op(op)?;
             result.map(|timings| (rec.to_api(), timings))
         })
         .await
@@ -110,17 +101,9 @@ impl Service {
     /// Downloads (or finds in the blob store) every artifact of a durable snapshot, verified.
     async fn download_source(
         &self,
-        snapshot_id: &str,
         d: &DurableSnapshotRef,
         artifact: &ArtifactRef,
     ) -> Result<Source> {
-        if d.snapshot_id != snapshot_id {
-            return Err(Error::invalid(format!(
-                "snapshot.snapshot_id {} is not the snapshot in the path ({snapshot_id})",
-                d.snapshot_id
-            )));
-        }
-        validate_id("machine", &d.machine_id).map_err(Error::invalid)?;
         let find = |kind: ArtifactKind| d.artifacts.iter().find(|a| a.kind == kind);
         let fetch = |a: &hearth_api::SnapshotArtifact| {
             let a = a.clone();
@@ -207,7 +190,6 @@ impl Service {
 
     async fn restore_into(&self, rec: &mut MachineRecord, src: &Source) -> Result<Timings> {
         let started = Instant::now();
-        let paths = self.paths(&rec.id);
         self.make_system_disk(rec, &src.disk).await?;
         let mut timings = vec![("disks", started.elapsed())];
 
@@ -221,10 +203,23 @@ impl Service {
         } else {
             MemoryBacking::PrivateFile(src.memory.clone())
         };
+        timings.extend(self.resume_from(rec, memory, &src.vmstate).await?);
+        Ok(timings)
+    }
+
+    /// Starts the machine's VMM from device state over `memory`, on the machine's own disks,
+    /// and waits for its agent; on failure no VMM is left.
+    pub(super) async fn resume_from(
+        &self,
+        rec: &mut MachineRecord,
+        memory: MemoryBacking,
+        vmstate: &Path,
+    ) -> Result<Timings> {
+        let paths = self.paths(&rec.id);
         let spec = self.vm_spec(rec, memory);
         let t = Instant::now();
-        let proc = self.vmm.restore(&spec, &src.vmstate).await?;
-        timings.push(("running", t.elapsed()));
+        let proc = self.vmm.restore(&spec, vmstate).await?;
+        let mut timings = vec![("running", t.elapsed())];
         rec.process = Some(proc);
         rec.ram_shared = false;
         self.store.update_machine(rec)?;

@@ -1,7 +1,7 @@
 //! Snapshots: memory, device state and disks of a running machine, taken in a fraction of a
 //! second while it is paused; hashed after it runs again, outside its lock.
 
-use super::Service;
+use super::{Operation, Service};
 use crate::error::{Error, Result};
 use crate::storage;
 use crate::store::{MachineRecord, OpKind, SnapshotRecord};
@@ -71,9 +71,11 @@ pub struct HostInfo {
 pub type Timings = Vec<(&'static str, Duration)>;
 
 const AGENT_CALL: Duration = Duration::from_secs(10);
+/// Tries to resume a machine after a snapshot before it is given up.
+const RESUME_ATTEMPTS: u32 = 3;
 
 /// A file of a snapshot before it is hashed.
-struct Written {
+pub(super) struct Written {
     id: &'static str,
     kind: ArtifactKind,
     name: &'static str,
@@ -152,11 +154,9 @@ impl Service {
         validate_id("machine", machine_id).map_err(Error::invalid)?;
         validate_id("snapshot", &req.snapshot_id).map_err(Error::invalid)?;
         let kind = req.kind.unwrap_or(SnapshotKind::Memory);
-        let (svc, machine_id) = (self.clone(), machine_id.to_string());
-        Self::detached(async move {
+        let op = Operation::on(OpKind::Snapshot, machine_id).snapshot(&req.snapshot_id);
+        self.operation(op, move |svc, machine_id, lock| async move {
             let started = Instant::now();
-            let rt = svc.runtime(&machine_id);
-            let op_lock = rt.begin(&machine_id)?;
             let rec = svc.record(&machine_id)?;
             if rec.phase != Phase::Running {
                 return Err(Error::conflict(format!(
@@ -175,12 +175,10 @@ impl Service {
                 created_at: Utc::now(),
             };
             svc.store.insert_snapshot(&snap)?;
-            let op = svc
-                .store
-                .begin_snapshot_op(OpKind::Snapshot, &machine_id, Some(&snap.id))?;
             let dir = svc.snapshot_dir(&snap.id);
-            let taken = svc.take(&rec, &snap, &dir).await;
-            drop(op_lock);
+            let taken = svc.take(&rec, kind, snap.memory_in_vmstate, &dir).await;
+            // The machine runs again: hashing needs no lock on it.
+            lock.release();
             let result = match taken {
                 Ok((written, mut timings)) => {
                     let t = Instant::now();
@@ -192,7 +190,6 @@ impl Service {
             };
             match result {
                 Ok(mut timings) => {
-                    svc.store.end_op(op)?;
                     timings.push(("total", started.elapsed()));
                     let snapshot = snap.to_api();
                     let artifacts = snapshot.artifacts.clone();
@@ -205,9 +202,7 @@ impl Service {
                     ))
                 }
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    svc.store.delete_snapshot(&snap.id)?;
-                    svc.store.end_op(op)?;
+                    svc.discard_partial_snapshot(&snap.id);
                     Err(e)
                 }
             }
@@ -215,12 +210,15 @@ impl Service {
         .await
     }
 
-    /// Sync and freeze the guest, pause, write device state, copy RAM, clone disks, resume,
-    /// thaw. The machine is resumed (and thawed) whatever fails.
-    async fn take(
+    /// Sync and freeze the guest, pause, write device state, RAM (for a memory snapshot) and a
+    /// clone of the system disk into `dir`, resume, thaw. The machine is resumed (and thawed)
+    /// whatever fails; a machine that cannot be resumed is marked failed, as it is. The caller
+    /// removes what a failure left in `dir`.
+    pub(super) async fn take(
         &self,
         rec: &MachineRecord,
-        snap: &SnapshotRecord,
+        kind: SnapshotKind,
+        memory_in_vmstate: bool,
         dir: &Path,
     ) -> Result<(Vec<Written>, Timings)> {
         std::fs::create_dir_all(dir)?;
@@ -242,32 +240,61 @@ impl Service {
         let paused_at = Instant::now();
         let paused = self.vmm.pause(&paths).await;
         let written = match paused {
-            Ok(()) => self.write_paused(rec, snap, dir).await,
+            Ok(()) => self.write_paused(rec, kind, memory_in_vmstate, dir).await,
             Err(e) => Err(e),
         };
         failpoint::stall("snapshot-paused").await;
-        let resumed = self.vmm.resume(&paths).await;
+        self.resume_or_fail(rec).await?;
         timings.push(("paused", paused_at.elapsed()));
         if frozen {
             if let Err(e) = agent.call(Op::Thaw, Some(AGENT_CALL)).await {
                 tracing::warn!(machine = %rec.id, "thaw: {}", e.message);
             }
         }
-        let written = written?;
-        resumed?;
-        Ok((written, timings))
+        Ok((written?, timings))
+    }
+
+    /// Resumes a paused machine, trying a few times. One that stays paused is of no use to
+    /// anybody and its record must not say running: its VMM is killed and it is marked failed
+    /// with the reason (a start boots it again from its disks).
+    async fn resume_or_fail(&self, rec: &MachineRecord) -> Result<()> {
+        let paths = self.paths(&rec.id);
+        let mut last = None;
+        for attempt in 0..RESUME_ATTEMPTS {
+            let resumed = match failpoint::fail("resume") {
+                Ok(()) => self.vmm.resume(&paths).await,
+                Err(e) => Err(e),
+            };
+            match resumed {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(machine = %rec.id, attempt, "resume: {}", e.message);
+                    last = Some(e);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        let e = last.expect("at least one attempt");
+        let reason = format!(
+            "the VMM did not resume after a snapshot ({}); it was stopped",
+            e.message
+        );
+        self.mark_failed(rec.clone(), &reason).await;
+        Err(Error::unavailable(format!("machine {}: {reason}", rec.id)))
     }
 
     /// The part done while the machine is paused.
     async fn write_paused(
         &self,
         rec: &MachineRecord,
-        snap: &SnapshotRecord,
+        kind: SnapshotKind,
+        memory_in_vmstate: bool,
         dir: &Path,
     ) -> Result<Vec<Written>> {
         let paths = self.paths(&rec.id);
         let mut written = Vec::new();
-        if snap.kind == SnapshotKind::Memory {
+        let copy_memory = kind == SnapshotKind::Memory && !memory_in_vmstate;
+        if kind == SnapshotKind::Memory {
             self.vmm
                 .save_device_state(&paths, &dir.join(VMSTATE))
                 .await?;
@@ -276,7 +303,7 @@ impl Service {
                 kind: ArtifactKind::Vmstate,
                 name: VMSTATE,
             });
-            if !snap.memory_in_vmstate {
+            if copy_memory {
                 written.push(Written {
                     id: "memory",
                     kind: ArtifactKind::Memory,
@@ -284,7 +311,6 @@ impl Service {
                 });
             }
         }
-        let copy_memory = !snap.memory_in_vmstate && snap.kind == SnapshotKind::Memory;
         let (memory, disk, dir2, mode) = (
             paths.memory(),
             paths.system_disk(),

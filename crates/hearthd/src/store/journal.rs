@@ -13,6 +13,7 @@ pub enum OpKind {
     Delete,
     Snapshot,
     Restore,
+    Fork,
 }
 
 impl OpKind {
@@ -24,6 +25,7 @@ impl OpKind {
             OpKind::Delete => "delete",
             OpKind::Snapshot => "snapshot",
             OpKind::Restore => "restore",
+            OpKind::Fork => "fork",
         }
     }
 
@@ -35,6 +37,7 @@ impl OpKind {
             "delete" => OpKind::Delete,
             "snapshot" => OpKind::Snapshot,
             "restore" => OpKind::Restore,
+            "fork" => OpKind::Fork,
             _ => return None,
         })
     }
@@ -46,25 +49,32 @@ pub struct OpRecord {
     pub kind: OpKind,
     pub machine_id: String,
     pub snapshot_id: Option<String>,
+    /// The machine an operation reads from (a fork's source).
+    pub source_id: Option<String>,
     pub started_at: DateTime<Utc>,
 }
 
 impl Store {
-    pub fn begin_op(&self, kind: OpKind, machine_id: &str) -> Result<i64> {
-        self.begin_snapshot_op(kind, machine_id, None)
-    }
-
-    /// A journal row that also names the snapshot the operation makes or reads.
-    pub fn begin_snapshot_op(
+    /// Writes the journal row of an operation on `machine_id`, naming the snapshot it makes or
+    /// reads and the machine it reads from, if any.
+    pub fn begin_op(
         &self,
         kind: OpKind,
         machine_id: &str,
         snapshot_id: Option<&str>,
+        source_id: Option<&str>,
     ) -> Result<i64> {
         let conn = self.conn();
         conn.execute(
-            "INSERT INTO operations (kind, machine_id, snapshot_id, started_at) VALUES (?1, ?2, ?3, ?4)",
-            rusqlite::params![kind.as_str(), machine_id, snapshot_id, Utc::now()],
+            "INSERT INTO operations (kind, machine_id, snapshot_id, source_machine_id, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![
+                kind.as_str(),
+                machine_id,
+                snapshot_id,
+                source_id,
+                Utc::now()
+            ],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -78,7 +88,8 @@ impl Store {
     pub fn pending_ops(&self) -> Result<Vec<OpRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, kind, machine_id, snapshot_id, started_at FROM operations ORDER BY id",
+            "SELECT id, kind, machine_id, snapshot_id, source_machine_id, started_at
+             FROM operations ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -86,18 +97,20 @@ impl Store {
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, Option<String>>(3)?,
-                r.get::<_, DateTime<Utc>>(4)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, DateTime<Utc>>(5)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, kind, machine_id, snapshot_id, started_at) = row?;
+            let (id, kind, machine_id, snapshot_id, source_id, started_at) = row?;
             match OpKind::parse(&kind) {
                 Some(kind) => out.push(OpRecord {
                     id,
                     kind,
                     machine_id,
                     snapshot_id,
+                    source_id,
                     started_at,
                 }),
                 None => tracing::warn!("journal row {id} has unknown kind {kind}"),
@@ -115,13 +128,16 @@ mod tests {
     fn rows_live_until_ended() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
-        let a = store.begin_op(OpKind::Create, "m1").unwrap();
-        let b = store.begin_op(OpKind::Stop, "m2").unwrap();
+        let a = store.begin_op(OpKind::Create, "m1", None, None).unwrap();
+        let b = store
+            .begin_op(OpKind::Fork, "m2", None, Some("m1"))
+            .unwrap();
         store.end_op(a).unwrap();
         let pending = store.pending_ops().unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].id, b);
-        assert_eq!(pending[0].kind, OpKind::Stop);
+        assert_eq!(pending[0].kind, OpKind::Fork);
         assert_eq!(pending[0].machine_id, "m2");
+        assert_eq!(pending[0].source_id.as_deref(), Some("m1"));
     }
 }

@@ -54,6 +54,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX snapshots_by_machine ON snapshots (machine_id);
     ALTER TABLE operations ADD COLUMN snapshot_id TEXT;
     ALTER TABLE machines ADD COLUMN ram_shared INTEGER NOT NULL DEFAULT 1;",
+    "ALTER TABLE operations ADD COLUMN source_machine_id TEXT;",
 ];
 
 pub struct Store {

@@ -72,6 +72,8 @@ pub struct Daemon {
     extra_args: Vec<String>,
     /// Environment for the next (re)start, such as failpoints.
     pub env: Vec<(String, String)>,
+    /// Where the running daemon's part of the log starts.
+    log_start: usize,
 }
 
 impl Daemon {
@@ -81,6 +83,12 @@ impl Daemon {
 
     /// A daemon with extra command-line flags.
     pub async fn start_with(extra_args: &[&str]) -> Daemon {
+        Daemon::start_env(extra_args, &[]).await
+    }
+
+    /// A daemon with extra flags and environment (failpoints), kept across restarts until
+    /// `env` is changed.
+    pub async fn start_env(extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("hearth-t")
             .tempdir_in("/tmp")
@@ -92,7 +100,9 @@ impl Daemon {
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            log_start: 0,
         };
+        d.set_env(env);
         d.spawn().await;
         d
     }
@@ -101,7 +111,26 @@ impl Daemon {
         self.root.path()
     }
 
+    /// Replaces the environment of the next (re)start.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
     async fn spawn(&mut self) {
+        self.log_start = self.log().len();
+        // Test defaults, unless the test gives its own.
+        let mut defaults = Vec::new();
+        for (flag, value) in [
+            ("--reconcile-interval-secs", "1"),
+            ("--stop-timeout-secs", "10"),
+        ] {
+            if !self.extra_args.iter().any(|a| a == flag) {
+                defaults.extend([flag, value]);
+            }
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -110,12 +139,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
             .arg("--root")
             .arg(self.path())
-            .args([
-                "--reconcile-interval-secs",
-                "1",
-                "--stop-timeout-secs",
-                "10",
-            ])
+            .args(defaults)
             .args(&self.extra_args)
             .env("HEARTH_LOG", "info,hearthd=debug")
             .envs(self.env.iter().cloned())
@@ -151,6 +175,26 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.path().join("hearthd.log")).unwrap_or_default()
+    }
+
+    /// How many lines of the running daemon's log contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        let log = self.log();
+        log.get(self.log_start..)
+            .unwrap_or("")
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until the running daemon stalls at failpoint `name` (`HEARTH_STALL_AT`).
+    pub async fn await_stall(&self, name: &str) {
+        let needle = format!("stalling at failpoint failpoint=\"{name}\"");
+        let stalled = eventually(Duration::from_secs(120), async || {
+            self.log_count(&needle) > 0
+        })
+        .await;
+        assert!(stalled, "the daemon never reached failpoint {name}");
     }
 
     /// QEMU processes started for this daemon (their command line names its root).

@@ -1,0 +1,109 @@
+//! Fork: a new machine that continues from a running machine's present instant. One journaled
+//! operation — the source's state is taken straight into the new machine's directory and
+//! restored from there — so a crash anywhere in it is undone as a whole: no half-made machine,
+//! no snapshot nobody asked for, and the source resumed.
+
+use super::machines::guest_hostname;
+use super::snapshots::{Timings, MEMORY, VMSTATE};
+use super::{nonce, Operation, Service};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::store::{MachineRecord, MachineSpec, OpKind};
+use crate::vmm::MemoryBacking;
+use hearth_api::{validate_id, ForkRequest, Machine, Phase, SnapshotKind};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::OwnedMutexGuard;
+
+impl Service {
+    pub async fn fork_machine(
+        self: &Arc<Self>,
+        source: &str,
+        req: ForkRequest,
+    ) -> Result<(Machine, Timings)> {
+        validate_id("machine", source).map_err(Error::invalid)?;
+        validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
+        if source == req.machine_id {
+            return Err(Error::invalid("a fork needs a machine_id of its own"));
+        }
+        let hostname = guest_hostname(&req.machine_id, req.guest_config.as_ref())?;
+        let op = Operation::on(OpKind::Fork, &req.machine_id).source(source);
+        let source = source.to_string();
+        self.operation(op, move |svc, id, _| async move {
+            let started = Instant::now();
+            let src_rt = svc.runtime(&source);
+            let result = match src_rt.begin(&source) {
+                Ok(src_lock) => {
+                    svc.fork_locked(&source, &id, hostname, src_lock, started)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            drop(src_rt);
+            svc.release_runtime(&source);
+            result
+        })
+        .await
+    }
+
+    async fn fork_locked(
+        &self,
+        source: &str,
+        id: &str,
+        hostname: String,
+        src_lock: OwnedMutexGuard<()>,
+        started: Instant,
+    ) -> Result<(Machine, Timings)> {
+        let src = self.record(source)?;
+        if src.phase != Phase::Running {
+            return Err(Error::conflict(format!(
+                "machine {source} is {}; only a running machine can be forked",
+                src.phase.as_str()
+            )));
+        }
+        let spec = MachineSpec {
+            hostname,
+            machine_uuid: nonce(),
+            restored_from: None,
+            ..src.spec.clone()
+        };
+        let mut rec = MachineRecord::starting(id, spec, false);
+        self.store.insert_machine(&rec)?;
+        let result = self.fork_into(&src, &mut rec, src_lock).await;
+        if let Err(e) = &result {
+            tracing::info!(machine = %id, source, "fork failed: {}", e.message);
+            self.destroy(id, rec.process.as_ref()).await;
+        }
+        let mut timings = result?;
+        timings.push(("total", started.elapsed()));
+        Ok((rec.to_api(), timings))
+    }
+
+    /// Takes the source's memory, device state and disk into the new machine's directory
+    /// (the source runs again as soon as they are written) and resumes the new machine there.
+    /// Its RAM maps the copy privately; the file goes with the machine.
+    async fn fork_into(
+        &self,
+        src: &MachineRecord,
+        rec: &mut MachineRecord,
+        src_lock: OwnedMutexGuard<()>,
+    ) -> Result<Timings> {
+        let dir = self.paths(&rec.id).dir;
+        let memory_in_vmstate = !src.ram_shared;
+        let (_, mut timings) = self
+            .take(src, SnapshotKind::Memory, memory_in_vmstate, &dir)
+            .await?;
+        drop(src_lock);
+        failpoint::stall("fork-taken").await;
+        let memory = if memory_in_vmstate {
+            MemoryBacking::Anonymous
+        } else {
+            MemoryBacking::PrivateFile(dir.join(MEMORY))
+        };
+        let vmstate = dir.join(VMSTATE);
+        timings.extend(self.resume_from(rec, memory, &vmstate).await?);
+        // Loaded; only the memory file is still in use.
+        let _ = std::fs::remove_file(&vmstate);
+        Ok(timings)
+    }
+}
