@@ -237,8 +237,14 @@ async fn upload_errors_name_the_artifact_and_part() {
     assert_eq!(whole.status.as_u16(), 200);
     let local = std::fs::read(d.path().join("snapshots/s/manifest.json")).unwrap();
     assert_eq!(whole.body.as_ref(), local.as_slice());
-    let part = ranged(&d, &path, "bytes=10-19").await;
+    let (status, content_range, part) = ranged(&d, &path, "bytes=10-19").await;
+    assert_eq!(status, 206);
+    assert_eq!(content_range, Some(format!("bytes 10-19/{}", local.len())));
     assert_eq!(part, local[10..20]);
+    // A range that starts past the end: 416, naming the size.
+    let (status, content_range, _) = ranged(&d, &path, &format!("bytes={}-", local.len())).await;
+    assert_eq!(status, 416);
+    assert_eq!(content_range, Some(format!("bytes */{}", local.len())));
     let missing = d
         .client
         .raw(Method::GET, "/snapshots/s/artifacts/nope", None)
@@ -248,7 +254,8 @@ async fn upload_errors_name_the_artifact_and_part() {
     d.client.delete_machine("m").await.unwrap();
 }
 
-async fn ranged(d: &Daemon, path: &str, range: &str) -> Vec<u8> {
+/// GETs `path` with a Range header: the status, the Content-Range and the body.
+async fn ranged(d: &Daemon, path: &str, range: &str) -> (u16, Option<String>, Vec<u8>) {
     let stream = tokio::net::UnixStream::connect(d.client.socket())
         .await
         .unwrap();
@@ -263,14 +270,20 @@ async fn ranged(d: &Daemon, path: &str, range: &str) -> Vec<u8> {
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status().as_u16(), 206);
+    let status = resp.status().as_u16();
+    let content_range = resp
+        .headers()
+        .get("content-range")
+        .map(|v| v.to_str().unwrap().to_string());
     use http_body_util::BodyExt;
-    resp.into_body()
+    let body = resp
+        .into_body()
         .collect()
         .await
         .unwrap()
         .to_bytes()
-        .to_vec()
+        .to_vec();
+    (status, content_range, body)
 }
 
 #[tokio::test(flavor = "multi_thread")]
