@@ -4,19 +4,16 @@
 mod common;
 
 use common::*;
-use hearth_api::{ErrorCode, SnapshotKind, UploadArtifact, UploadPart, UploadRequest};
+use hearth_api::{ErrorCode, Snapshot, SnapshotKind, UploadArtifact, UploadPart, UploadRequest};
 use hyper::Method;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+/// One running machine and one snapshot, moved through every S3 server the tests can run
+/// (rclone answers ranges with 200; s3s-fs; moto), with faults on the way up and down.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_travels_to_another_host() {
-    let s3 = S3Server::start().await;
-    // Two 500s and two connection resets on the first part uploads: retries must absorb them.
-    let proxy = FaultProxy::start(&s3.endpoint, 2, 2).await;
     let a = Daemon::start().await;
-    let b = Daemon::start().await;
-    let dest = format!("s3://{}/fleet", s3.bucket);
-
     // A small machine keeps the store's traffic small: 128 MiB of RAM, a 128 MiB disk.
     let mut req = create_req("src");
     req.memory_mib = Some(128);
@@ -24,7 +21,12 @@ async fn a_snapshot_travels_to_another_host() {
     a.client.create_machine(&req).await.unwrap();
     start_counter(&a.client, "src").await;
     sh(&a.client, "src", "echo from-host-a > /tmp/note").await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            sh(&a.client, "src", "test -s /tmp/counter").await.exit_code == 0
+        })
+        .await
+    );
     let before = read_counter(&a.client, "src").await;
     let snap = a
         .client
@@ -33,39 +35,16 @@ async fn a_snapshot_travels_to_another_host() {
         .unwrap()
         .snapshot;
 
-    let (ok, out, err) = run_cli(&a, &s3.env(&proxy.endpoint), &["push", "travel", &dest]);
-    assert!(ok, "push failed: {out}{err}");
-    assert_eq!(
-        proxy.faults_served.load(Ordering::SeqCst),
-        4,
-        "the faults were not all hit"
-    );
-
-    // Every object equals its local artifact.
-    for art in &snap.artifacts {
-        let sha = s3.boto(&format!(
-            "print(hashlib.sha256(s3.get_object(Bucket=bucket, Key='fleet/travel/{}')['Body'].read()).hexdigest())",
-            art.name
-        ));
-        assert_eq!(Some(sha), art.sha256_hex, "{}", art.name);
+    for s3 in [S3Server::start_rclone().await, S3Server::start_s3s().await] {
+        let b = travel(&a, &snap, &s3, before).await;
+        b.client.delete_machine("moved").await.unwrap();
+        assert!(b.vmm_pids().is_empty());
     }
 
-    // Host B restores it: the process running on A continues on B.
+    let s3 = S3Server::start().await;
+    let b = travel(&a, &snap, &s3, before).await;
+    let dest = format!("s3://{}/fleet", s3.bucket);
     let env = s3.env(&s3.endpoint);
-    let (ok, out, err) = run_cli(&b, &env, &["pull", &format!("{dest}/travel"), "moved"]);
-    assert!(ok, "pull failed: {out}{err}");
-    let on_b = read_counter(&b.client, "moved").await;
-    assert!(on_b >= before, "counter {on_b} < {before}");
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    assert!(read_counter(&b.client, "moved").await > on_b);
-    assert_eq!(
-        sh(&b.client, "moved", "cat /tmp/note").await.stdout,
-        "from-host-a\n"
-    );
-    assert_eq!(
-        sh(&b.client, "moved", "hostname").await.stdout.trim(),
-        "moved"
-    );
 
     // A corrupted object fails the restore with 422 and leaves no machine and no staged file
     // (on a third host, whose cache does not have the good copy).
@@ -109,6 +88,60 @@ async fn a_snapshot_travels_to_another_host() {
     }
     a.client.delete_machine("src").await.unwrap();
     assert!(a.vmm_pids().is_empty() && b.vmm_pids().is_empty());
+}
+
+/// Pushes `snap` (of machine "src" on `a`, whose counter read `before`) to `s3` and pulls it
+/// into a new host as machine "moved", two 500s and two connection resets failing part uploads
+/// on the way up and chunk downloads on the way down; returns the new host.
+async fn travel(a: &Daemon, snap: &Snapshot, s3: &S3Server, before: u64) -> Daemon {
+    let dest = format!("s3://{}/fleet", s3.bucket);
+    let up = FaultProxy::start(&s3.endpoint, Faults::Puts, 2, 2).await;
+    let (ok, out, err) = run_cli(a, &s3.env(&up.endpoint), &["push", "travel", &dest]);
+    assert!(ok, "push failed: {out}{err}");
+    assert_eq!(
+        up.faults_served.load(Ordering::SeqCst),
+        4,
+        "faults not all hit"
+    );
+
+    // Every object equals its local artifact.
+    for art in &snap.artifacts {
+        let sha = s3.boto(&format!(
+            "print(hashlib.sha256(s3.get_object(Bucket=bucket, Key='fleet/travel/{}')['Body'].read()).hexdigest())",
+            art.name
+        ));
+        assert_eq!(Some(sha), art.sha256_hex, "{}", art.name);
+    }
+
+    // Host B restores it: the process running on A continues on B.
+    let b = Daemon::start().await;
+    let down = FaultProxy::start(&s3.endpoint, Faults::RangedGets, 2, 2).await;
+    let source = format!("{dest}/travel");
+    let (ok, out, err) = run_cli(&b, &s3.env(&down.endpoint), &["pull", &source, "moved"]);
+    assert!(ok, "pull failed: {out}{err}");
+    assert_eq!(
+        down.faults_served.load(Ordering::SeqCst),
+        4,
+        "faults not all hit"
+    );
+    let on_b = read_counter(&b.client, "moved").await;
+    assert!(on_b >= before, "counter {on_b} < {before}");
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            read_counter(&b.client, "moved").await > on_b
+        })
+        .await,
+        "the counter stopped at {on_b}"
+    );
+    assert_eq!(
+        sh(&b.client, "moved", "cat /tmp/note").await.stdout,
+        "from-host-a\n"
+    );
+    assert_eq!(
+        sh(&b.client, "moved", "hostname").await.stdout.trim(),
+        "moved"
+    );
+    b
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -204,8 +237,14 @@ async fn upload_errors_name_the_artifact_and_part() {
     assert_eq!(whole.status.as_u16(), 200);
     let local = std::fs::read(d.path().join("snapshots/s/manifest.json")).unwrap();
     assert_eq!(whole.body.as_ref(), local.as_slice());
-    let part = ranged(&d, &path, "bytes=10-19").await;
+    let (status, content_range, part) = ranged(&d, &path, "bytes=10-19").await;
+    assert_eq!(status, 206);
+    assert_eq!(content_range, Some(format!("bytes 10-19/{}", local.len())));
     assert_eq!(part, local[10..20]);
+    // A range that starts past the end: 416, naming the size.
+    let (status, content_range, _) = ranged(&d, &path, &format!("bytes={}-", local.len())).await;
+    assert_eq!(status, 416);
+    assert_eq!(content_range, Some(format!("bytes */{}", local.len())));
     let missing = d
         .client
         .raw(Method::GET, "/snapshots/s/artifacts/nope", None)
@@ -215,7 +254,8 @@ async fn upload_errors_name_the_artifact_and_part() {
     d.client.delete_machine("m").await.unwrap();
 }
 
-async fn ranged(d: &Daemon, path: &str, range: &str) -> Vec<u8> {
+/// GETs `path` with a Range header: the status, the Content-Range and the body.
+async fn ranged(d: &Daemon, path: &str, range: &str) -> (u16, Option<String>, Vec<u8>) {
     let stream = tokio::net::UnixStream::connect(d.client.socket())
         .await
         .unwrap();
@@ -230,14 +270,20 @@ async fn ranged(d: &Daemon, path: &str, range: &str) -> Vec<u8> {
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
-    assert_eq!(resp.status().as_u16(), 206);
+    let status = resp.status().as_u16();
+    let content_range = resp
+        .headers()
+        .get("content-range")
+        .map(|v| v.to_str().unwrap().to_string());
     use http_body_util::BodyExt;
-    resp.into_body()
+    let body = resp
+        .into_body()
         .collect()
         .await
         .unwrap()
         .to_bytes()
-        .to_vec()
+        .to_vec();
+    (status, content_range, body)
 }
 
 #[tokio::test(flavor = "multi_thread")]

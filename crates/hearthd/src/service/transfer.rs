@@ -1,8 +1,10 @@
 //! Moving snapshots through object storage. Upload: every part PUT straight from its section of
 //! the artifact file with an exact Content-Length, in parallel under a bound, transient failures
 //! retried with exponential backoff and jitter. Download: parallel ranged GETs into a staging
-//! file, zero chunks left as holes, sha256 checked before the file joins the content-addressed
-//! blob store (so a second restore of the same artifacts downloads nothing).
+//! file (one streaming GET of the whole object from a server that ignores Range), bodies
+//! streamed and capped at the length asked for, zero blocks left as holes, sha256 checked before
+//! the file joins the content-addressed blob store (so a second restore of the same artifacts
+//! downloads nothing).
 
 use super::Service;
 use crate::error::{Error, Result};
@@ -233,30 +235,17 @@ impl Service {
             .map_err(|e| Error::invalid(format!("artifact {name}: download_url: {e}")))?;
         let staged = tempfile::NamedTempFile::new_in(self.cfg.root.join("images/tmp"))?;
         staged.as_file().set_len(size)?;
-        let sem = Arc::new(Semaphore::new(self.cfg.transfer_concurrency.max(1)));
-        let mut set = tokio::task::JoinSet::new();
         // One descriptor shared by every chunk: positioned writes need no seek.
         let file = Arc::new(staged.reopen()?);
-        let chunks = size.div_ceil(CHUNK).max(1);
-        for i in 0..chunks {
-            let start = i * CHUNK;
-            let len = CHUNK.min(size - start);
-            let (sem, http, url, file) = (
-                sem.clone(),
-                self.http.clone(),
-                url.to_string(),
-                file.clone(),
-            );
-            set.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                with_retries(|| get_chunk(&http, &url, start, len, size, &file)).await
-            });
-        }
-        while let Some(joined) = set.join_next().await {
-            joined
-                .map_err(|e| Error::internal(e.to_string()))?
-                .map_err(|e| Error::upstream(format!("downloading artifact {name}: {e}")))?;
-        }
+        download(
+            &self.http,
+            name,
+            url,
+            size,
+            self.cfg.transfer_concurrency,
+            file,
+        )
+        .await?;
         let path = staged.path().to_path_buf();
         let (_, got) = tokio::task::spawn_blocking(move || storage::sha256_sparse(&path))
             .await
@@ -322,8 +311,7 @@ async fn put_part(
         .map_err(from_reqwest)?;
     let status = resp.status();
     if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        return Err(from_status(status, &text));
+        return Err(failure(resp).await);
     }
     let etag = resp
         .headers()
@@ -340,8 +328,59 @@ async fn put_part(
     Ok(etag)
 }
 
+/// Fills `file` with the object of `size` bytes at `url`: parallel ranged GETs of [`CHUNK`]
+/// bytes, or one GET of the whole object from a server that ignores Range.
+async fn download(
+    http: &reqwest::Client,
+    name: &str,
+    url: &str,
+    size: u64,
+    concurrency: usize,
+    file: Arc<std::fs::File>,
+) -> Result<()> {
+    let upstream = |e: String| Error::upstream(format!("downloading artifact {name}: {e}"));
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..size.div_ceil(CHUNK) {
+        let start = i * CHUNK;
+        let len = CHUNK.min(size - start);
+        let (sem, http, url, file) = (sem.clone(), http.clone(), url.to_string(), file.clone());
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            with_retries(|| get_chunk(&http, &url, start, len, size, &file)).await
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        let got = joined
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(upstream)?;
+        if got == Chunk::WholeObject {
+            // Every other chunk would bring the whole object too: one GET is enough.
+            set.shutdown().await;
+            tracing::info!(
+                artifact = name,
+                "the object store ignores Range: one GET of the whole object"
+            );
+            return with_retries(|| get_whole(http, url, size, &file))
+                .await
+                .map_err(upstream);
+        }
+    }
+    Ok(())
+}
+
+/// What a ranged GET brought.
+#[derive(Debug, PartialEq)]
+enum Chunk {
+    /// The requested bytes, written.
+    Written,
+    /// Nothing written: the server answers with the whole object (it ignores Range).
+    WholeObject,
+}
+
 /// GETs bytes `start..start+len` of an object of `total` bytes and writes them at the same
-/// offset; an all-zero chunk is not written, so it stays a hole.
+/// offset. The answer may be a 206 or a 200 (some stores, such as `rclone serve s3`, answer a
+/// range with 200); either way its `Content-Range`, when present, must name exactly these bytes.
 async fn get_chunk(
     http: &reqwest::Client,
     url: &str,
@@ -349,50 +388,351 @@ async fn get_chunk(
     len: u64,
     total: u64,
     file: &Arc<std::fs::File>,
-) -> std::result::Result<(), Failure> {
-    let whole = start == 0 && len == total;
+) -> std::result::Result<Chunk, Failure> {
+    let last = start + len - 1;
     let resp = http
         .get(url)
-        .header(
-            reqwest::header::RANGE,
-            format!("bytes={}-{}", start, start + len - 1),
-        )
+        .header(reqwest::header::RANGE, format!("bytes={start}-{last}"))
         .send()
         .await
         .map_err(from_reqwest)?;
     let status = resp.status();
-    let ranged = status == reqwest::StatusCode::PARTIAL_CONTENT;
-    if !(ranged || (status.is_success() && whole)) {
-        let text = resp.text().await.unwrap_or_default();
-        let mut f = from_status(status, &text);
-        if status.is_success() {
-            f.message = format!("the server ignored the Range header ({status})");
-        }
-        return Err(f);
+    if !status.is_success() {
+        return Err(failure(resp).await);
     }
-    let body = resp.bytes().await.map_err(from_reqwest)?;
-    if body.len() as u64 != len {
+    let partial = status == reqwest::StatusCode::PARTIAL_CONTENT;
+    let length = resp.content_length();
+    let bad = |message: String| Failure {
+        message,
+        transient: false,
+    };
+    if !partial && status != reqwest::StatusCode::OK {
+        return Err(bad(format!(
+            "HTTP {status} to a GET of bytes {start}-{last}"
+        )));
+    }
+    match resp.headers().get(reqwest::header::CONTENT_RANGE) {
+        Some(v) => {
+            let named = v.to_str().ok().and_then(parse_content_range);
+            if named
+                .is_none_or(|(a, b, n)| (a, b) != (start, last) || n.is_some_and(|n| n != total))
+            {
+                return Err(bad(format!(
+                    "asked for bytes {start}-{last} of {total}, the server sent Content-Range {v:?}"
+                )));
+            }
+        }
+        // Without Content-Range, only the length tells a 200 for the range from one for the
+        // whole object; when even that is missing, the whole object is the safe guess.
+        None if partial || len == total || length == Some(len) => {}
+        None => match length {
+            Some(n) if n != total => {
+                return Err(bad(format!(
+                    "asked for bytes {start}-{last} of {total}, the server sent {n} bytes with \
+                     HTTP {status}"
+                )))
+            }
+            _ => return Ok(Chunk::WholeObject),
+        },
+    }
+    if let Some(n) = length.filter(|&n| n != len) {
+        return Err(bad(format!(
+            "asked for bytes {start}-{last}, the server announced {n} bytes"
+        )));
+    }
+    write_body(resp, file, start, len).await?;
+    Ok(Chunk::Written)
+}
+
+/// GETs the whole object of `size` bytes into `file`, for servers that ignore Range.
+async fn get_whole(
+    http: &reqwest::Client,
+    url: &str,
+    size: u64,
+    file: &Arc<std::fs::File>,
+) -> std::result::Result<(), Failure> {
+    let resp = http.get(url).send().await.map_err(from_reqwest)?;
+    if resp.status() != reqwest::StatusCode::OK {
+        return Err(failure(resp).await);
+    }
+    if let Some(n) = resp.content_length().filter(|&n| n != size) {
+        return Err(Failure {
+            message: format!("the object is {n} bytes, expected {size} (is size_bytes right?)"),
+            transient: false,
+        });
+    }
+    write_body(resp, file, 0, size).await
+}
+
+/// Block in which a body is written; an all-zero block is skipped, so it stays a hole.
+const BLOCK: usize = 1 << 20;
+
+/// Streams a body of exactly `len` bytes into `file` at `offset`, one block in memory at a
+/// time; a body that runs longer is cut off and refused, whatever its headers said.
+async fn write_body(
+    mut resp: reqwest::Response,
+    file: &Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+) -> std::result::Result<(), Failure> {
+    let mut block = Vec::with_capacity(BLOCK.min(len as usize));
+    let mut at = offset;
+    let mut received = 0u64;
+    while let Some(piece) = resp.chunk().await.map_err(from_reqwest)? {
+        received += piece.len() as u64;
+        if received > len {
+            return Err(Failure {
+                message: format!(
+                    "bytes {offset}..{}: the server sent more than the {len} bytes asked for",
+                    offset + len
+                ),
+                transient: false,
+            });
+        }
+        let mut rest = &piece[..];
+        while !rest.is_empty() {
+            let n = (BLOCK - block.len()).min(rest.len());
+            block.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if block.len() == BLOCK {
+                block = write_block(file, at, block).await?;
+                at += BLOCK as u64;
+            }
+        }
+    }
+    if received != len {
         return Err(Failure {
             message: format!(
-                "bytes {start}..{}: got {} bytes, expected {len} (is size_bytes right?)",
-                start + len,
-                body.len()
+                "bytes {offset}..{}: got {received} bytes, expected {len} (is size_bytes right?)",
+                offset + len
             ),
             transient: false,
         });
     }
-    if body.iter().any(|&b| b != 0) {
-        let file = file.clone();
-        tokio::task::spawn_blocking(move || file.write_all_at(&body, start))
-            .await
-            .map_err(|e| Failure {
-                message: e.to_string(),
-                transient: false,
-            })?
-            .map_err(|e| Failure {
-                message: format!("writing the staged file: {e}"),
-                transient: false,
-            })?;
-    }
+    write_block(file, at, block).await?;
     Ok(())
+}
+
+/// Writes `block` at `at` unless it is all zeros; hands the buffer back, emptied, for reuse.
+async fn write_block(
+    file: &Arc<std::fs::File>,
+    at: u64,
+    mut block: Vec<u8>,
+) -> std::result::Result<Vec<u8>, Failure> {
+    let failed = |message: String| Failure {
+        message,
+        transient: false,
+    };
+    if block.iter().any(|&b| b != 0) {
+        let file = file.clone();
+        block = tokio::task::spawn_blocking(move || file.write_all_at(&block, at).map(|()| block))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(format!("writing the staged file: {e}")))?;
+    }
+    block.clear();
+    Ok(block)
+}
+
+/// `bytes a-b/n` or `bytes a-b/*` as (a, b, n).
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        n => Some(n.parse().ok()?),
+    };
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?, total))
+}
+
+/// A failed answer: its status and the start of its body, read no further (a body may be
+/// endless).
+async fn failure(mut resp: reqwest::Response) -> Failure {
+    const KEEP: usize = 1024;
+    let status = resp.status();
+    let mut body = Vec::new();
+    while body.len() < KEEP {
+        let Ok(Some(piece)) = resp.chunk().await else {
+            break;
+        };
+        body.extend_from_slice(&piece[..piece.len().min(KEEP - body.len())]);
+    }
+    from_status(status, &String::from_utf8_lossy(&body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// How the loopback object store answers a ranged GET.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// 206 with Content-Range, as S3 does.
+        Partial,
+        /// 200 with the range and its Content-Range, as `rclone serve s3` does.
+        OkWithContentRange,
+        /// 200 with the range and only its Content-Length.
+        OkWithLength,
+        /// 200 with the whole object.
+        IgnoresRange,
+        /// 206 naming bytes one past those asked for.
+        WrongContentRange,
+        /// 206 with the right Content-Range and a body that never ends.
+        Endless,
+    }
+
+    struct Store {
+        url: String,
+        /// GETs without a Range header.
+        whole_gets: Arc<AtomicUsize>,
+    }
+
+    async fn store(answer: Answer, object: Arc<Vec<u8>>) -> Store {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/o", listener.local_addr().unwrap());
+        let whole_gets = Arc::new(AtomicUsize::new(0));
+        let counter = whole_gets.clone();
+        let app = axum::Router::new().route(
+            "/o",
+            axum::routing::get(move |headers: HeaderMap| {
+                let (object, counter) = (object.clone(), counter.clone());
+                async move {
+                    let range = headers
+                        .get("range")
+                        .and_then(|v| v.to_str().ok()?.strip_prefix("bytes=")?.split_once('-'))
+                        .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+                    let n = object.len();
+                    let Some((a, b)) = range else {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        return object.to_vec().into_response();
+                    };
+                    let named =
+                        |a: usize, b: usize| [("content-range", format!("bytes {a}-{b}/{n}"))];
+                    let part = object[a..=b].to_vec();
+                    match answer {
+                        Answer::Partial => {
+                            (StatusCode::PARTIAL_CONTENT, named(a, b), part).into_response()
+                        }
+                        Answer::OkWithContentRange => {
+                            (StatusCode::OK, named(a, b), part).into_response()
+                        }
+                        Answer::OkWithLength => part.into_response(),
+                        Answer::IgnoresRange => object.to_vec().into_response(),
+                        Answer::WrongContentRange => {
+                            (StatusCode::PARTIAL_CONTENT, named(a + 1, b + 1), part).into_response()
+                        }
+                        Answer::Endless => {
+                            let forever = futures_util::stream::repeat_with(|| {
+                                Ok::<_, std::io::Error>(bytes::Bytes::from(vec![1u8; 64 << 10]))
+                            });
+                            let body = axum::body::Body::from_stream(forever);
+                            (StatusCode::PARTIAL_CONTENT, named(a, b), body).into_response()
+                        }
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Store { url, whole_gets }
+    }
+
+    /// Three chunks, the middle one all zeros, the last one short.
+    fn object() -> Arc<Vec<u8>> {
+        let size = 2 * CHUNK as usize + 4097;
+        Arc::new(
+            (0..size)
+                .map(|i| {
+                    if (CHUNK as usize..2 * CHUNK as usize).contains(&i) {
+                        0
+                    } else {
+                        (i % 251) as u8 + 1
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// Downloads the store's object into a fresh staging file; returns the file and the result.
+    async fn fetch(store: &Store, size: u64) -> (tempfile::NamedTempFile, Result<()>) {
+        let staged = tempfile::NamedTempFile::new().unwrap();
+        staged.as_file().set_len(size).unwrap();
+        let file = Arc::new(staged.reopen().unwrap());
+        let http = reqwest::Client::new();
+        let res = tokio::time::timeout(
+            Duration::from_secs(60),
+            download(&http, "memory", &store.url, size, 4, file),
+        )
+        .await
+        .expect("the download did not end");
+        (staged, res)
+    }
+
+    async fn downloads_whole(answer: Answer) -> usize {
+        let object = object();
+        let store = store(answer, object.clone()).await;
+        let (staged, res) = fetch(&store, object.len() as u64).await;
+        res.unwrap();
+        assert!(std::fs::read(staged.path()).unwrap() == *object);
+        // The zero chunk was not written.
+        let allocated = staged.as_file().metadata().unwrap().blocks() * 512;
+        assert!(
+            allocated < object.len() as u64 - CHUNK / 2,
+            "{allocated} bytes allocated"
+        );
+        store.whole_gets.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn ranges_answered_with_206_or_200() {
+        for answer in [
+            Answer::Partial,
+            Answer::OkWithContentRange,
+            Answer::OkWithLength,
+        ] {
+            assert_eq!(downloads_whole(answer).await, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_ignoring_ranges_gets_one_whole_get() {
+        assert_eq!(downloads_whole(Answer::IgnoresRange).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_content_range_is_refused() {
+        let object = object();
+        let store = store(Answer::WrongContentRange, object.clone()).await;
+        let err = fetch(&store, object.len() as u64).await.1.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Upstream, "{err}");
+        assert!(
+            err.message.contains("downloading artifact memory")
+                && err
+                    .message
+                    .contains("the server sent Content-Range \"bytes 1-"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_asked_is_cut_off() {
+        let object = object();
+        let store = store(Answer::Endless, object.clone()).await;
+        let err = fetch(&store, object.len() as u64).await.1.unwrap_err();
+        assert!(err.message.contains("more than the"), "{err}");
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(
+            parse_content_range("bytes 0-9/100"),
+            Some((0, 9, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("items 0-9/100"), None);
+    }
 }

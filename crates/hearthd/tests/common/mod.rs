@@ -348,7 +348,8 @@ pub fn hearth_cli() -> PathBuf {
 }
 
 /// A real S3-compatible server on a loopback port, with one bucket: moto (S3-exact multipart
-/// ETags) or `rclone serve s3` (which checks SigV4 signatures and expiry).
+/// ETags), `rclone serve s3` (which checks SigV4 signatures and expiry, and answers ranges with
+/// 200) or `s3s-fs`.
 pub struct S3Server {
     pub endpoint: String,
     pub bucket: String,
@@ -394,6 +395,22 @@ impl S3Server {
         S3Server::wait(port, child, Some(data)).await
     }
 
+    /// `s3s-fs` (a Rust S3 server) over a local directory, with the test keys required.
+    pub async fn start_s3s() -> S3Server {
+        let port = free_port();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join("snapshots")).unwrap();
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
+            .arg(data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("s3s-fs (scripts/install-deps)");
+        S3Server::wait(port, child, Some(data)).await
+    }
+
     async fn wait(port: u16, child: Child, data: Option<tempfile::TempDir>) -> S3Server {
         let endpoint = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -401,7 +418,7 @@ impl S3Server {
             .await
             .is_err()
         {
-            assert!(Instant::now() < deadline, "moto_server did not start");
+            assert!(Instant::now() < deadline, "the S3 server did not start");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         S3Server {
@@ -479,17 +496,51 @@ pub fn run_cli(d: &Daemon, env: &[(String, String)], args: &[&str]) -> (bool, St
     )
 }
 
-/// A TCP proxy to `upstream` that fails the first PUT connections: `fail_500` of them with an
-/// HTTP 500, then `resets` of them with a connection reset. Everything else passes through.
+/// Which requests a [`FaultProxy`] fails.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Faults {
+    /// Part uploads: with a 500, or with a connection reset before any answer.
+    Puts,
+    /// GETs of a range that does not start at byte 0 (chunks of a parallel download): with a
+    /// 500, or with a connection reset halfway through the body.
+    RangedGets,
+}
+
+impl Faults {
+    fn applies_to(self, head: &[u8]) -> bool {
+        let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+        match self {
+            Faults::Puts => head.starts_with("put "),
+            Faults::RangedGets => {
+                head.starts_with("get ")
+                    && head.lines().any(|l| {
+                        l.strip_prefix("range:")
+                            .and_then(|r| r.trim().strip_prefix("bytes="))
+                            .and_then(|r| r.split('-').next()?.parse::<u64>().ok())
+                            .is_some_and(|start| start > 0)
+                    })
+            }
+        }
+    }
+}
+
+/// A TCP proxy to `upstream` that fails the first connections whose request `faults` names:
+/// `fail_500` of them with an HTTP 500, then `resets` of them with a connection reset.
+/// Everything else passes through.
 pub struct FaultProxy {
     pub endpoint: String,
     pub faults_served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FaultProxy {
-    pub async fn start(upstream: &str, fail_500: usize, resets: usize) -> FaultProxy {
+    pub async fn start(
+        upstream: &str,
+        faults: Faults,
+        fail_500: usize,
+        resets: usize,
+    ) -> FaultProxy {
         use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let upstream = upstream.trim_start_matches("http://").to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -500,49 +551,29 @@ impl FaultProxy {
                 let Ok((mut conn, _)) = listener.accept().await else {
                     return;
                 };
-                let mut head = vec![0u8; 4];
-                if conn.read_exact(&mut head).await.is_err() {
-                    continue;
-                }
-                let fault = if &head == b"PUT " {
-                    let n = counter.fetch_add(1, Ordering::SeqCst);
-                    if n < fail_500 {
-                        Some(true)
-                    } else if n < fail_500 + resets {
-                        Some(false)
-                    } else {
-                        counter.fetch_sub(1, Ordering::SeqCst);
-                        None
-                    }
-                } else {
-                    None
-                };
-                let upstream = upstream.clone();
+                let (upstream, counter) = (upstream.clone(), counter.clone());
                 tokio::spawn(async move {
-                    match fault {
-                        Some(true) => {
+                    let head = read_head(&mut conn).await;
+                    let n = faults
+                        .applies_to(&head)
+                        .then(|| counter.fetch_add(1, Ordering::SeqCst));
+                    match n {
+                        Some(n) if n < fail_500 => {
                             let _ = conn
                                 .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                                 .await;
                         }
-                        Some(false) => {
-                            // SO_LINGER 0: closing sends a reset instead of a FIN.
-                            use std::os::fd::AsRawFd;
-                            let linger = libc::linger {
-                                l_onoff: 1,
-                                l_linger: 0,
-                            };
-                            unsafe {
-                                libc::setsockopt(
-                                    conn.as_raw_fd(),
-                                    libc::SOL_SOCKET,
-                                    libc::SO_LINGER,
-                                    &linger as *const libc::linger as *const libc::c_void,
-                                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                                );
+                        Some(n) if n < fail_500 + resets => {
+                            if faults == Faults::RangedGets {
+                                relay_half(&mut conn, &upstream, &head).await;
                             }
+                            // A zero linger makes the close a reset instead of a FIN.
+                            let _ = conn.set_zero_linger();
                         }
-                        None => {
+                        _ => {
+                            if n.is_some() {
+                                counter.fetch_sub(1, Ordering::SeqCst);
+                            }
                             let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
                                 return;
                             };
@@ -559,4 +590,41 @@ impl FaultProxy {
             faults_served: served,
         }
     }
+}
+
+/// Sends `request` upstream and relays the head of the answer and half its body.
+async fn relay_half(conn: &mut tokio::net::TcpStream, upstream: &str, request: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    if up.write_all(request).await.is_err() {
+        return;
+    }
+    let answer = read_head(&mut up).await;
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let head_len = text.find("\r\n\r\n").map_or(answer.len(), |i| i + 4);
+    let body: usize = text[..head_len]
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+        .unwrap_or(0);
+    let keep = head_len + body / 2;
+    let _ = conn.write_all(&answer[..keep.min(answer.len())]).await;
+    let rest = keep.saturating_sub(answer.len()) as u64;
+    let _ = tokio::io::copy(&mut (&mut up).take(rest), conn).await;
+}
+
+/// Reads from `conn` until the end of an HTTP head (or 64 KiB, or the end of the stream);
+/// returns every byte read, which may run into the body.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut piece = [0u8; 4096];
+    while buf.len() < 64 << 10 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut piece).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&piece[..n]),
+        }
+    }
+    buf
 }
