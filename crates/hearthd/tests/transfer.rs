@@ -46,8 +46,39 @@ async fn a_snapshot_travels_to_another_host() {
     let dest = format!("s3://{}/fleet", s3.bucket);
     let env = s3.env(&s3.endpoint);
 
+    // A client that hangs up during the download does not cut the restore short: it is the
+    // daemon's operation, finished on its own.
+    let h = Daemon::start().await;
+    let mut pull = std::process::Command::new(hearth_cli())
+        .arg("--socket")
+        .arg(h.client.socket())
+        .args(["pull", &format!("{dest}/travel"), "abandoned"])
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = h.path().join("images/tmp");
+    let downloading = eventually(Duration::from_secs(30), async || {
+        std::fs::read_dir(&staging).unwrap().count() > 0
+    })
+    .await;
+    assert!(downloading, "the download never started");
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    let restored = eventually(Duration::from_secs(120), async || {
+        h.client
+            .get_machine("abandoned")
+            .await
+            .is_ok_and(|m| m.phase == hearth_api::Phase::Running)
+    })
+    .await;
+    assert!(restored, "the restore stopped when its client hung up");
+    h.client.delete_machine("abandoned").await.unwrap();
+    assert!(h.vmm_pids().is_empty());
+
     // A corrupted object fails the restore with 422 and leaves no machine and no staged file
-    // (on a third host, whose cache does not have the good copy).
+    // (on a host whose cache does not have the good copy).
     let c = Daemon::start().await;
     s3.boto(
         "k = 'fleet/travel/manifest.json'\n\
