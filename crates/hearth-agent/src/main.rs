@@ -6,6 +6,7 @@
 
 mod channel;
 mod exec;
+mod net;
 mod reaper;
 mod system;
 

@@ -99,6 +99,9 @@ pub fn configure(cfg: &Configure) -> Result<(), String> {
         fs::write("/etc/machine-id", format!("{id}\n"))
             .map_err(|e| format!("write /etc/machine-id: {e}"))?;
     }
+    if let Some(net) = &cfg.network {
+        crate::net::configure(net).map_err(|e| format!("network: {e}"))?;
+    }
     Ok(())
 }
 

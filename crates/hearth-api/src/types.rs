@@ -48,6 +48,93 @@ pub struct CreateMachineRequest {
     pub user_volume_ids: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_config: Option<GuestConfig>,
+    /// The machine's network (ext); by default it has one, with egress allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
+    /// Ports to publish once it runs (ext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PublishPortRequest>>,
+}
+
+/// Whether a guest may open connections out of its machine.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Egress {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// `network` on create, restore and fork, and the body of `PATCH /machines/{id}/network`
+/// (which takes the policy fields only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// `false`: no network device at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+    /// Destinations allowed even under `egress: deny` (IPv4 CIDRs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_cidrs: Option<Vec<String>>,
+    /// Destinations refused even under `egress: allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_cidrs: Option<Vec<String>>,
+}
+
+/// A machine's network as it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MachineNetwork {
+    /// The guest's address, the same in every machine.
+    pub guest_ip: String,
+    /// Where the host reaches the guest, and what the guest's traffic leaves as.
+    pub host_ip: String,
+    pub mac: String,
+    pub namespace: String,
+    pub egress: Egress,
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    #[serde(default)]
+    pub deny_cidrs: Vec<String>,
+}
+
+/// `POST /machines/{id}/published-ports`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PublishPortRequest {
+    pub published_port_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The guest's port. Wider than u16 so that a bad value gets a clear 400.
+    pub port: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// The host's port; chosen from `--port-range` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishedPort {
+    pub id: String,
+    pub machine_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    pub host_port: u16,
+    pub protocol: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortEnvelope {
+    pub port: PublishedPort,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortList {
+    pub ports: Vec<PublishedPort>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,6 +210,9 @@ pub struct Machine {
     pub vmm: VmmKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// Absent for a machine without a network (ext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<MachineNetwork>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -282,6 +372,12 @@ pub struct RestoreRequest {
     pub snapshot: Option<DurableSnapshotRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_config: Option<GuestConfig>,
+    /// The egress policy (ext); whether there is a network at all is the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
+    /// Ports to publish (ext): a restored machine starts with none otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PublishPortRequest>>,
 }
 
 /// `POST /machines/{id}/fork`: a new machine that continues from the source's present instant,
@@ -292,6 +388,12 @@ pub struct ForkRequest {
     pub machine_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_config: Option<GuestConfig>,
+    /// The egress policy; the source's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
+    /// Ports to publish: a fork starts with none otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PublishPortRequest>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

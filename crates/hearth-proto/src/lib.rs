@@ -58,6 +58,21 @@ pub struct Configure {
     /// Host randomness mixed into the guest's pool (and the CRNG reseeded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy_base64: Option<String>,
+    /// The guest's network, set up (again) on every configure: after a boot and a restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+}
+
+/// How the agent sets up the guest's network interface: no DHCP, no kernel autoconfiguration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestNetwork {
+    pub interface: String,
+    pub address: String,
+    pub prefix_len: u8,
+    pub gateway: String,
+    pub mtu: u32,
+    /// Nameservers for /etc/resolv.conf.
+    pub dns: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,237 @@
+//! Every machine on a network of its own. Each machine gets a network namespace holding a tap
+//! (the same name, MAC and addresses in every machine, so a restored or forked guest needs no
+//! re-addressing) and one end of a veth pair whose other end is on the host, with a per-machine
+//! address pair from the pool. NAT in the namespace maps the guest to the namespace's address
+//! (its `host_ip`, which the host reaches it at); the host masquerades the pool on the egress
+//! interface. Nothing here knows which VMM runs: a backend is handed the namespace and the tap.
+//!
+//! ```text
+//!  guest eth0 169.254.0.21 ── tap0 169.254.0.22 ┐ namespace hearth-<key>
+//!                                 SNAT/DNAT ↔ eth0 198.18.0.1 ┐ (veth)
+//!                                   host: hv<key> 198.18.0.0 ─┘── egress interface (masquerade)
+//! ```
+
+mod links;
+mod netns;
+pub mod ports;
+mod rules;
+
+pub use rules::EgressPolicy;
+
+use crate::error::{Error, Result};
+use ipnet::Ipv4Net;
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// The guest's address, the same in every machine.
+pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
+/// The tap's address in the namespace: the guest's gateway.
+pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
+pub const GUEST_PREFIX: u8 = 30;
+/// Locally administered, the same in every machine so a resumed guest's ARP cache stays valid.
+pub const GUEST_MAC: &str = "02:68:72:74:00:01";
+pub const TAP: &str = "tap0";
+pub const MTU: u32 = 1500;
+/// Names of namespaces and host veths this daemon makes start with these.
+const NS_PREFIX: &str = "hearth-";
+const VETH_PREFIX: &str = "hv";
+/// Each machine takes a /31 of the pool: the host's end and the namespace's end.
+const SLOT_PREFIX: u8 = 31;
+
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub pool: Ipv4Net,
+    pub egress_interface: String,
+    pub dns: Vec<Ipv4Addr>,
+}
+
+/// Where one machine's network is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub namespace: String,
+    pub veth: String,
+    /// The host's end of the veth pair.
+    pub host_end: Ipv4Addr,
+    /// The namespace's end: the address the guest is reached at, and appears as.
+    pub host_ip: Ipv4Addr,
+}
+
+impl Attachment {
+    pub fn netns_path(&self) -> PathBuf {
+        netns::path(&self.namespace)
+    }
+}
+
+pub struct Net {
+    cfg: NetConfig,
+    host: rtnetlink::Handle,
+}
+
+impl Net {
+    /// Connects to netlink, lets the host forward and writes the host's table.
+    pub async fn new(cfg: NetConfig) -> Result<Net> {
+        if cfg.pool.prefix_len() > 30 {
+            return Err(Error::invalid(format!(
+                "--net-pool {} is too small: it needs room for at least two machines",
+                cfg.pool
+            )));
+        }
+        let host = links::host_handle()?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| Error::internal(format!("enabling IPv4 forwarding: {e}")))?;
+        let table = rules::host_table(
+            &format!("{VETH_PREFIX}*"),
+            cfg.pool,
+            &cfg.egress_interface,
+        );
+        tokio::task::spawn_blocking(move || rules::apply(&table, None))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        Ok(Net { cfg, host })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    /// How many machines the pool holds.
+    pub fn slots(&self) -> u32 {
+        1u32 << (SLOT_PREFIX - self.cfg.pool.prefix_len())
+    }
+
+    /// The attachment of the machine whose key (a hash of its id) is `key`, in pool slot `slot`.
+    pub fn attachment(&self, key: &str, slot: u32) -> Attachment {
+        let base = u32::from(self.cfg.pool.network()) + 2 * slot;
+        Attachment {
+            namespace: format!("{NS_PREFIX}{key}"),
+            veth: format!("{VETH_PREFIX}{key}"),
+            host_end: Ipv4Addr::from(base),
+            host_ip: Ipv4Addr::from(base + 1),
+        }
+    }
+
+    /// Makes the machine's namespace, links and rules; on failure removes what it made.
+    pub async fn setup(&self, a: &Attachment, policy: &EgressPolicy) -> Result<()> {
+        let made = self.setup_inner(a, policy).await;
+        if made.is_err() {
+            self.teardown(a).await;
+        }
+        made.map_err(|e| e.context(format!("setting up network namespace {}", a.namespace)))
+    }
+
+    async fn setup_inner(&self, a: &Attachment, policy: &EgressPolicy) -> Result<()> {
+        let ns = a.namespace.clone();
+        tokio::task::spawn_blocking(move || netns::create(&ns))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        let l = links::NsLinks {
+            ns: &a.namespace,
+            veth_host: &a.veth,
+            host_addr: a.host_end,
+            ns_addr: a.host_ip,
+            veth_prefix: SLOT_PREFIX,
+            tap: TAP,
+            tap_addr: GATEWAY_ADDR,
+            tap_prefix: GUEST_PREFIX,
+        };
+        links::setup(&self.host, &l).await?;
+        self.apply_policy(a, policy).await
+    }
+
+    /// Writes (or rewrites, atomically) the namespace's rules with the egress policy.
+    pub async fn apply_policy(&self, a: &Attachment, policy: &EgressPolicy) -> Result<()> {
+        let table = rules::machine_table(links::NS_UPLINK, TAP, a.host_ip, GUEST_ADDR, policy);
+        let ns = a.namespace.clone();
+        tokio::task::spawn_blocking(move || rules::apply(&table, Some(&ns)))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?
+    }
+
+    /// The namespace exists (it does not survive a host reboot; a start makes it again).
+    pub fn exists(&self, a: &Attachment) -> bool {
+        a.netns_path().exists()
+    }
+
+    /// Removes the machine's namespace (its tap, rules and veth end go with it) and the host's
+    /// veth end. Never fails: what cannot be removed now is a leftover for reconcile.
+    pub async fn teardown(&self, a: &Attachment) {
+        self.remove(&a.namespace, &a.veth).await;
+    }
+
+    async fn remove(&self, namespace: &str, veth: &str) {
+        let ns = namespace.to_string();
+        match tokio::task::spawn_blocking(move || netns::delete(&ns)).await {
+            Ok(Err(e)) => tracing::warn!(namespace, "{}", e.message),
+            Err(e) => tracing::warn!(namespace, "{e}"),
+            Ok(Ok(())) => {}
+        }
+        // Deleting the namespace takes the pair with it; a pair whose peer never moved into it
+        // stays on the host.
+        if let Err(e) = links::delete(&self.host, veth).await {
+            tracing::warn!(veth, "{}", e.message);
+        }
+    }
+
+    /// Removes namespaces and veths this daemon made whose key no machine has.
+    pub async fn remove_leftovers(&self, keys: &HashSet<String>) {
+        for ns in netns::list(NS_PREFIX) {
+            let key = &ns[NS_PREFIX.len()..];
+            if !keys.contains(key) {
+                tracing::info!(namespace = %ns, "removing a leftover network namespace");
+                self.remove(&ns, &format!("{VETH_PREFIX}{key}")).await;
+            }
+        }
+        match links::list(&self.host, VETH_PREFIX).await {
+            Ok(names) => {
+                for veth in names {
+                    let key = veth[VETH_PREFIX.len()..].trim_end_matches('p');
+                    if !keys.contains(key) {
+                        tracing::info!(%veth, "removing a leftover veth");
+                        if let Err(e) = links::delete(&self.host, &veth).await {
+                            tracing::warn!(%veth, "{}", e.message);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("listing links: {}", e.message),
+        }
+    }
+
+    /// What the guest's agent sets up.
+    pub fn guest_config(&self) -> hearth_proto::GuestNetwork {
+        hearth_proto::GuestNetwork {
+            interface: "eth0".into(),
+            address: GUEST_ADDR.to_string(),
+            prefix_len: GUEST_PREFIX,
+            gateway: GATEWAY_ADDR.to_string(),
+            mtu: MTU,
+            dns: self.cfg.dns.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+}
+
+/// The nameservers of the host's /etc/resolv.conf a guest can reach (not loopback ones).
+pub fn host_dns() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+/// The interface of the host's default route, for egress.
+pub fn default_route_interface() -> Option<String> {
+    // /proc/net/route: Iface Destination Gateway …, hex; the default route has destination 0.
+    std::fs::read_to_string("/proc/net/route")
+        .ok()?
+        .lines()
+        .skip(1)
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let iface = f.next()?;
+            (f.next()? == "00000000").then(|| iface.to_string())
+        })
+}
