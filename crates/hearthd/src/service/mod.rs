@@ -3,6 +3,7 @@
 //! row first and clears it last, and runs in a task of its own so a client that hangs up midway
 //! cannot leave it half-done.
 
+mod compat;
 mod exec;
 mod machines;
 mod reconcile;
