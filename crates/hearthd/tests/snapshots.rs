@@ -13,7 +13,7 @@ async fn restore_continues_and_forks_are_independent() {
     c.create_machine(&create_req("src")).await.unwrap();
     start_counter(c, "src").await;
     sh(c, "src", "echo memory-only > /tmp/note").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(counter_passes(c, "src", 0).await, "the counter never ran");
     let before = read_counter(c, "src").await;
 
     let resp = c
@@ -84,7 +84,11 @@ async fn restore_continues_and_forks_are_independent() {
     assert!(dir.join("vmstate").exists());
 
     // The source keeps running after its snapshot.
-    assert!(read_counter(c, "src").await >= before);
+    let after = read_counter(c, "src").await;
+    assert!(
+        counter_passes(c, "src", after).await,
+        "the source stopped at {after}"
+    );
 
     // 5 s later, a fork: it continues from the snapshot's instant, with its own identity.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -115,9 +119,8 @@ async fn restore_continues_and_forks_are_independent() {
         at_restore < before + 40,
         "counter did not start at the snapshot: {at_restore}"
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
-        read_counter(c, "clone").await > at_restore,
+        counter_passes(c, "clone", at_restore).await,
         "the counter process is not running"
     );
     assert_eq!(
@@ -194,8 +197,10 @@ async fn restore_continues_and_forks_are_independent() {
         .unwrap();
     let g = read_counter(c, "grandchild").await;
     assert!(g >= mark, "grandchild counter {g} < {mark}");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(read_counter(c, "grandchild").await > g);
+    assert!(
+        counter_passes(c, "grandchild", g).await,
+        "grandchild stalled"
+    );
     assert_eq!(
         sh(c, "grandchild", "cat /root/only-clone").await.stdout,
         "c\n"
@@ -259,8 +264,7 @@ async fn five_clones_share_one_snapshot() {
     assert!(!memory_path.exists());
     for id in &ids {
         let before = read_counter(c, id).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(read_counter(c, id).await > before, "{id} stalled");
+        assert!(counter_passes(c, id, before).await, "{id} stalled");
         c.delete_machine(id).await.unwrap();
     }
     assert!(d.vmm_pids().is_empty());
@@ -287,7 +291,10 @@ async fn disk_snapshots_and_bad_input() {
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
 
-    c.create_machine(&create_req("src")).await.unwrap();
+    // A disk no larger than the image: the durable restores below download it.
+    let mut req = create_req("src");
+    req.storage_bytes = Some(128 << 20);
+    c.create_machine(&req).await.unwrap();
     sh(
         c,
         "src",
@@ -345,6 +352,18 @@ async fn disk_snapshots_and_bad_input() {
     );
     d.assert_nothing_left("x").await;
 
+    // A memory restore cannot grow the disk under the running kernel it resumes.
+    let mut req = restore_req("mem1", "bigger");
+    req.storage_bytes = Some(256 << 20);
+    let err = c.restore("mem1", &req).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
+    assert!(
+        err.to_string()
+            .contains("larger than the memory snapshot's disk"),
+        "{err}"
+    );
+    d.assert_nothing_left("bigger").await;
+
     // A corrupted, then a truncated device state: 422, and no machine is left.
     let vmstate = d.path().join("snapshots/mem1/vmstate");
     let good = std::fs::read(&vmstate).unwrap();
@@ -365,6 +384,47 @@ async fn disk_snapshots_and_bad_input() {
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Integrity), "{err}");
     d.assert_nothing_left("truncated").await;
+    std::fs::write(&vmstate, &good).unwrap();
+
+    // Durable restores of mem1 from a store on loopback, each with one artifact replaced (and
+    // given its true sha256, so hearth's own check passes). A manifest from another QEMU, or
+    // from a host with a CPU flag this one lacks: 422 naming it, before anything is fetched
+    // or spawned.
+    let mem1 = c.get_snapshot("mem1").await.unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.path().join("snapshots/mem1/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let mut other_qemu = manifest.clone();
+    other_qemu["vmm"]["version"] = "QEMU emulator version 0.15.1".into();
+    let mut other_cpu = manifest.clone();
+    other_cpu["host"]["cpu_flags"]
+        .as_array_mut()
+        .unwrap()
+        .push("hearth-test-flag".into());
+    for (id, replaced, named) in [
+        ("other-qemu", other_qemu, "QEMU emulator version 0.15.1"),
+        ("other-cpu", other_cpu, "lacks hearth-test-flag"),
+    ] {
+        let bytes = serde_json::to_vec(&replaced).unwrap();
+        let req = durable_restore(&d, &mem1, id, ("manifest", bytes)).await;
+        let err = c.restore("mem1", &req).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Integrity), "{err}");
+        assert!(err.to_string().contains(named), "{err}");
+        d.assert_nothing_left(id).await;
+    }
+    assert_eq!(d.vmm_pids().len(), 1, "a VMM was spawned");
+
+    // A device state whose sha256 is right but which QEMU itself refuses (not a migration
+    // stream): 422 with QEMU's reason, and nothing left.
+    let mut not_a_stream = good.clone();
+    not_a_stream[..4].copy_from_slice(b"XXXX");
+    let req = durable_restore(&d, &mem1, "refused", ("vmstate", not_a_stream)).await;
+    let err = c.restore("mem1", &req).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Integrity), "{err}");
+    assert!(err.to_string().contains("Not a migration stream"), "{err}");
+    d.assert_nothing_left("refused").await;
+    assert_eq!(d.vmm_pids().len(), 1, "the refused VMM is still running");
 
     // Only a running machine can be snapshotted.
     c.stop_machine("src").await.unwrap();
@@ -376,4 +436,76 @@ async fn disk_snapshots_and_bad_input() {
     assert!(!d.path().join("snapshots/s3").exists());
     c.delete_machine("src").await.unwrap();
     assert!(d.vmm_pids().is_empty());
+}
+
+/// A durable restore of this daemon's snapshot `snap` as machine `id`, from object-store URLs
+/// on loopback: every artifact is the daemon's own (`GET /snapshots/{id}/artifacts/{aid}`,
+/// through a TCP relay to its socket) except `replaced`, served whole with its own sha256 and
+/// size from a server of its own (so no pooled connection mixes the two).
+async fn durable_restore(
+    d: &Daemon,
+    snap: &hearth_api::Snapshot,
+    id: &str,
+    replaced: (&str, Vec<u8>),
+) -> hearth_api::RestoreRequest {
+    use sha2::{Digest, Sha256};
+    let relay = relay_to(d.client.socket().to_path_buf()).await;
+    let (replaced_id, bytes) = replaced;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let size = bytes.len() as u64;
+    let body = bytes::Bytes::from(bytes);
+    let app = axum::Router::new().route(
+        "/replaced",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fixed = format!("http://{}/replaced", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let artifacts = snap
+        .artifacts
+        .iter()
+        .map(|a| {
+            let mut a = a.clone();
+            if a.id == replaced_id {
+                a.sha256_hex = Some(sha.clone());
+                a.size_bytes = size;
+                a.download_url = Some(fixed.clone());
+            } else {
+                a.download_url = Some(format!("{relay}/snapshots/{}/artifacts/{}", snap.id, a.id));
+            }
+            a
+        })
+        .collect();
+    let mut req = restore_req(&snap.id, id);
+    req.local_snapshot = None;
+    req.snapshot = Some(hearth_api::DurableSnapshotRef {
+        snapshot_id: snap.id.clone(),
+        machine_id: snap.machine_id.clone(),
+        image_id: "default".into(),
+        source_runtime_host: None,
+        source_tap_device: None,
+        artifacts,
+    });
+    req
+}
+
+/// A loopback TCP address whose connections are passed through to the Unix socket `socket`.
+async fn relay_to(socket: std::path::PathBuf) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::UnixStream::connect(&socket).await {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+    endpoint
 }

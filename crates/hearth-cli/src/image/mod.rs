@@ -2,6 +2,7 @@
 //! modules and switches to the ext4 root, and a root filesystem whose `/sbin/init` is
 //! `hearth-agent`. Built from Debian packages only; nothing else is downloaded.
 
+mod agent;
 mod bzimage;
 mod initrd;
 mod manifest;
@@ -24,6 +25,7 @@ const BUSYBOX: &str = "/bin/busybox";
 pub struct BuildOptions {
     /// Where the image goes: `<data root>/images/default`.
     pub dest: PathBuf,
+    /// The agent, given or found next to `hearth`; either way it must be linked statically.
     pub agent: PathBuf,
     pub force: bool,
 }
@@ -41,6 +43,7 @@ pub fn default_image_dir(root: &Path) -> PathBuf {
 pub fn build(opts: &BuildOptions) -> Result<Outcome> {
     let progress = Steps::new(7);
     progress.step("checking inputs");
+    agent::ensure_static(&opts.agent)?;
     let inputs = manifest::Inputs {
         recipe: RECIPE_VERSION,
         kernel_package_version: candidate_version(KERNEL_PACKAGE)?,
@@ -211,5 +214,28 @@ impl Steps {
     fn finish(&self, msg: &str) {
         self.bar.finish_and_clear();
         eprintln!("{msg}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dynamic_agent_stops_the_build_before_anything_is_made() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = default_image_dir(root.path());
+        let opts = BuildOptions {
+            dest: dest.clone(),
+            agent: PathBuf::from("/bin/true"),
+            force: true,
+        };
+        let err = match build(&opts) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a dynamically linked agent was accepted"),
+        };
+        assert!(err.contains("linked dynamically"), "{err}");
+        assert!(!dest.exists());
+        assert!(!root.path().join("images").exists());
     }
 }

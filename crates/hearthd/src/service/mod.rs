@@ -3,6 +3,7 @@
 //! cannot leave it half-done), under that machine's operation lock (a second one is refused
 //! with 409), with its journal row written before it touches anything and cleared when it ends.
 
+mod compat;
 mod exec;
 mod fork;
 mod machines;

@@ -4,8 +4,8 @@
 //! file, mapped private and paged in lazily); from a disk snapshot it cold-boots from copies of
 //! the disks. Either way its disks are its own and it gets its own identity, clock and entropy.
 
-use super::snapshots::{SnapshotManifest, Timings, MEMORY, SYSTEM_DISK, VMSTATE};
-use super::{machines::guest_hostname, nonce, Operation, Service};
+use super::snapshots::{Timings, MEMORY, SYSTEM_DISK, VMSTATE};
+use super::{compat, machines::guest_hostname, nonce, Operation, Service};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
@@ -69,6 +69,7 @@ impl Service {
                     let snap = svc.ready_snapshot(&snapshot_id)?;
                     let in_use = svc.use_snapshot(&snapshot_id)?;
                     svc.verify_local_artifacts(&snap)?;
+                    svc.check_local_restorable(&snap)?;
                     (svc.local_source(snap), Some(in_use))
                 }
             };
@@ -120,8 +121,7 @@ impl Service {
         let manifest = find(ArtifactKind::Manifest)
             .ok_or_else(|| Error::invalid("the snapshot's manifest artifact is required"))?;
         let text = std::fs::read(fetch(manifest).await?)?;
-        let m: SnapshotManifest = serde_json::from_slice(&text)
-            .map_err(|e| Error::invalid(format!("the snapshot's manifest does not parse: {e}")))?;
+        let m = compat::parse_manifest(&d.snapshot_id, &text)?;
         let mut missing = Vec::new();
         if find(ArtifactKind::Disk).is_none() {
             missing.push("disk");
@@ -145,15 +145,12 @@ impl Service {
             .artifacts
             .fetch("kernel_image_url", &artifact.kernel_image_url)
             .await?;
-        if kernel.sha256 != m.images.kernel_sha256 {
-            return Err(Error::invalid(
-                "artifact.kernel_image_url is not the kernel the snapshot was taken with",
-            ));
-        }
         let initrd = match &artifact.initrd_url {
             Some(url) => Some(self.artifacts.fetch("initrd_url", url).await?.sha256),
             None => None,
         };
+        // Before the large downloads: a snapshot that cannot run here is not fetched.
+        self.check_restorable(&m, m.memory_mib, &kernel.sha256, initrd.as_deref())?;
         let optional = |kind| async move {
             match find(kind) {
                 Some(a) => fetch(a).await.map(Some),
@@ -277,6 +274,16 @@ fn restored_spec(src: &Source, req: &RestoreRequest) -> Result<MachineSpec> {
     if storage_bytes < from.storage_bytes {
         return Err(Error::invalid(format!(
             "storage_bytes {storage_bytes} is smaller than the snapshot's disk ({}); disks never shrink",
+            from.storage_bytes
+        )));
+    }
+    // Growing the filesystem under a running kernel that mounted it at the old size would
+    // corrupt it: only a cold boot (a disk snapshot) may grow the disk.
+    if src.kind == SnapshotKind::Memory && storage_bytes > from.storage_bytes {
+        return Err(Error::invalid(format!(
+            "storage_bytes {storage_bytes} is larger than the memory snapshot's disk ({}): the \
+             restored kernel has that filesystem mounted and would not see it grow; restore at \
+             the snapshot's size, or from a disk snapshot",
             from.storage_bytes
         )));
     }

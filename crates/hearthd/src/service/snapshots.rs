@@ -23,9 +23,18 @@ pub const VMSTATE: &str = "vmstate";
 pub const SYSTEM_DISK: &str = "system.img";
 pub const MANIFEST: &str = "manifest.json";
 
+/// The format of `manifest.json` this hearthd writes and the newest it reads. Bumped when a
+/// field is added or changes meaning; a restore refuses a newer one rather than misread it.
+pub const MANIFEST_VERSION: u32 = 1;
+
 /// `manifest.json`: what a snapshot needs to be restored anywhere.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotManifest {
+    /// Absent from manifests written before the field existed. Those are version 1: they
+    /// already hold every field a restore compares, so snapshots taken (and uploaded) before
+    /// still restore.
+    #[serde(default = "first_manifest_version")]
+    pub format_version: u32,
     pub snapshot_id: String,
     pub machine_id: String,
     pub kind: SnapshotKind,
@@ -40,6 +49,10 @@ pub struct SnapshotManifest {
     pub disks: Vec<DiskEntry>,
     pub guest_kernel: Option<String>,
     pub host: HostInfo,
+}
+
+pub(super) fn first_manifest_version() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -351,6 +364,7 @@ impl Service {
             .map(|i| i.kernel_release);
         let (cpu_model, cpu_flags) = host::cpu_model_and_flags();
         let manifest = SnapshotManifest {
+            format_version: MANIFEST_VERSION,
             snapshot_id: snap.id.clone(),
             machine_id: snap.machine_id.clone(),
             kind: snap.kind,

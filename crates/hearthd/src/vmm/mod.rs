@@ -62,14 +62,27 @@ impl MachinePaths {
     pub fn pidfile(&self) -> PathBuf {
         self.sock_dir.join("vmm.pid")
     }
+    /// What the VMM itself reports once it runs in the background (QEMU's stderr).
+    pub fn vmm_log(&self) -> PathBuf {
+        self.sock_dir.join("vmm.log")
+    }
 
     /// The last lines of the serial console, for error messages.
     pub fn console_tail(&self, lines: usize) -> String {
-        let text = std::fs::read(self.console()).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&self.console(), lines)
     }
+
+    /// The last lines of the VMM's own log, for error messages.
+    pub fn vmm_log_tail(&self, lines: usize) -> String {
+        last_lines(&self.vmm_log(), lines)
+    }
+}
+
+fn last_lines(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[async_trait]

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::host::Accel;
 use crate::store::ProcessRecord;
 use async_trait::async_trait;
-use hearth_api::VmmKind;
+use hearth_api::{ErrorCode, VmmKind};
 use hearth_proto::AGENT_PORT_NAME;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -152,7 +152,13 @@ impl Qemu {
         ))
         .arg("-daemonize")
         .arg("-pidfile")
-        .arg(p.pidfile());
+        .arg(p.pidfile())
+        // Once daemonized, QEMU's stderr goes to the log file if one is open, and nowhere
+        // otherwise; its reasons (why a device state did not load, say) are kept there.
+        // `-d plugin` opens the file and logs nothing without TCG plugins.
+        .arg("-D")
+        .arg(p.vmm_log())
+        .args(["-d", "plugin"]);
         if incoming {
             // Wait for the device state, and stay paused once it is loaded.
             cmd.args(["-incoming", "defer", "-S"]);
@@ -164,7 +170,12 @@ impl Qemu {
     async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<ProcessRecord> {
         let p = &spec.paths;
         std::fs::create_dir_all(&p.sock_dir)?;
-        for stale in [p.agent_socket(), p.control_socket(), p.pidfile()] {
+        for stale in [
+            p.agent_socket(),
+            p.control_socket(),
+            p.pidfile(),
+            p.vmm_log(),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
         let mut cmd = self.command(spec, incoming);
@@ -180,9 +191,15 @@ impl Qemu {
             .await
             .map_err(|_| Error::unavailable("QEMU did not finish starting within 60 s"))??;
         if !out.status.success() {
+            // Errors after it forked are in its log, not on stderr.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let reasons: Vec<String> = [stderr.trim().to_string(), p.vmm_log_tail(10)]
+                .into_iter()
+                .filter(|r| !r.is_empty())
+                .collect();
             return Err(Error::invalid(format!(
                 "QEMU refused to start the machine: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                reasons.join("\n")
             )));
         }
         let pid: i32 = std::fs::read_to_string(p.pidfile())
@@ -291,16 +308,20 @@ impl Vmm for Qemu {
     async fn restore(&self, spec: &VmSpec, vmstate: &Path) -> Result<ProcessRecord> {
         let proc = self.spawn(spec, true).await?;
         if let Err(e) = self.load_and_run(&spec.paths, vmstate).await {
-            let exited = !process::is_alive(&proc);
+            // QEMU exits when it cannot load a stream; the QMP error comes as it goes.
+            let exited = process::wait_gone(&proc, Duration::from_secs(5)).await;
             process::kill_and_wait(&proc).await;
-            return Err(if exited {
-                Error::invalid(format!(
+            if !exited {
+                return Err(e);
+            }
+            let reason = spec.paths.vmm_log_tail(5);
+            return Err(Error {
+                code: ErrorCode::Integrity,
+                message: format!(
                     "QEMU could not load the snapshot's device state (corrupt, or from another \
                      QEMU?): {}",
-                    e.message
-                ))
-            } else {
-                e
+                    if reason.is_empty() { e.message } else { reason }
+                ),
             });
         }
         Ok(proc)

@@ -336,6 +336,16 @@ pub async fn read_counter(client: &Client, id: &str) -> u64 {
         .unwrap_or_else(|_| panic!("counter in {id}: {r:?}"))
 }
 
+/// Waits until machine `id`'s counter is past `mark`, that is until its process has run on;
+/// false if it has not within 30 s.
+pub async fn counter_passes(client: &Client, id: &str, mark: u64) -> bool {
+    eventually(Duration::from_secs(30), async || {
+        let r = sh(client, id, "cat /tmp/counter 2>/dev/null").await;
+        r.stdout.trim().parse::<u64>().is_ok_and(|n| n > mark)
+    })
+    .await
+}
+
 /// The `hearth` CLI built beside `hearthd`.
 pub fn hearth_cli() -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_hearthd")).with_file_name("hearth");
