@@ -1,7 +1,7 @@
 use super::Store;
 use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
-use hearth_api::{ArtifactRef, Machine, Phase, VmmKind};
+use hearth_api::{ArtifactRef, Egress, Phase, VmmKind};
 use rusqlite::{params, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,21 @@ pub struct MachineSpec {
     pub vmm: VmmKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
+    /// Records written before machines had networks have none.
+    #[serde(default)]
+    pub network: NetworkSpec,
+}
+
+/// Whether a machine has a network interface, and what its guest may reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct NetworkSpec {
+    pub enabled: bool,
+    #[serde(default)]
+    pub egress: Egress,
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    #[serde(default)]
+    pub deny_cidrs: Vec<String>,
 }
 
 /// The VMM process of a running machine. The start time (from /proc) tells a live process
@@ -43,6 +58,8 @@ pub struct MachineRecord {
     /// The running boot's RAM is a shared file (a cold boot) rather than a private mapping of a
     /// snapshot's memory (a restore); only shared RAM can stay out of a snapshot's device state.
     pub ram_shared: bool,
+    /// The machine's slot in the network pool (set by [`Store::allocate_net_slot`]).
+    pub net_slot: Option<u32>,
 }
 
 impl MachineRecord {
@@ -57,27 +74,7 @@ impl MachineRecord {
             started_at: None,
             process: None,
             ram_shared,
-        }
-    }
-
-    pub fn to_api(&self) -> Machine {
-        Machine {
-            id: self.id.clone(),
-            artifact: self.spec.artifact.clone(),
-            system_volume_id: None,
-            user_volume_ids: Vec::new(),
-            runtime_host: None,
-            ports: Vec::new(),
-            guest_ssh_host_public_key: None,
-            phase: self.phase,
-            error: self.error.clone(),
-            created_at: self.created_at,
-            started_at: self.started_at,
-            memory_mib: self.spec.memory_mib,
-            vcpus: self.spec.vcpus,
-            storage_bytes: self.spec.storage_bytes,
-            vmm: self.spec.vmm,
-            restored_from: self.spec.restored_from.clone(),
+            net_slot: None,
         }
     }
 
@@ -101,6 +98,7 @@ impl MachineRecord {
                 start_time: s as u64,
             }),
             ram_shared: row.get("ram_shared")?,
+            net_slot: row.get("net_slot")?,
         })
     }
 }
@@ -181,6 +179,41 @@ impl Store {
         Ok(out)
     }
 
+    /// Gives machine `id` the lowest free slot below `slots` (or the one it has); none free is a
+    /// conflict.
+    pub fn allocate_net_slot(&self, id: &str, slots: u32) -> Result<u32> {
+        let conn = self.conn();
+        let current: Option<u32> = conn
+            .query_row("SELECT net_slot FROM machines WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .flatten();
+        if let Some(slot) = current {
+            return Ok(slot);
+        }
+        let mut stmt = conn.prepare(
+            "SELECT net_slot FROM machines WHERE net_slot IS NOT NULL ORDER BY net_slot",
+        )?;
+        let used = stmt
+            .query_map([], |r| r.get::<_, u32>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let free = (0..slots)
+            .zip(used.iter().copied().chain(std::iter::repeat(u32::MAX)))
+            .find(|(want, have)| want != have)
+            .map(|(slot, _)| slot)
+            .ok_or_else(|| {
+                Error::conflict(format!(
+                    "the network pool is full ({slots} machines have networks)"
+                ))
+            })?;
+        conn.execute(
+            "UPDATE machines SET net_slot = ?2 WHERE id = ?1",
+            params![id, free],
+        )?;
+        Ok(free)
+    }
+
     pub fn delete_machine(&self, id: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM machines WHERE id = ?1", [id])?;
@@ -211,6 +244,7 @@ mod tests {
                 rootfs_sha256: "r".into(),
                 vmm: VmmKind::Qemu,
                 restored_from: None,
+                network: NetworkSpec::default(),
             },
             phase: Phase::Starting,
             error: None,
@@ -218,7 +252,27 @@ mod tests {
             started_at: None,
             process: None,
             ram_shared: true,
+            net_slot: None,
         }
+    }
+
+    #[test]
+    fn net_slots_fill_the_lowest_gap_and_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        for id in ["a", "b", "c"] {
+            store.insert_machine(&record(id)).unwrap();
+        }
+        assert_eq!(store.allocate_net_slot("a", 3).unwrap(), 0);
+        assert_eq!(store.allocate_net_slot("b", 3).unwrap(), 1);
+        assert_eq!(store.allocate_net_slot("a", 3).unwrap(), 0, "kept");
+        store.delete_machine("a").unwrap();
+        assert_eq!(store.allocate_net_slot("c", 3).unwrap(), 0, "reused");
+        store.insert_machine(&record("d")).unwrap();
+        assert_eq!(store.allocate_net_slot("d", 3).unwrap(), 2);
+        store.insert_machine(&record("e")).unwrap();
+        let err = store.allocate_net_slot("e", 3).unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::Conflict);
     }
 
     #[test]

@@ -4,11 +4,12 @@
 mod artifacts;
 mod journal;
 mod machines;
+mod ports;
 mod snapshots;
 
 pub use artifacts::CachedArtifact;
 pub use journal::{OpKind, OpRecord};
-pub use machines::{MachineRecord, MachineSpec, ProcessRecord};
+pub use machines::{MachineRecord, MachineSpec, NetworkSpec, ProcessRecord};
 pub use snapshots::SnapshotRecord;
 
 use crate::error::Result;
@@ -55,6 +56,18 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE operations ADD COLUMN snapshot_id TEXT;
     ALTER TABLE machines ADD COLUMN ram_shared INTEGER NOT NULL DEFAULT 1;",
     "ALTER TABLE operations ADD COLUMN source_machine_id TEXT;",
+    "ALTER TABLE machines ADD COLUMN net_slot INTEGER;
+    CREATE UNIQUE INDEX machines_by_net_slot ON machines (net_slot);
+    CREATE TABLE published_ports (
+        id TEXT PRIMARY KEY,
+        machine_id TEXT NOT NULL,
+        name TEXT,
+        port INTEGER NOT NULL,
+        host_port INTEGER NOT NULL UNIQUE,
+        protocol TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX published_ports_by_machine ON published_ports (machine_id);",
 ];
 
 pub struct Store {

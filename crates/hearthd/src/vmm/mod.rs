@@ -33,6 +33,17 @@ pub struct VmSpec {
     pub disks: Vec<PathBuf>,
     pub memory: MemoryBacking,
     pub paths: MachinePaths,
+    /// The machine's network interface, if it has one.
+    pub network: Option<NetAttach>,
+}
+
+/// A network interface for the VMM: a tap inside a network namespace the VMM runs in. The
+/// same tap name and MAC serve every machine (each in its own namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetAttach {
+    pub netns: PathBuf,
+    pub tap: String,
+    pub mac: String,
 }
 
 /// Where one machine's files live. Sockets sit in a short per-machine directory because a Unix

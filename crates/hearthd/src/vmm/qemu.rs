@@ -16,6 +16,7 @@ use hearth_api::{ErrorCode, VmmKind};
 use hearth_proto::AGENT_PORT_NAME;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
@@ -130,6 +131,16 @@ impl Qemu {
                 .arg("-device")
                 .arg(format!("virtio-blk-device,drive=disk{i}"));
         }
+        if let Some(net) = &spec.network {
+            // Userspace tap: no vhost here (`/dev/vhost-net` is absent on these hosts).
+            cmd.arg("-netdev")
+                .arg(format!(
+                    "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+                    net.tap
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=net0,mac={}", net.mac));
+        }
         cmd.args([
             "-device",
             "virtio-rng-device",
@@ -179,6 +190,22 @@ impl Qemu {
             let _ = std::fs::remove_file(stale);
         }
         let mut cmd = self.command(spec, incoming);
+        if let Some(net) = &spec.network {
+            // QEMU opens the tap by name, so it must run in the machine's namespace.
+            let ns: OwnedFd = std::fs::File::open(&net.netns)
+                .map_err(|e| {
+                    Error::internal(format!("network namespace {}: {e}", net.netns.display()))
+                })?
+                .into();
+            // SAFETY: the closure runs in the forked child before exec and makes one system
+            // call.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
