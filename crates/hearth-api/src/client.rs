@@ -3,8 +3,9 @@
 
 use crate::{
     CreateMachineRequest, CreateSnapshotRequest, CreateSnapshotResponse, ErrorBody, ErrorCode,
-    ExecRequest, ExecResponse, Health, Machine, MachineEnvelope, MachineList, RestoreRequest,
-    Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList, UploadRequest, UploadResponse,
+    ExecRequest, ExecResponse, GcResponse, Health, Machine, MachineEnvelope, MachineList,
+    RestoreRequest, Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList, UploadRequest,
+    UploadResponse,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -302,5 +303,10 @@ impl Client {
             )
             .await?;
         Ok((env.machine, t))
+    }
+
+    /// Removes the blobs no machine or snapshot needs and no operation is using.
+    pub async fn gc(&self) -> Result<GcResponse, ClientError> {
+        self.call(Method::POST, "/gc", None::<&()>).await
     }
 }

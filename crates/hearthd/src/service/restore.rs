@@ -7,6 +7,7 @@
 use super::snapshots::{SnapshotManifest, Timings, MEMORY, SYSTEM_DISK, VMSTATE};
 use super::transfer::SnapshotUse;
 use super::{machines::guest_hostname, nonce, Service};
+use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
@@ -45,6 +46,8 @@ impl Service {
                 req.machine_id
             )));
         }
+        // What a durable restore downloads, dropped again if the restore fails.
+        let leases = Leases::default();
         let (source, in_use): (Source, Option<SnapshotUse>) = match (
             &req.local_snapshot,
             &req.snapshot,
@@ -62,8 +65,9 @@ impl Service {
                 (self.local_source(snap), Some(in_use))
             }
             (None, Some(durable)) => (
-                self.download_source(snapshot_id, durable, &req.artifact)
-                    .await?,
+                self.download_source(snapshot_id, durable, &req.artifact, &leases)
+                    .await
+                    .inspect_err(|_| leases.discard())?,
                 None,
             ),
             _ => {
@@ -72,14 +76,16 @@ impl Service {
                 ))
             }
         };
-        let spec = restored_spec(&source, &req)?;
+        let spec = restored_spec(&source, &req).inspect_err(|_| leases.discard())?;
         let (svc, id) = (self.clone(), req.machine_id.clone());
         Self::detached(async move {
             let _in_use = in_use;
             let rt = svc.runtime(&id);
-            let _op = rt.begin(&id)?;
+            let _op = rt.begin(&id).inspect_err(|_| leases.discard())?;
                         let mut rec = MachineRecord::starting(&id, spec, false);
-            svc.store.insert_machine(&rec)?;
+            svc.store
+                .insert_machine(&rec)
+                .inspect_err(|_| leases.discard())?;
             let op = svc
                 .store
                 .begin_snapshot_op(OpKind::Restore, &id, Some(&source.id))?;
@@ -87,6 +93,7 @@ impl Service {
             if let Err(e) = &result {
                 tracing::info!(machine = %id, snapshot = %source.id, "restore failed: {}", e.message);
                 svc.destroy(&id, rec.process.as_ref()).await;
+                leases.discard();
             }
             svc.store.end_op(op)?;
             result.map(|timings| (rec.to_api(), timings))
@@ -113,6 +120,7 @@ impl Service {
         snapshot_id: &str,
         d: &DurableSnapshotRef,
         artifact: &ArtifactRef,
+        leases: &Leases,
     ) -> Result<Source> {
         if d.snapshot_id != snapshot_id {
             return Err(Error::invalid(format!(
@@ -131,7 +139,8 @@ impl Service {
                         a.name
                     )));
                 };
-                self.fetch_verified(&a.name, url, sha, a.size_bytes).await
+                self.fetch_verified(&a.name, url, sha, a.size_bytes, leases)
+                    .await
             }
         };
         let manifest = find(ArtifactKind::Manifest)
@@ -160,7 +169,7 @@ impl Service {
         }
         let kernel = self
             .artifacts
-            .fetch("kernel_image_url", &artifact.kernel_image_url)
+            .fetch("kernel_image_url", &artifact.kernel_image_url, leases)
             .await?;
         if kernel.sha256 != m.images.kernel_sha256 {
             return Err(Error::invalid(
@@ -168,7 +177,12 @@ impl Service {
             ));
         }
         let initrd = match &artifact.initrd_url {
-            Some(url) => Some(self.artifacts.fetch("initrd_url", url).await?.sha256),
+            Some(url) => Some(
+                self.artifacts
+                    .fetch("initrd_url", url, leases)
+                    .await?
+                    .sha256,
+            ),
             None => None,
         };
         let optional = |kind| async move {

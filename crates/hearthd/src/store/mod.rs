@@ -2,11 +2,13 @@
 //! `PRAGMA user_version`. Every call is short; a std mutex serialises them.
 
 mod artifacts;
+mod blobs;
 mod journal;
 mod machines;
 mod snapshots;
 
 pub use artifacts::CachedArtifact;
+pub use blobs::BlobRecord;
 pub use journal::{OpKind, OpRecord};
 pub use machines::{MachineRecord, MachineSpec, ProcessRecord};
 pub use snapshots::SnapshotRecord;
@@ -54,6 +56,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX snapshots_by_machine ON snapshots (machine_id);
     ALTER TABLE operations ADD COLUMN snapshot_id TEXT;
     ALTER TABLE machines ADD COLUMN ram_shared INTEGER NOT NULL DEFAULT 1;",
+    // Blobs verified and flushed into the store; a file without a record is hashed again.
+    "CREATE TABLE blobs (
+        sha256 TEXT PRIMARY KEY,
+        size_bytes INTEGER NOT NULL,
+        verified_at TEXT NOT NULL,
+        last_used INTEGER NOT NULL
+    );",
 ];
 
 pub struct Store {
