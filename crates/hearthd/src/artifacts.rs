@@ -246,14 +246,15 @@ mod tests {
     async fn file_urls_are_imported_once_by_content() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let src = dir.path().join("kernel");
         let mut data = vec![0u8; 3 * CHUNK];
         data[CHUNK + 5] = 1;
         std::fs::write(&src, &data).unwrap();
         let url = format!("file://{}", src.display());
         let (a, b) = tokio::join!(
-            cache.fetch("kernel_image_url", &url, &Leases::default()),
-            cache.fetch("kernel_image_url", &url, &Leases::default())
+            cache.fetch("kernel_image_url", &url, &leases),
+            cache.fetch("kernel_image_url", &url, &leases)
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!(a.path, b.path);
@@ -268,7 +269,7 @@ mod tests {
         // A changed file is read again.
         std::fs::write(&src, b"new").unwrap();
         let c = cache
-            .fetch("kernel_image_url", &url, &Leases::default())
+            .fetch("kernel_image_url", &url, &leases)
             .await
             .unwrap();
         assert_ne!(c.sha256, a.sha256);
@@ -321,23 +322,21 @@ mod tests {
     async fn http_urls_download_once_even_when_asked_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         let (addr, hits) = serve(body.clone()).await;
         let url = format!("http://{addr}/blob");
         let (a, b, c) = tokio::join!(
-            cache.fetch("rootfs_url", &url, &Leases::default()),
-            cache.fetch("rootfs_url", &url, &Leases::default()),
-            cache.fetch("rootfs_url", &url, &Leases::default())
+            cache.fetch("rootfs_url", &url, &leases),
+            cache.fetch("rootfs_url", &url, &leases),
+            cache.fetch("rootfs_url", &url, &leases)
         );
         let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
         assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!((a.path == b.path, b.path == c.path), (true, true));
         assert_eq!(std::fs::read(&a.path).unwrap(), body);
         assert_eq!(a.sha256, hex::encode(Sha256::digest(&body)));
-        cache
-            .fetch("rootfs_url", &url, &Leases::default())
-            .await
-            .unwrap();
+        cache.fetch("rootfs_url", &url, &leases).await.unwrap();
         assert_eq!(
             hits.load(std::sync::atomic::Ordering::SeqCst),
             1,
@@ -346,16 +345,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_zero_filled_blob_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let leases = Leases::default();
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let (addr, hits) = serve(body.clone()).await;
+        let url = format!("http://{addr}/blob");
+        let blob = cache.fetch("rootfs_url", &url, &leases).await.unwrap();
+        // A data root from a hearthd that renamed blobs in without flushing them: after a power
+        // loss the index still names the blob, whose file is zero-filled, and no record vouches
+        // for it.
+        std::fs::write(&blob.path, vec![0u8; body.len()]).unwrap();
+        rusqlite::Connection::open(dir.path().join("s.db"))
+            .unwrap()
+            .execute("DELETE FROM blobs", [])
+            .unwrap();
+        let again = cache.fetch("rootfs_url", &url, &leases).await.unwrap();
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(again.path, blob.path);
+        assert_eq!(std::fs::read(&again.path).unwrap(), body);
+    }
+
+    #[tokio::test]
     async fn failed_downloads_leave_no_partial_file() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let (addr, _) = serve(vec![1u8; 100_000]).await;
         for path in ["cut", "missing"] {
             let err = cache
                 .fetch(
                     "kernel_image_url",
                     &format!("http://{addr}/{path}"),
-                    &Leases::default(),
+                    &leases,
                 )
                 .await
                 .unwrap_err();
@@ -369,12 +392,9 @@ mod tests {
     async fn bad_sources_are_clear_errors_and_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let missing = cache
-            .fetch(
-                "rootfs_url",
-                "file:///nonexistent/rootfs",
-                &Leases::default(),
-            )
+            .fetch("rootfs_url", "file:///nonexistent/rootfs", &leases)
             .await
             .unwrap_err();
         assert_eq!(missing.code, ErrorCode::Invalid);
@@ -384,17 +404,13 @@ mod tests {
             missing.message
         );
         let scheme = cache
-            .fetch("rootfs_url", "ftp://x/y", &Leases::default())
+            .fetch("rootfs_url", "ftp://x/y", &leases)
             .await
             .unwrap_err();
         assert_eq!(scheme.code, ErrorCode::Invalid);
         // Nothing listens on port 1 of loopback.
         let down = cache
-            .fetch(
-                "rootfs_url",
-                "http://127.0.0.1:1/rootfs",
-                &Leases::default(),
-            )
+            .fetch("rootfs_url", "http://127.0.0.1:1/rootfs", &leases)
             .await
             .unwrap_err();
         assert_eq!(down.code, ErrorCode::Upstream);

@@ -393,3 +393,233 @@ impl Leases {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CachedArtifact, MachineRecord, MachineSpec, SnapshotRecord};
+    use hearth_api::{ArtifactRef, SnapshotKind, VmmKind};
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+
+    fn open(dir: &Path, max: Option<u64>) -> (Arc<Blobs>, Arc<Store>) {
+        let store = Arc::new(Store::open(&dir.join("s.db")).unwrap());
+        let blobs = Blobs::open(&dir.join("images"), store.clone(), max).unwrap();
+        (blobs, store)
+    }
+
+    fn sha(data: &[u8]) -> String {
+        hex::encode(Sha256::digest(data))
+    }
+
+    /// Stages `data` and commits it as a fresh blob, the way a fetch does.
+    async fn put(blobs: &Arc<Blobs>, data: &[u8]) -> Lease {
+        let mut staged = blobs.staging().unwrap();
+        staged.write_all(data).unwrap();
+        let mut lease = blobs.lease(&sha(data));
+        lease.commit(staged, data.len() as u64).await.unwrap();
+        lease
+    }
+
+    fn spec(kernel: &str) -> MachineSpec {
+        MachineSpec {
+            artifact: ArtifactRef {
+                kernel_image_url: "file:///k".into(),
+                rootfs_url: "file:///r".into(),
+                initrd_url: None,
+            },
+            memory_mib: 128,
+            vcpus: 1,
+            storage_bytes: 1 << 30,
+            hostname: "h".into(),
+            machine_uuid: "u".into(),
+            kernel_sha256: kernel.into(),
+            initrd_sha256: None,
+            rootfs_sha256: String::new(),
+            vmm: VmmKind::Qemu,
+            restored_from: None,
+        }
+    }
+
+    fn files(blobs: &Blobs) -> HashSet<String> {
+        blobs.files().unwrap().into_iter().map(|(s, _)| s).collect()
+    }
+
+    /// Data of `n` KiB, every byte non-zero, different per `seed`.
+    fn data(seed: u8, n: usize) -> Vec<u8> {
+        vec![seed.max(1); n << 10]
+    }
+
+    #[tokio::test]
+    async fn a_committed_blob_is_in_place_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, store) = open(dir.path(), None);
+        let body = data(7, 12);
+        let lease = put(&blobs, &body).await;
+        let path = blobs.path(&sha(&body));
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+        let rec = store.blob(&sha(&body)).unwrap().unwrap();
+        assert_eq!(rec.size_bytes, body.len() as u64);
+        assert!(lease.fresh);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("images/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        let found = lease.find(body.len() as u64).await.unwrap().unwrap();
+        assert_eq!(found.path, path);
+        // Asked for with another size, it is not the blob wanted.
+        assert!(lease.find(1).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn blobs_the_records_do_not_vouch_for_are_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, store) = open(dir.path(), None);
+        let body = data(3, 64);
+        let (digest, len) = (sha(&body), body.len() as u64);
+        let lease = blobs.lease(&digest);
+
+        // A whole file without a record (renamed in before a crash): hashed, then recorded.
+        std::fs::write(blobs.path(&digest), &body).unwrap();
+        assert!(lease.find(len).await.unwrap().is_some());
+        assert_eq!(store.blob(&digest).unwrap().unwrap().size_bytes, len);
+
+        // Zero-filled at the right size, as after a power loss before the data reached the
+        // disk, with no record: removed, never used.
+        store.forget_blob(&digest).unwrap();
+        std::fs::write(blobs.path(&digest), vec![0u8; body.len()]).unwrap();
+        assert!(lease.find(len).await.unwrap().is_none());
+        assert!(!blobs.path(&digest).exists());
+
+        // A record that disagrees with the file's size: the file is hashed, and a short one
+        // removed along with its record and the cache index rows that lead to it.
+        store.put_blob(&digest, len).unwrap();
+        let hit = CachedArtifact {
+            sha256: digest.clone(),
+            size_bytes: len,
+        };
+        store.put_cached_artifact("file:///k", "v", &hit).unwrap();
+        std::fs::write(blobs.path(&digest), &body[..100]).unwrap();
+        assert!(lease.find(len).await.unwrap().is_none());
+        assert!(!blobs.path(&digest).exists());
+        assert_eq!(store.blob(&digest).unwrap(), None);
+        assert_eq!(store.cached_artifact("file:///k", "v").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn gc_keeps_referenced_and_pinned_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, store) = open(dir.path(), None);
+        let (machine, snapshot, pinned, cache) = (data(1, 8), data(2, 8), data(3, 8), data(4, 8));
+        for body in [&machine, &snapshot, &cache] {
+            drop(put(&blobs, body).await);
+        }
+        let lease = put(&blobs, &pinned).await;
+        // A file an older hearthd left, with no record and nothing using it.
+        let stray = data(5, 4);
+        std::fs::write(blobs.path(&sha(&stray)), &stray).unwrap();
+        store
+            .insert_machine(&MachineRecord::starting("m", spec(&sha(&machine)), true))
+            .unwrap();
+        store
+            .insert_snapshot(&SnapshotRecord {
+                id: "s".into(),
+                machine_id: "gone".into(),
+                kind: SnapshotKind::Disk,
+                ready: true,
+                source: spec(&sha(&snapshot)),
+                memory_in_vmstate: false,
+                artifacts: Vec::new(),
+                created_at: chrono::Utc::now(),
+            })
+            .unwrap();
+        let allocated =
+            |body: &[u8]| std::fs::metadata(blobs.path(&sha(body))).unwrap().blocks() * 512;
+        let expect_freed = allocated(&cache) + allocated(&stray);
+
+        let report = blobs.gc().unwrap();
+        assert_eq!(report.removed_blobs, 2);
+        assert_eq!(report.freed_bytes, expect_freed);
+        let left = files(&blobs);
+        let want: HashSet<String> = [&machine, &snapshot, &pinned].map(|b| sha(b)).into();
+        assert_eq!(left, want);
+        assert_eq!(store.blob(&sha(&cache)).unwrap(), None);
+
+        // Once unpinned and unreferenced, they go too.
+        drop(lease);
+        store.delete_machine("m").unwrap();
+        store.delete_snapshot("s").unwrap();
+        assert_eq!(blobs.gc().unwrap().removed_blobs, 3);
+        assert!(files(&blobs).is_empty());
+        assert!(store.blobs_by_last_use().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_budget_evicts_the_least_recently_used_cache_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for two 8 KiB blobs of cache.
+        let (blobs, store) = open(dir.path(), Some(16 << 10));
+        let [a, b, c, d, kernel] = [1, 2, 3, 4, 5].map(|s| data(s, 8));
+        for body in [&a, &b, &c] {
+            drop(put(&blobs, body).await);
+        }
+        // A referenced blob is not cache: it neither counts nor goes.
+        drop(put(&blobs, &kernel).await);
+        store
+            .insert_machine(&MachineRecord::starting("m", spec(&sha(&kernel)), true))
+            .unwrap();
+        // `a` used again: now `b` is the least recently used, then `c`.
+        let lease_a = blobs.lease(&sha(&a));
+        assert!(lease_a.find(8 << 10).await.unwrap().is_some());
+        drop(lease_a);
+        let report = blobs.enforce_budget().unwrap();
+        assert_eq!(report.removed_blobs, 1);
+        let want: HashSet<String> = [&a, &c, &kernel].map(|x| sha(x)).into();
+        assert_eq!(files(&blobs), want);
+
+        // Pinned blobs are passed over: with `c` pinned and `d` leased by the fetch that just
+        // made it, `a` goes although `c` is older.
+        let lease_d = put(&blobs, &d).await;
+        let lease_c = blobs.lease(&sha(&c));
+        let report = blobs.enforce_budget().unwrap();
+        assert_eq!(report.removed_blobs, 1);
+        let want: HashSet<String> = [&c, &d, &kernel].map(|x| sha(x)).into();
+        assert_eq!(files(&blobs), want);
+        drop((lease_c, lease_d));
+    }
+
+    #[tokio::test]
+    async fn a_failed_operation_discards_only_what_it_fetched_and_nobody_else_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, store) = open(dir.path(), None);
+        let [found, fresh, shared, referenced] = [1, 2, 3, 4].map(|s| data(s, 4));
+        drop(put(&blobs, &found).await);
+
+        let op = Leases::default();
+        // Found in the store: not this operation's to remove.
+        let lease = blobs.lease(&sha(&found));
+        assert!(lease.find(4 << 10).await.unwrap().is_some());
+        op.hold(lease);
+        op.hold(put(&blobs, &fresh).await);
+        // Fetched fresh, but another operation uses it too.
+        op.hold(put(&blobs, &shared).await);
+        let other = blobs.lease(&sha(&shared));
+        // Fetched fresh, but a machine record names it.
+        op.hold(put(&blobs, &referenced).await);
+        store
+            .insert_machine(&MachineRecord::starting("m", spec(&sha(&referenced)), true))
+            .unwrap();
+
+        op.discard();
+        let want: HashSet<String> = [&found, &shared, &referenced].map(|x| sha(x)).into();
+        assert_eq!(files(&blobs), want);
+        assert_eq!(store.blob(&sha(&fresh)).unwrap(), None);
+        // Every lease of the operation is released.
+        assert_eq!(blobs.pins().get(&sha(&shared)), Some(&1));
+        assert_eq!(blobs.pins().get(&sha(&found)), None);
+        drop(other);
+        assert!(blobs.pins().is_empty());
+    }
+}

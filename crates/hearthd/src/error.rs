@@ -97,3 +97,32 @@ impl IntoResponse for Error {
         (status, axum::Json(body)).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_and_says_where() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = Error::from(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(e.code, ErrorCode::InsufficientStorage, "{e}");
+            let e = Error::io(
+                "writing",
+                Path::new("/data/x"),
+                std::io::Error::from_raw_os_error(errno),
+            );
+            assert_eq!(e.code.status(), 507);
+            assert!(
+                e.message.contains("disk is full") && e.message.contains("/data/x"),
+                "{e}"
+            );
+        }
+        let e = Error::io(
+            "writing",
+            Path::new("/x"),
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert_eq!(e.code, ErrorCode::Internal);
+    }
+}

@@ -112,10 +112,12 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// True when a tool's or a transfer's error text reports ENOSPC or EDQUOT: for failures that
 /// reach us as text only (resize2fs's stderr, a chunk download's message).
 pub fn reports_full_disk(text: &str) -> bool {
-    use nix::errno::Errno;
-    [Errno::ENOSPC, Errno::EDQUOT]
-        .iter()
-        .any(|e| text.contains(e.desc()))
+    [libc::ENOSPC, libc::EDQUOT].iter().any(|&errno| {
+        // The C library's own words, as tools print them: "No space left on device".
+        let e = std::io::Error::from_raw_os_error(errno).to_string();
+        let words = e.split(" (os error").next().unwrap_or(&e);
+        text.contains(words)
+    })
 }
 
 /// SHA-256 of a file, and its size. Holes (found with SEEK_DATA/SEEK_HOLE) are hashed from a
@@ -260,6 +262,18 @@ mod tests {
         if clone_file(&src, &dst, CloneMode::Reflink).is_err() {
             assert!(!dst.exists());
         }
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised_in_text() {
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(reports_full_disk(&format!(
+            "writing the staged file: {enospc}"
+        )));
+        assert!(reports_full_disk(
+            "resize2fs: Disk quota exceeded while trying to resize"
+        ));
+        assert!(!reports_full_disk("HTTP 500: internal error"));
     }
 
     #[test]
