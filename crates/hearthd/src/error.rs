@@ -79,7 +79,12 @@ impl From<std::io::Error> for Error {
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Error {
-        Error::internal(format!("state store: {e}"))
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => {
+                Error::insufficient_storage(format!("the disk is full: state store: {e}"))
+            }
+            _ => Error::internal(format!("state store: {e}")),
+        }
     }
 }
 
@@ -124,5 +129,10 @@ mod tests {
             std::io::Error::from_raw_os_error(libc::EIO),
         );
         assert_eq!(e.code, ErrorCode::Internal);
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert_eq!(Error::from(full).code, ErrorCode::InsufficientStorage);
     }
 }
