@@ -67,6 +67,8 @@ pub async fn sh(client: &Client, id: &str, script: &str) -> ExecResponse {
 
 pub struct Daemon {
     pub root: tempfile::TempDir,
+    /// Holds the daemon's log, off the data root's filesystem: a test may fill that one up.
+    logs: tempfile::TempDir,
     pub client: Client,
     child: Option<Child>,
     extra_args: Vec<String>,
@@ -93,6 +95,10 @@ impl Daemon {
         let client = Client::new(root.path().join("hearthd.sock"));
         let mut d = Daemon {
             root,
+            logs: tempfile::Builder::new()
+                .prefix("hearth-log")
+                .tempdir_in("/tmp")
+                .unwrap(),
             client,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -110,7 +116,7 @@ impl Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.path().join("hearthd.log"))
+            .open(self.logs.path().join("hearthd.log"))
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
             .arg("--root")
@@ -155,7 +161,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.path().join("hearthd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.logs.path().join("hearthd.log")).unwrap_or_default()
     }
 
     /// QEMU processes started for this daemon (their command line names its root).
