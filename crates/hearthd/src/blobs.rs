@@ -7,7 +7,9 @@
 //! Machines and snapshots reference the kernels and initrds they boot from, and an operation
 //! pins each blob it uses with a [`Lease`]; every other blob is cache: `gc` removes it, and
 //! past the cache budget the least recently used go first. An operation that fails discards
-//! the blobs it fetched fresh ([`Leases::discard`]).
+//! the blobs it fetched fresh ([`Leases::discard`]). A machine restored from a durable snapshot
+//! maps its memory blob privately: removing that file leaves the mapping whole, and the space
+//! returns when the VMM exits.
 
 use crate::error::{is_disk_full, Error, Result};
 use crate::storage;
