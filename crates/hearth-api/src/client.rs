@@ -3,9 +3,9 @@
 
 use crate::{
     CreateMachineRequest, CreateSnapshotRequest, CreateSnapshotResponse, ErrorBody, ErrorCode,
-    ExecRequest, ExecResponse, ForkRequest, Health, Machine, MachineEnvelope, MachineList,
-    RestoreRequest, Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList, UploadRequest,
-    UploadResponse,
+    ExecRequest, ExecResponse, ForkRequest, GcResponse, Health, Machine, MachineEnvelope,
+    MachineList, RestoreRequest, Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList,
+    UploadRequest, UploadResponse,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -319,5 +319,10 @@ impl Client {
             .call_timed(Method::POST, &format!("/machines/{source}/fork"), Some(req))
             .await?;
         Ok((env.machine, t))
+    }
+
+    /// Removes the blobs no machine or snapshot needs and no operation is using.
+    pub async fn gc(&self) -> Result<GcResponse, ClientError> {
+        self.call(Method::POST, "/gc", None::<&()>).await
     }
 }

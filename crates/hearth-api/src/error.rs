@@ -18,6 +18,8 @@ pub enum ErrorCode {
     Integrity,
     Upstream,
     Unavailable,
+    /// The disk holding the data root is full (or a quota is exhausted).
+    InsufficientStorage,
     Internal,
 }
 
@@ -31,6 +33,7 @@ impl ErrorCode {
             ErrorCode::Integrity => 422,
             ErrorCode::Upstream => 502,
             ErrorCode::Unavailable => 503,
+            ErrorCode::InsufficientStorage => 507,
             ErrorCode::Internal => 500,
         }
     }

@@ -265,6 +265,14 @@ pub struct Health {
     pub ok: bool,
 }
 
+/// What `POST /gc` removed: blobs no machine or snapshot needs and no operation is using.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcResponse {
+    pub removed_blobs: u64,
+    /// Bytes the removed blobs occupied on disk.
+    pub freed_bytes: u64,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotKind {

@@ -71,6 +71,9 @@ enum Cmd {
     Push { snapshot: String, dest: String },
     /// Restore s3://bucket/prefix/SNAPSHOT as a new machine.
     Pull { source: String, name: String },
+    /// Remove cached blobs (kernels, root filesystems, downloaded snapshot artifacts) that no
+    /// machine or snapshot needs and no operation is using.
+    Gc,
     /// Walk through the main job: create, exec, snapshot, restore, fork, stop, start, delete,
     /// with timings.
     Demo(demo::DemoArgs),
@@ -155,6 +158,18 @@ async fn run(cmd: Cmd, ctx: &Ctx) -> Result<ExitCode> {
         Cmd::Fork { source, name } => snapshots::fork(ctx, &source, &name).await?,
         Cmd::Push { snapshot, dest } => remote::push(ctx, &snapshot, &dest).await?,
         Cmd::Pull { source, name } => remote::pull(ctx, &source, &name).await?,
+        Cmd::Gc => {
+            let r = ctx.client.gc().await?;
+            if ctx.json {
+                output::print_json(&r);
+            } else {
+                println!(
+                    "removed {} blob(s), freed {}",
+                    r.removed_blobs,
+                    size::human(r.freed_bytes)
+                );
+            }
+        }
         Cmd::Demo(args) => demo::run(ctx, args).await?,
     }
     Ok(ExitCode::SUCCESS)

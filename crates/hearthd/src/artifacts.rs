@@ -1,86 +1,68 @@
-//! The artifact cache: kernels, initrds and root filesystems named by URL, stored by content
-//! (`images/blobs/<sha256>`). Concurrent requests for one URL fetch it once; a failed fetch
-//! leaves no partial file (it is written to a temporary file that is removed unless renamed).
+//! The artifact cache: kernels, initrds and root filesystems named by URL, stored by content in
+//! the blob store. Concurrent requests for one URL fetch it once; a failed fetch leaves no
+//! partial file (it is written to a staging file that is removed unless committed).
 
+use crate::blobs::{Blob, Blobs, Leases};
 use crate::error::{Error, Result};
 use crate::store::{CachedArtifact, Store};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
-pub struct Blob {
-    pub path: PathBuf,
-    pub sha256: String,
-    pub size_bytes: u64,
-}
-
 pub struct ArtifactCache {
-    blobs: PathBuf,
-    tmp: PathBuf,
+    blobs: Arc<Blobs>,
     store: Arc<Store>,
     http: reqwest::Client,
-    inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Chunk size for local imports; an all-zero chunk becomes a hole.
 const CHUNK: usize = 1 << 20;
 
 impl ArtifactCache {
-    pub fn new(images_dir: &Path, store: Arc<Store>) -> Result<ArtifactCache> {
-        let blobs = images_dir.join("blobs");
-        let tmp = images_dir.join("tmp");
-        std::fs::create_dir_all(&blobs)?;
-        // Anything in tmp is from a fetch a crash interrupted.
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
+    pub fn new(
+        images_dir: &Path,
+        store: Arc<Store>,
+        max_cache_bytes: Option<u64>,
+    ) -> Result<ArtifactCache> {
+        let blobs = Blobs::open(images_dir, store.clone(), max_cache_bytes)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
-        Ok(ArtifactCache {
-            blobs,
-            tmp,
-            store,
-            http,
-            inflight: Mutex::new(HashMap::new()),
-        })
+        Ok(ArtifactCache { blobs, store, http })
     }
 
-    /// The blob for `url`, fetched if it is not cached. `field` names the request field in errors.
-    pub async fn fetch(&self, field: &str, url: &str) -> Result<Blob> {
+    pub fn blobs(&self) -> &Arc<Blobs> {
+        &self.blobs
+    }
+
+    /// The blob for `url`, fetched if it is not cached, leased to the operation that `leases`
+    /// belong to. `field` names the request field in errors.
+    pub async fn fetch(&self, field: &str, url: &str, leases: &Leases) -> Result<Blob> {
         let source = Source::parse(url).map_err(|e| Error::invalid(format!("{field}: {e}")))?;
-        self.one_at_a_time(url, self.fetch_locked(field, url, &source))
-            .await
+        let blob = self
+            .blobs
+            .one_at_a_time(
+                &format!("url:{url}"),
+                self.fetch_locked(field, url, &source, leases),
+            )
+            .await?;
+        self.blobs.evict_over_budget().await;
+        Ok(blob)
     }
 
-    /// Runs `work` under the lock for `key`, so one fetch of a thing runs at a time and the
-    /// callers that waited find its result. The lock goes once nobody holds or awaits it.
-    pub async fn one_at_a_time<T>(&self, key: &str, work: impl Future<Output = T>) -> T {
-        let gate = {
-            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(key.to_string()).or_default().clone()
-        };
-        let result = {
-            let _held = gate.lock().await;
-            work.await
-        };
-        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        // One reference in the map, one here: nobody else waits.
-        if Arc::strong_count(&gate) == 2 {
-            map.remove(key);
-        }
-        result
-    }
-
-    async fn fetch_locked(&self, field: &str, url: &str, source: &Source) -> Result<Blob> {
+    async fn fetch_locked(
+        &self,
+        field: &str,
+        url: &str,
+        source: &Source,
+        leases: &Leases,
+    ) -> Result<Blob> {
         let validator = match source {
             Source::File(path) => {
                 let meta = std::fs::metadata(path)
@@ -102,41 +84,36 @@ impl ArtifactCache {
             Source::Http(_) => String::new(),
         };
         if let Some(hit) = self.store.cached_artifact(url, &validator)? {
-            let path = self.blobs.join(&hit.sha256);
-            if std::fs::metadata(&path).is_ok_and(|m| m.len() == hit.size_bytes) {
-                return Ok(Blob {
-                    path,
-                    sha256: hit.sha256,
-                    size_bytes: hit.size_bytes,
-                });
+            let lease = self.blobs.lease(&hit.sha256);
+            if let Some(blob) = lease.find(hit.size_bytes).await? {
+                leases.hold(lease);
+                return Ok(blob);
             }
         }
-        let tmp = tempfile::NamedTempFile::new_in(&self.tmp)?;
+        let staged = self.blobs.staging()?;
         let (sha256, size_bytes) = match source {
             Source::File(path) => {
-                let (path, file) = (path.clone(), tmp.reopen()?);
+                let (path, file) = (path.clone(), staged.reopen()?);
                 tokio::task::spawn_blocking(move || import_sparse(&path, file))
                     .await
                     .map_err(|e| Error::internal(e.to_string()))?
-                    .map_err(|e| Error::invalid(format!("{field}: reading {url}: {e}")))?
+                    .map_err(|e| match e {
+                        Copy::Read(e) => Error::invalid(format!("{field}: reading {url}: {e}")),
+                        Copy::Write(e) => self.blobs.write_error(e),
+                    })?
             }
-            Source::Http(url) => self.download(field, url, tmp.reopen()?).await?,
+            Source::Http(url) => self.download(field, url, staged.reopen()?).await?,
         };
-        let path = self.blobs.join(&sha256);
-        if !path.exists() {
-            tmp.persist(&path)
-                .map_err(|e| Error::internal(e.to_string()))?;
-        }
-        let hit = CachedArtifact {
-            sha256: sha256.clone(),
-            size_bytes,
+        let mut lease = self.blobs.lease(&sha256);
+        // The same content may be in the store already, fetched from another source.
+        let blob = match lease.find(size_bytes).await? {
+            Some(blob) => blob,
+            None => lease.commit(staged, size_bytes).await?,
         };
+        let hit = CachedArtifact { sha256, size_bytes };
         self.store.put_cached_artifact(url, &validator, &hit)?;
-        Ok(Blob {
-            path,
-            sha256,
-            size_bytes,
-        })
+        leases.hold(lease);
+        Ok(blob)
     }
 
     async fn download(
@@ -163,9 +140,13 @@ impl ArtifactCache {
             let chunk = chunk.map_err(|e| fail(error_chain(&e)))?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
+                .map_err(|e| self.blobs.write_error(e))?;
         }
-        file.sync_data().await?;
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(|e| self.blobs.write_error(e))?;
         Ok((hex::encode(hasher.finalize()), size))
     }
 }
@@ -203,27 +184,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
+/// Which side of a copy failed: reading the source is the request's fault, writing the store's.
+enum Copy {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
 /// Copies a local file into the cache while hashing it; all-zero chunks are left as holes.
-fn import_sparse(src: &Path, mut dst: std::fs::File) -> std::io::Result<(String, u64)> {
-    let mut from = std::fs::File::open(src)?;
+fn import_sparse(src: &Path, mut dst: std::fs::File) -> std::result::Result<(String, u64), Copy> {
+    let mut from = std::fs::File::open(src).map_err(Copy::Read)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
     loop {
-        let n = read_full(&mut from, &mut buf)?;
+        let n = read_full(&mut from, &mut buf).map_err(Copy::Read)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         if buf[..n].iter().all(|&b| b == 0) {
-            dst.seek(SeekFrom::Current(n as i64))?;
+            dst.seek(SeekFrom::Current(n as i64)).map_err(Copy::Write)?;
         } else {
-            dst.write_all(&buf[..n])?;
+            dst.write_all(&buf[..n]).map_err(Copy::Write)?;
         }
         size += n as u64;
     }
-    dst.set_len(size)?;
-    dst.sync_data()?;
+    dst.set_len(size).map_err(Copy::Write)?;
     Ok((hex::encode(hasher.finalize()), size))
 }
 
@@ -253,21 +239,22 @@ mod tests {
 
     fn cache(dir: &Path) -> ArtifactCache {
         let store = Arc::new(Store::open(&dir.join("s.db")).unwrap());
-        ArtifactCache::new(&dir.join("images"), store).unwrap()
+        ArtifactCache::new(&dir.join("images"), store, None).unwrap()
     }
 
     #[tokio::test]
     async fn file_urls_are_imported_once_by_content() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let src = dir.path().join("kernel");
         let mut data = vec![0u8; 3 * CHUNK];
         data[CHUNK + 5] = 1;
         std::fs::write(&src, &data).unwrap();
         let url = format!("file://{}", src.display());
         let (a, b) = tokio::join!(
-            cache.fetch("kernel_image_url", &url),
-            cache.fetch("kernel_image_url", &url)
+            cache.fetch("kernel_image_url", &url, &leases),
+            cache.fetch("kernel_image_url", &url, &leases)
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!(a.path, b.path);
@@ -281,7 +268,10 @@ mod tests {
         );
         // A changed file is read again.
         std::fs::write(&src, b"new").unwrap();
-        let c = cache.fetch("kernel_image_url", &url).await.unwrap();
+        let c = cache
+            .fetch("kernel_image_url", &url, &leases)
+            .await
+            .unwrap();
         assert_ne!(c.sha256, a.sha256);
     }
 
@@ -332,20 +322,21 @@ mod tests {
     async fn http_urls_download_once_even_when_asked_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         let (addr, hits) = serve(body.clone()).await;
         let url = format!("http://{addr}/blob");
         let (a, b, c) = tokio::join!(
-            cache.fetch("rootfs_url", &url),
-            cache.fetch("rootfs_url", &url),
-            cache.fetch("rootfs_url", &url)
+            cache.fetch("rootfs_url", &url, &leases),
+            cache.fetch("rootfs_url", &url, &leases),
+            cache.fetch("rootfs_url", &url, &leases)
         );
         let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
         assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!((a.path == b.path, b.path == c.path), (true, true));
         assert_eq!(std::fs::read(&a.path).unwrap(), body);
         assert_eq!(a.sha256, hex::encode(Sha256::digest(&body)));
-        cache.fetch("rootfs_url", &url).await.unwrap();
+        cache.fetch("rootfs_url", &url, &leases).await.unwrap();
         assert_eq!(
             hits.load(std::sync::atomic::Ordering::SeqCst),
             1,
@@ -354,13 +345,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_zero_filled_blob_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let leases = Leases::default();
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let (addr, hits) = serve(body.clone()).await;
+        let url = format!("http://{addr}/blob");
+        let blob = cache.fetch("rootfs_url", &url, &leases).await.unwrap();
+        // A data root from a hearthd that renamed blobs in without flushing them: after a power
+        // loss the index still names the blob, whose file is zero-filled, and no record vouches
+        // for it.
+        std::fs::write(&blob.path, vec![0u8; body.len()]).unwrap();
+        rusqlite::Connection::open(dir.path().join("s.db"))
+            .unwrap()
+            .execute("DELETE FROM blobs", [])
+            .unwrap();
+        let again = cache.fetch("rootfs_url", &url, &leases).await.unwrap();
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(again.path, blob.path);
+        assert_eq!(std::fs::read(&again.path).unwrap(), body);
+    }
+
+    #[tokio::test]
     async fn failed_downloads_leave_no_partial_file() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let (addr, _) = serve(vec![1u8; 100_000]).await;
         for path in ["cut", "missing"] {
             let err = cache
-                .fetch("kernel_image_url", &format!("http://{addr}/{path}"))
+                .fetch(
+                    "kernel_image_url",
+                    &format!("http://{addr}/{path}"),
+                    &leases,
+                )
                 .await
                 .unwrap_err();
             assert_eq!(err.code, ErrorCode::Upstream, "{path}: {}", err.message);
@@ -373,8 +392,9 @@ mod tests {
     async fn bad_sources_are_clear_errors_and_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let cache = cache(dir.path());
+        let leases = Leases::default();
         let missing = cache
-            .fetch("rootfs_url", "file:///nonexistent/rootfs")
+            .fetch("rootfs_url", "file:///nonexistent/rootfs", &leases)
             .await
             .unwrap_err();
         assert_eq!(missing.code, ErrorCode::Invalid);
@@ -383,11 +403,14 @@ mod tests {
             "{}",
             missing.message
         );
-        let scheme = cache.fetch("rootfs_url", "ftp://x/y").await.unwrap_err();
+        let scheme = cache
+            .fetch("rootfs_url", "ftp://x/y", &leases)
+            .await
+            .unwrap_err();
         assert_eq!(scheme.code, ErrorCode::Invalid);
         // Nothing listens on port 1 of loopback.
         let down = cache
-            .fetch("rootfs_url", "http://127.0.0.1:1/rootfs")
+            .fetch("rootfs_url", "http://127.0.0.1:1/rootfs", &leases)
             .await
             .unwrap_err();
         assert_eq!(down.code, ErrorCode::Upstream);

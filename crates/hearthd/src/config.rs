@@ -59,6 +59,10 @@ pub struct Config {
     /// Parts uploaded, or chunks downloaded, at once by one transfer.
     #[arg(long, env = "HEARTH_TRANSFER_CONCURRENCY", default_value_t = 8)]
     pub transfer_concurrency: usize,
+    /// Bytes on disk that cached blobs (those no machine or snapshot needs) may take; past it
+    /// the least recently used are evicted after each fetch. Unlimited when not given.
+    #[arg(long, env = "HEARTH_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
     /// Host TSC frequency in kHz for TCG guests (measured when not given).
     #[arg(long, env = "HEARTH_TSC_KHZ")]
     pub tsc_khz: Option<u64>,

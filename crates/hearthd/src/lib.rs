@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api;
 pub mod artifacts;
+pub mod blobs;
 pub mod config;
 pub mod error;
 pub mod failpoint;

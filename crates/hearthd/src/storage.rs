@@ -32,7 +32,7 @@ fn clone_inner(src: &Path, dst: &Path, mode: CloneMode) -> Result<CloneMethod> {
         .write(true)
         .create_new(true)
         .open(dst)
-        .map_err(|e| Error::internal(format!("create {}: {e}", dst.display())))?;
+        .map_err(|e| Error::io("creating", dst, e))?;
     if mode != CloneMode::Copy {
         // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
         let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
@@ -48,14 +48,15 @@ fn clone_inner(src: &Path, dst: &Path, mode: CloneMode) -> Result<CloneMethod> {
             )));
         }
     }
-    sparse_copy(&from, &to)?;
+    sparse_copy(&from, &to, dst)?;
     Ok(CloneMethod::SparseCopy)
 }
 
 /// Copies only the allocated extents (SEEK_DATA/SEEK_HOLE), so holes stay holes.
-fn sparse_copy(from: &File, to: &File) -> Result<()> {
+fn sparse_copy(from: &File, to: &File, to_path: &Path) -> Result<()> {
     let len = from.metadata()?.len();
-    to.set_len(len)?;
+    to.set_len(len)
+        .map_err(|e| Error::io("sizing", to_path, e))?;
     let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
     let mut pos: i64 = 0;
     while (pos as u64) < len {
@@ -82,10 +83,8 @@ fn sparse_copy(from: &File, to: &File) -> Result<()> {
                 )
             };
             if n < 0 {
-                return Err(Error::internal(format!(
-                    "copy_file_range: {}",
-                    std::io::Error::last_os_error()
-                )));
+                let e = std::io::Error::last_os_error();
+                return Err(Error::io("copying to", to_path, e));
             }
             if n == 0 {
                 break;
@@ -100,7 +99,25 @@ fn sparse_copy(from: &File, to: &File) -> Result<()> {
 pub fn sync_file(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_data())
-        .map_err(|e| Error::internal(format!("flushing {}: {e}", path.display())))
+        .map_err(|e| Error::io("flushing", path, e))
+}
+
+/// Flushes a directory, so that the entries created or renamed in it survive a power loss.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io("flushing", dir, e))
+}
+
+/// True when a tool's or a transfer's error text reports ENOSPC or EDQUOT: for failures that
+/// reach us as text only (resize2fs's stderr, a chunk download's message).
+pub fn reports_full_disk(text: &str) -> bool {
+    [libc::ENOSPC, libc::EDQUOT].iter().any(|&errno| {
+        // The C library's own words, as tools print them: "No space left on device".
+        let e = std::io::Error::from_raw_os_error(errno).to_string();
+        let words = e.split(" (os error").next().unwrap_or(&e);
+        text.contains(words)
+    })
 }
 
 /// SHA-256 of a file, and its size. Holes (found with SEEK_DATA/SEEK_HOLE) are hashed from a
@@ -172,9 +189,13 @@ pub fn grow_ext4(path: &Path, bytes: u64) -> Result<()> {
         .output()
         .map_err(|e| Error::internal(format!("running resize2fs: {e}")))?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if reports_full_disk(&stderr) {
+            return Err(Error::disk_full(path, &stderr.trim()));
+        }
         return Err(Error::invalid(format!(
             "the root filesystem could not be grown: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            stderr.trim()
         )));
     }
     Ok(())
@@ -241,6 +262,18 @@ mod tests {
         if clone_file(&src, &dst, CloneMode::Reflink).is_err() {
             assert!(!dst.exists());
         }
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised_in_text() {
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(reports_full_disk(&format!(
+            "writing the staged file: {enospc}"
+        )));
+        assert!(reports_full_disk(
+            "resize2fs: Disk quota exceeded while trying to resize"
+        ));
+        assert!(!reports_full_disk("HTTP 500: internal error"));
     }
 
     #[test]

@@ -97,6 +97,9 @@ async fn bad_artifacts_fail_cleanly() {
     assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
     assert!(err.to_string().contains("ext4"), "{err}");
     d.assert_nothing_left("notext4").await;
+    // The kernel and the junk these failed creates fetched are gone again.
+    let blobs = std::fs::read_dir(d.path().join("images/blobs")).unwrap();
+    assert_eq!(blobs.count(), 0, "a failed create left blobs");
 
     // A kernel QEMU cannot load.
     let t = Instant::now();

@@ -45,6 +45,10 @@ pub fn router(svc: Arc<Service>) -> Router {
             "/snapshots/{id}/artifacts/{artifact_id}",
             get(snapshots::artifact),
         )
+        .route(
+            "/gc",
+            post(|State(svc): State<Arc<Service>>| async move { svc.gc().await.map(axum::Json) }),
+        )
         .fallback(|| async { crate::error::Error::not_found("no such endpoint") })
         .with_state(svc)
 }

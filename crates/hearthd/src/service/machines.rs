@@ -2,6 +2,7 @@
 
 use super::{nonce, Operation, Service};
 use crate::agent::AgentClient;
+use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
 use crate::vmm::{process, MachinePaths, MemoryBacking, VmSpec};
@@ -51,10 +52,12 @@ impl Service {
             |svc, id, _| async move {
                 let mut rec = MachineRecord::starting(&id, spec, true);
                 svc.store.insert_machine(&rec)?;
-                let result = svc.provision_and_boot(&mut rec).await;
+                let leases = Leases::default();
+                let result = svc.provision_and_boot(&mut rec, &leases).await;
                 if let Err(e) = &result {
                     tracing::info!(machine = %id, "create failed: {}", e.message);
                     svc.destroy(&id, rec.process.as_ref()).await;
+                    leases.discard();
                 }
                 result.map(|()| rec.to_api())
             },
@@ -98,18 +101,19 @@ impl Service {
     }
 
     /// Fetches the artifacts, makes the system disk and boots.
-    async fn provision_and_boot(&self, rec: &mut MachineRecord) -> Result<()> {
+    /// What it fetches stays leased to the create until it ends.
+    async fn provision_and_boot(&self, rec: &mut MachineRecord, leases: &Leases) -> Result<()> {
         let artifact = rec.spec.artifact.clone();
         let kernel = self
             .artifacts
-            .fetch("kernel_image_url", &artifact.kernel_image_url)
+            .fetch("kernel_image_url", &artifact.kernel_image_url, leases)
             .await?;
         let rootfs = self
             .artifacts
-            .fetch("rootfs_url", &artifact.rootfs_url)
+            .fetch("rootfs_url", &artifact.rootfs_url, leases)
             .await?;
         let initrd = match &artifact.initrd_url {
-            Some(url) => Some(self.artifacts.fetch("initrd_url", url).await?),
+            Some(url) => Some(self.artifacts.fetch("initrd_url", url, leases).await?),
             None => None,
         };
         rec.spec.kernel_sha256 = kernel.sha256;

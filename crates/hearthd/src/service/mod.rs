@@ -6,6 +6,7 @@
 mod compat;
 mod exec;
 mod fork;
+mod gc;
 mod machines;
 mod reconcile;
 mod restore;
@@ -122,7 +123,8 @@ impl Service {
             std::fs::create_dir_all(root.join(dir))?;
         }
         let store = Arc::new(Store::open(&root.join("state").join("hearth.db"))?);
-        let artifacts = ArtifactCache::new(&root.join("images"), store.clone())?;
+        let artifacts =
+            ArtifactCache::new(&root.join("images"), store.clone(), cfg.cache_max_bytes)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))

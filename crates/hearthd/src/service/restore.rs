@@ -6,6 +6,7 @@
 
 use super::snapshots::{Timings, MEMORY, SYSTEM_DISK, VMSTATE};
 use super::{compat, machines::guest_hostname, nonce, Operation, Service};
+use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
@@ -63,8 +64,15 @@ impl Service {
         let snapshot_id = snapshot_id.to_string();
         // The download is part of the operation: a client that hangs up does not cut it short.
         self.operation(op, move |svc, id, _| async move {
+            // What a durable restore downloads, dropped again if the restore fails.
+            let leases = Leases::default();
             let (source, _in_use) = match &req.snapshot {
-                Some(durable) => (svc.download_source(durable, &req.artifact).await?, None),
+                Some(durable) => (
+                    svc.download_source(durable, &req.artifact, &leases)
+                        .await
+                        .inspect_err(|_| leases.discard())?,
+                    None,
+                ),
                 None => {
                     let snap = svc.ready_snapshot(&snapshot_id)?;
                     let in_use = svc.use_snapshot(&snapshot_id)?;
@@ -73,13 +81,16 @@ impl Service {
                     (svc.local_source(snap), Some(in_use))
                 }
             };
-            let spec = restored_spec(&source, &req)?;
+            let spec = restored_spec(&source, &req).inspect_err(|_| leases.discard())?;
             let mut rec = MachineRecord::starting(&id, spec, false);
-            svc.store.insert_machine(&rec)?;
+            svc.store
+                .insert_machine(&rec)
+                .inspect_err(|_| leases.discard())?;
             let result = svc.restore_into(&mut rec, &source).await;
             if let Err(e) = &result {
                 tracing::info!(machine = %id, snapshot = %source.id, "restore failed: {}", e.message);
                 svc.destroy(&id, rec.process.as_ref()).await;
+                leases.discard();
             }
             result.map(|timings| (rec.to_api(), timings))
         })
@@ -104,6 +115,7 @@ impl Service {
         &self,
         d: &DurableSnapshotRef,
         artifact: &ArtifactRef,
+        leases: &Leases,
     ) -> Result<Source> {
         let find = |kind: ArtifactKind| d.artifacts.iter().find(|a| a.kind == kind);
         let fetch = |a: &hearth_api::SnapshotArtifact| {
@@ -115,7 +127,8 @@ impl Service {
                         a.name
                     )));
                 };
-                self.fetch_verified(&a.name, url, sha, a.size_bytes).await
+                self.fetch_verified(&a.name, url, sha, a.size_bytes, leases)
+                    .await
             }
         };
         let manifest = find(ArtifactKind::Manifest)
@@ -143,10 +156,15 @@ impl Service {
         }
         let kernel = self
             .artifacts
-            .fetch("kernel_image_url", &artifact.kernel_image_url)
+            .fetch("kernel_image_url", &artifact.kernel_image_url, leases)
             .await?;
         let initrd = match &artifact.initrd_url {
-            Some(url) => Some(self.artifacts.fetch("initrd_url", url).await?.sha256),
+            Some(url) => Some(
+                self.artifacts
+                    .fetch("initrd_url", url, leases)
+                    .await?
+                    .sha256,
+            ),
             None => None,
         };
         // Before the large downloads: a snapshot that cannot run here is not fetched.

@@ -395,7 +395,8 @@ impl Service {
         };
         let text =
             serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
-        std::fs::write(dir.join(MANIFEST), text)?;
+        let path = dir.join(MANIFEST);
+        std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))?;
         written.push(Written {
             id: "manifest",
             kind: ArtifactKind::Manifest,

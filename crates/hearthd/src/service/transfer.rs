@@ -7,6 +7,7 @@
 //! downloads nothing).
 
 use super::Service;
+use crate::blobs::{Lease, Leases};
 use crate::error::{Error, Result};
 use crate::storage;
 use hearth_api::{CompletedPart, ErrorCode, UploadRequest, UploadResponse, UploadedArtifact};
@@ -198,14 +199,15 @@ impl Service {
         Ok(UploadResponse { artifacts: done })
     }
 
-    /// The blob with this sha256, downloading it from `url` when the store lacks it (public for
-    /// the transfer benchmark).
+    /// The blob with this sha256, downloading it from `url` when the store lacks it, leased to
+    /// the operation that `leases` belong to (public for the transfer benchmark).
     pub async fn fetch_verified(
         &self,
         name: &str,
         url: &str,
         sha256: &str,
         size: u64,
+        leases: &Leases,
     ) -> Result<PathBuf> {
         let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
         if !valid {
@@ -214,27 +216,34 @@ impl Service {
             )));
         }
         let sha256 = sha256.to_ascii_lowercase();
+        let blobs = self.artifacts.blobs();
+        let mut lease = blobs.lease(&sha256);
         let key = format!("sha256:{sha256}");
-        self.artifacts
-            .one_at_a_time(&key, self.download_blob(name, url, &sha256, size))
-            .await
+        let path = blobs
+            .one_at_a_time(&key, self.download_blob(name, url, size, &mut lease))
+            .await?;
+        leases.hold(lease);
+        blobs.evict_over_budget().await;
+        Ok(path)
     }
 
     async fn download_blob(
         &self,
         name: &str,
         url: &str,
-        sha256: &str,
         size: u64,
+        lease: &mut Lease,
     ) -> Result<PathBuf> {
-        let blob = self.cfg.root.join("images/blobs").join(sha256);
-        if std::fs::metadata(&blob).is_ok_and(|m| m.len() == size) {
-            return Ok(blob);
+        if let Some(blob) = lease.find(size).await? {
+            return Ok(blob.path);
         }
         reqwest::Url::parse(url)
             .map_err(|e| Error::invalid(format!("artifact {name}: download_url: {e}")))?;
-        let staged = tempfile::NamedTempFile::new_in(self.cfg.root.join("images/tmp"))?;
-        staged.as_file().set_len(size)?;
+        let staged = self.artifacts.blobs().staging()?;
+        staged
+            .as_file()
+            .set_len(size)
+            .map_err(|e| Error::io("sizing", staged.path(), e))?;
         // One descriptor shared by every chunk: positioned writes need no seek.
         let file = Arc::new(staged.reopen()?);
         download(
@@ -243,23 +252,21 @@ impl Service {
             url,
             size,
             self.cfg.transfer_concurrency,
-            file,
+            (file, staged.path()),
         )
         .await?;
         let path = staged.path().to_path_buf();
         let (_, got) = tokio::task::spawn_blocking(move || storage::sha256_sparse(&path))
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
+        let sha256 = lease.sha256();
         if got != sha256 {
             return Err(Error {
                 code: ErrorCode::Integrity,
                 message: format!("artifact {name}: sha256 {got} does not match {sha256}"),
             });
         }
-        staged
-            .persist(&blob)
-            .map_err(|e| Error::internal(e.to_string()))?;
-        Ok(blob)
+        Ok(lease.commit(staged, size).await?.path)
     }
 }
 
@@ -336,9 +343,17 @@ async fn download(
     url: &str,
     size: u64,
     concurrency: usize,
-    file: Arc<std::fs::File>,
+    (file, path): (Arc<std::fs::File>, &Path),
 ) -> Result<()> {
-    let upstream = |e: String| Error::upstream(format!("downloading artifact {name}: {e}"));
+    let upstream = |e: String| {
+        let message = format!("downloading artifact {name}: {e}");
+        // A chunk's failure arrives as text; a full disk must still read as one.
+        if storage::reports_full_disk(&e) {
+            Error::disk_full(path, &message)
+        } else {
+            Error::upstream(message)
+        }
+    };
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..size.div_ceil(CHUNK) {
@@ -664,7 +679,7 @@ mod tests {
         let http = reqwest::Client::new();
         let res = tokio::time::timeout(
             Duration::from_secs(60),
-            download(&http, "memory", &store.url, size, 4, file),
+            download(&http, "memory", &store.url, size, 4, (file, staged.path())),
         )
         .await
         .expect("the download did not end");

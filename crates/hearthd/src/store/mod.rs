@@ -2,12 +2,14 @@
 //! `PRAGMA user_version`. Every call is short; a std mutex serialises them.
 
 mod artifacts;
+mod blobs;
 mod journal;
 mod machines;
 mod ports;
 mod snapshots;
 
 pub use artifacts::CachedArtifact;
+pub use blobs::BlobRecord;
 pub use journal::{OpKind, OpRecord};
 pub use machines::{MachineRecord, MachineSpec, NetworkSpec, ProcessRecord};
 pub use snapshots::SnapshotRecord;
@@ -56,6 +58,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE operations ADD COLUMN snapshot_id TEXT;
     ALTER TABLE machines ADD COLUMN ram_shared INTEGER NOT NULL DEFAULT 1;",
     "ALTER TABLE operations ADD COLUMN source_machine_id TEXT;",
+    // Blobs verified and flushed into the store; a file without a record is hashed again.
+    "CREATE TABLE blobs (
+        sha256 TEXT PRIMARY KEY,
+        size_bytes INTEGER NOT NULL,
+        verified_at TEXT NOT NULL,
+        last_used INTEGER NOT NULL
+    );",
     "ALTER TABLE machines ADD COLUMN net_slot INTEGER;
     CREATE UNIQUE INDEX machines_by_net_slot ON machines (net_slot);
     CREATE TABLE published_ports (

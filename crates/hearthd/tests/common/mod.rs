@@ -67,6 +67,8 @@ pub async fn sh(client: &Client, id: &str, script: &str) -> ExecResponse {
 
 pub struct Daemon {
     pub root: tempfile::TempDir,
+    /// Holds the daemon's log, off the data root's filesystem: a test may fill that one up.
+    logs: tempfile::TempDir,
     pub client: Client,
     child: Option<Child>,
     extra_args: Vec<String>,
@@ -86,16 +88,29 @@ impl Daemon {
         Daemon::start_env(extra_args, &[]).await
     }
 
+    /// A daemon whose data root is a new directory under `parent` (a filesystem of the test's).
+    pub async fn start_in(parent: &Path, extra_args: &[&str]) -> Daemon {
+        Daemon::start_in_env(parent, extra_args, &[]).await
+    }
+
     /// A daemon with extra flags and environment (failpoints), kept across restarts until
     /// `env` is changed.
     pub async fn start_env(extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_in_env(Path::new("/tmp"), extra_args, env).await
+    }
+
+    async fn start_in_env(parent: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("hearth-t")
-            .tempdir_in("/tmp")
+            .tempdir_in(parent)
             .unwrap();
         let client = Client::new(root.path().join("hearthd.sock"));
         let mut d = Daemon {
             root,
+            logs: tempfile::Builder::new()
+                .prefix("hearth-log")
+                .tempdir_in("/tmp")
+                .unwrap(),
             client,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -134,7 +149,7 @@ impl Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.path().join("hearthd.log"))
+            .open(self.logs.path().join("hearthd.log"))
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
             .arg("--root")
@@ -174,7 +189,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.path().join("hearthd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.logs.path().join("hearthd.log")).unwrap_or_default()
     }
 
     /// How many lines of the running daemon's log contain `needle`.
@@ -637,4 +652,180 @@ async fn read_head(conn: &mut tokio::net::TcpStream) -> Vec<u8> {
         }
     }
     buf
+}
+
+/// A small ext4 filesystem on a loop device, mounted for one test (needs root) and unmounted
+/// when dropped, also when the test panics. Drop it after the daemons that use it.
+pub struct LoopFs {
+    work: tempfile::TempDir,
+}
+
+impl LoopFs {
+    pub fn mount(bytes: u64) -> LoopFs {
+        let work = tempfile::Builder::new()
+            .prefix("hearth-fs")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let image = work.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        // No blocks reserved for root: the daemon runs as root, and the test counts free space.
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-m", "0"])
+            .arg(&image)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mkfs.ext4");
+        let fs = LoopFs { work };
+        std::fs::create_dir(fs.path()).unwrap();
+        let ok = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(fs.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount -o loop (the tests run as root)");
+        fs
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.work.path().join("mnt")
+    }
+
+    /// Free bytes, once blocks freed a moment ago are free for good (ext4 reuses a freed block
+    /// only after its journal commits).
+    pub fn free_bytes(&self) -> u64 {
+        let dir = std::fs::File::open(self.path()).unwrap();
+        nix::unistd::syncfs(&dir).unwrap();
+        let st = nix::sys::statvfs::statvfs(&self.path()).unwrap();
+        st.blocks_free() * st.fragment_size()
+    }
+
+    /// Fills the filesystem with a filler file (replacing an earlier one) until `leave` bytes
+    /// are free, give or take a block. It grows in steps, as each step needs room for its own
+    /// extent metadata too.
+    pub fn fill(&self, leave: u64) {
+        use std::os::fd::AsRawFd;
+        let filler = self.path().join("filler");
+        let _ = std::fs::remove_file(&filler);
+        let f = std::fs::File::create(&filler).unwrap();
+        let (mut len, mut max_step) = (0u64, 8u64 << 20);
+        loop {
+            let free = self.free_bytes();
+            if free <= leave || max_step < 4096 {
+                break;
+            }
+            let step = (free - leave).min(max_step).next_multiple_of(4096);
+            let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, len as i64, step as i64) };
+            if rc == 0 {
+                len += step;
+            } else {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "fallocate: {e}");
+                max_step /= 2;
+            }
+        }
+    }
+
+    pub fn unfill(&self) {
+        let _ = std::fs::remove_file(self.path().join("filler"));
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // A VMM killed a moment ago may still hold files open: retry, then detach lazily.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = Command::new("umount").arg(self.path()).status();
+            if ok.is_ok_and(|s| s.success()) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// A loopback HTTP server for the files of one directory, `GET /<name>` with `Range: bytes=a-b`
+/// answered 206: a stand-in for an object store's presigned GET URLs.
+pub struct FileServer {
+    pub endpoint: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FileServer {
+    pub async fn start(dir: PathBuf) -> FileServer {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let dir = dir.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let name = head
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or("/")
+                        .trim_start_matches('/');
+                    let Ok(mut file) = tokio::fs::File::open(dir.join(name)).await else {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    };
+                    let size = file.metadata().await.unwrap().len();
+                    let range = head.lines().find_map(|l| {
+                        let v = l
+                            .to_ascii_lowercase()
+                            .strip_prefix("range: bytes=")?
+                            .to_string();
+                        let (a, b) = v.trim().split_once('-')?;
+                        Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?.min(size - 1)))
+                    });
+                    let (start, end, status) = match range {
+                        Some((a, b)) => (a, b + 1, "206 Partial Content"),
+                        None => (0, size, "200 OK"),
+                    };
+                    let mut reply = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        end - start
+                    );
+                    if range.is_some() {
+                        reply.push_str(&format!(
+                            "Content-Range: bytes {start}-{}/{size}\r\n",
+                            end - 1
+                        ));
+                    }
+                    reply.push_str("\r\n");
+                    if conn.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    file.seek(std::io::SeekFrom::Start(start)).await.unwrap();
+                    let _ = tokio::io::copy(&mut file.take(end - start), &mut conn).await;
+                });
+            }
+        });
+        FileServer { endpoint, task }
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

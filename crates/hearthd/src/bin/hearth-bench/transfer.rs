@@ -198,6 +198,7 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
         &get_url,
         disk.sha256_hex.as_deref().unwrap_or(""),
         size,
+        &hearthd::blobs::Leases::default(),
     )
     .await
     .map_err(|e| anyhow::anyhow!(e.message))?;
