@@ -76,7 +76,11 @@ pub fn configure(net: &GuestNetwork) -> Result<(), String> {
     if net.prefix_len > 32 {
         return Err(format!("prefix length {}", net.prefix_len));
     }
-    let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - net.prefix_len as u32).unwrap_or(0));
+    let mask = Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - net.prefix_len as u32)
+            .unwrap_or(0),
+    );
     let sock = socket()?;
     set_up(&sock, "lo")?;
     let name = net.interface.as_str();
@@ -104,6 +108,10 @@ pub fn configure(net: &GuestNetwork) -> Result<(), String> {
         other => other.map_err(|e| format!("SIOCADDRT: {e}"))?,
     }
 
-    let resolv: String = net.dns.iter().map(|d| format!("nameserver {d}\n")).collect();
+    let resolv: String = net
+        .dns
+        .iter()
+        .map(|d| format!("nameserver {d}\n"))
+        .collect();
     std::fs::write("/etc/resolv.conf", resolv).map_err(|e| format!("/etc/resolv.conf: {e}"))
 }

@@ -4,8 +4,9 @@
 use crate::{
     CreateMachineRequest, CreateSnapshotRequest, CreateSnapshotResponse, ErrorBody, ErrorCode,
     ExecRequest, ExecResponse, ForkRequest, GcResponse, Health, Machine, MachineEnvelope,
-    MachineList, RestoreRequest, Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList,
-    UploadRequest, UploadResponse,
+    MachineList, NetworkRequest, PortEnvelope, PortList, PublishPortRequest, PublishedPort,
+    RestoreRequest, Snapshot, SnapshotEnvelope, SnapshotKind, SnapshotList, UploadRequest,
+    UploadResponse,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -324,5 +325,56 @@ impl Client {
     /// Removes the blobs no machine or snapshot needs and no operation is using.
     pub async fn gc(&self) -> Result<GcResponse, ClientError> {
         self.call(Method::POST, "/gc", None::<&()>).await
+    }
+
+    pub async fn publish_port(
+        &self,
+        machine: &str,
+        req: &PublishPortRequest,
+    ) -> Result<PublishedPort, ClientError> {
+        let env: PortEnvelope = self
+            .call(
+                Method::POST,
+                &format!("/machines/{machine}/published-ports"),
+                Some(req),
+            )
+            .await?;
+        Ok(env.port)
+    }
+
+    pub async fn list_ports(&self, machine: &str) -> Result<Vec<PublishedPort>, ClientError> {
+        let list: PortList = self
+            .call(
+                Method::GET,
+                &format!("/machines/{machine}/published-ports"),
+                None::<&()>,
+            )
+            .await?;
+        Ok(list.ports)
+    }
+
+    pub async fn unpublish_port(&self, machine: &str, port: &str) -> Result<(), ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/machines/{machine}/published-ports/{port}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Changes a machine's egress policy (`PATCH /machines/{id}/network`).
+    pub async fn set_network(
+        &self,
+        machine: &str,
+        req: &NetworkRequest,
+    ) -> Result<Machine, ClientError> {
+        let env: MachineEnvelope = self
+            .call(
+                Method::PATCH,
+                &format!("/machines/{machine}/network"),
+                Some(req),
+            )
+            .await?;
+        Ok(env.machine)
     }
 }

@@ -84,6 +84,8 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
             storage_bytes: None,
             user_volume_ids: None,
             guest_config: None,
+            network: None,
+            ports: None,
         })
         .await?;
     report.step(
@@ -161,6 +163,8 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
     let fork = ForkRequest {
         machine_id: forked.clone(),
         guest_config: None,
+        network: None,
+        ports: None,
     };
     let (_, timings) = c.fork_timed(&name, &fork).await?;
     report.step(

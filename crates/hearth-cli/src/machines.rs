@@ -1,6 +1,7 @@
 //! Machine commands.
 
 use crate::image::{default_image_dir, Manifest};
+use crate::network::NetworkArgs;
 use crate::{output, size, Ctx};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
@@ -37,6 +38,11 @@ pub struct CreateArgs {
     pub rootfs: Option<String>,
     #[arg(long)]
     pub initrd: Option<String>,
+    /// No network device at all.
+    #[arg(long, conflicts_with_all = ["publish", "egress"])]
+    pub no_network: bool,
+    #[command(flatten)]
+    pub net: NetworkArgs,
 }
 
 #[derive(Args)]
@@ -120,6 +126,8 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
             hostname: Some(h),
             ..Default::default()
         }),
+        network: args.net.request(args.no_network),
+        ports: args.net.ports()?,
     };
     let bar = spinner(format!("creating {}", args.name));
     let t = Instant::now();

@@ -3,6 +3,7 @@
 mod demo;
 mod image;
 mod machines;
+mod network;
 mod output;
 mod remote;
 mod size;
@@ -65,8 +66,14 @@ enum Cmd {
     Snapshot(snapshots::SnapshotCmd),
     /// Restore a snapshot into a new machine.
     Restore(snapshots::RestoreArgs),
-    /// Fork a running machine: snapshot it and restore the snapshot as a new machine.
-    Fork { source: String, name: String },
+    /// Fork a running machine: a new machine continuing from its present instant.
+    Fork(snapshots::ForkArgs),
+    /// Published ports.
+    #[command(subcommand)]
+    Port(network::PortCmd),
+    /// Machines' networks.
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
     /// Upload a snapshot to s3://bucket/prefix (endpoint and keys from AWS_* variables).
     Push { snapshot: String, dest: String },
     /// Restore s3://bucket/prefix/SNAPSHOT as a new machine.
@@ -155,7 +162,9 @@ async fn run(cmd: Cmd, ctx: &Ctx) -> Result<ExitCode> {
         Cmd::Rm { names } => machines::remove(ctx, &names).await?,
         Cmd::Snapshot(cmd) => snapshots::run(ctx, cmd).await?,
         Cmd::Restore(args) => snapshots::restore(ctx, args).await?,
-        Cmd::Fork { source, name } => snapshots::fork(ctx, &source, &name).await?,
+        Cmd::Fork(args) => snapshots::fork(ctx, args).await?,
+        Cmd::Port(cmd) => network::port(ctx, cmd).await?,
+        Cmd::Network(cmd) => network::network(ctx, cmd).await?,
         Cmd::Push { snapshot, dest } => remote::push(ctx, &snapshot, &dest).await?,
         Cmd::Pull { source, name } => remote::pull(ctx, &source, &name).await?,
         Cmd::Gc => {

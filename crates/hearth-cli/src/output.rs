@@ -72,6 +72,26 @@ pub fn machine(m: &Machine) {
     if let Some(from) = &m.restored_from {
         rows.push(("restored from", from.clone()));
     }
+    match &m.network {
+        Some(n) => {
+            rows.push(("guest ip", n.guest_ip.clone()));
+            rows.push(("host ip", n.host_ip.clone()));
+            rows.push(("namespace", n.namespace.clone()));
+            let mut egress = format!("{:?}", n.egress).to_lowercase();
+            if !n.allow_cidrs.is_empty() {
+                egress.push_str(&format!(", allow {}", n.allow_cidrs.join(" ")));
+            }
+            if !n.deny_cidrs.is_empty() {
+                egress.push_str(&format!(", deny {}", n.deny_cidrs.join(" ")));
+            }
+            rows.push(("egress", egress));
+        }
+        None => rows.push(("network", "none".into())),
+    }
+    for p in &m.ports {
+        let host = p.host_port.map(|h| h.to_string()).unwrap_or_default();
+        rows.push(("port", format!("{host} → {} ({})", p.port, p.name)));
+    }
     if let Some(err) = &m.error {
         rows.push(("error", err.clone()));
     }

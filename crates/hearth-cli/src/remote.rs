@@ -268,6 +268,8 @@ pub async fn pull(ctx: &Ctx, source: &str, name: &str) -> Result<()> {
             artifacts: snap.artifacts.clone(),
         }),
         guest_config: None,
+        network: None,
+        ports: None,
     };
     let bar = spinner(format!(
         "hearthd downloading {} and restoring {name}",

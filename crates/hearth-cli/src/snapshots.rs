@@ -1,6 +1,7 @@
 //! Snapshot commands: create, list, delete, restore, fork.
 
 use crate::machines::{report_machine, spinner};
+use crate::network::NetworkArgs;
 use crate::size::human;
 use crate::{output, Ctx};
 use anyhow::Result;
@@ -29,6 +30,18 @@ pub struct RestoreArgs {
     pub name: String,
     #[arg(long)]
     pub hostname: Option<String>,
+    #[command(flatten)]
+    pub net: NetworkArgs,
+}
+
+#[derive(Args)]
+pub struct ForkArgs {
+    pub source: String,
+    pub name: String,
+    #[arg(long)]
+    pub hostname: Option<String>,
+    #[command(flatten)]
+    pub net: NetworkArgs,
 }
 
 pub async fn run(ctx: &Ctx, cmd: SnapshotCmd) -> Result<()> {
@@ -116,8 +129,11 @@ pub async fn restore_local(
     snapshot: &str,
     name: &str,
     hostname: Option<String>,
+    net: &NetworkArgs,
 ) -> Result<hearth_api::Machine> {
-    let req = restore_request(ctx, snapshot, name, hostname).await?;
+    let mut req = restore_request(ctx, snapshot, name, hostname).await?;
+    req.network = net.request(false);
+    req.ports = net.ports()?;
     Ok(ctx.client.restore(snapshot, &req).await?)
 }
 
@@ -142,13 +158,15 @@ pub async fn restore_request(
             hostname: Some(h),
             ..Default::default()
         }),
+        network: None,
+        ports: None,
     })
 }
 
 pub async fn restore(ctx: &Ctx, args: RestoreArgs) -> Result<()> {
     let bar = spinner(format!("restoring {} from {}", args.name, args.snapshot));
     let t = Instant::now();
-    let res = restore_local(ctx, &args.snapshot, &args.name, args.hostname).await;
+    let res = restore_local(ctx, &args.snapshot, &args.name, args.hostname, &args.net).await;
     bar.finish_and_clear();
     report_machine(ctx, &res?, &format!("restored from {}", args.snapshot), t);
     Ok(())
@@ -156,12 +174,18 @@ pub async fn restore(ctx: &Ctx, args: RestoreArgs) -> Result<()> {
 
 /// A new machine continuing from `source`'s present instant: one server operation, undone as a
 /// whole if it fails (or the daemon dies) midway.
-pub async fn fork(ctx: &Ctx, source: &str, name: &str) -> Result<()> {
+pub async fn fork(ctx: &Ctx, args: ForkArgs) -> Result<()> {
+    let (source, name) = (&args.source, &args.name);
     let bar = spinner(format!("forking {source} into {name}"));
     let t = Instant::now();
     let req = ForkRequest {
         machine_id: name.to_string(),
-        guest_config: None,
+        guest_config: args.hostname.map(|h| hearth_api::GuestConfig {
+            hostname: Some(h),
+            ..Default::default()
+        }),
+        network: args.net.request(false),
+        ports: args.net.ports()?,
     };
     let res = ctx.client.fork(source, &req).await;
     bar.finish_and_clear();

@@ -440,6 +440,7 @@ mod tests {
             rootfs_sha256: String::new(),
             vmm: VmmKind::Qemu,
             restored_from: None,
+            network: Default::default(),
         }
     }
 

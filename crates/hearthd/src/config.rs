@@ -63,6 +63,25 @@ pub struct Config {
     /// the least recently used are evicted after each fetch. Unlimited when not given.
     #[arg(long, env = "HEARTH_CACHE_MAX_BYTES")]
     pub cache_max_bytes: Option<u64>,
+    /// Give machines no network at all (the host needs nothing from nftables then).
+    #[arg(long, env = "HEARTH_NO_NETWORK")]
+    pub no_network: bool,
+    /// Addresses for machines' host-side veth pairs: a /31 each. The default, part of the
+    /// range kept for benchmarking networks (RFC 2544), rarely collides with a real one.
+    #[arg(long, env = "HEARTH_NET_POOL", default_value = "198.18.0.0/16")]
+    pub net_pool: ipnet::Ipv4Net,
+    /// Where machines' traffic leaves the host (masqueraded); default: the default route's.
+    #[arg(long, env = "HEARTH_EGRESS_INTERFACE")]
+    pub egress_interface: Option<String>,
+    /// Nameservers for guests (comma-separated); default: the host's non-loopback ones.
+    #[arg(long, env = "HEARTH_DNS", value_delimiter = ',')]
+    pub dns: Option<Vec<std::net::Ipv4Addr>>,
+    /// Address published ports listen on.
+    #[arg(long, env = "HEARTH_PUBLISH_ADDRESS", default_value = "127.0.0.1")]
+    pub publish_address: std::net::IpAddr,
+    /// Host ports a published port gets one from, when it names none (`FIRST-LAST`).
+    #[arg(long, env = "HEARTH_PORT_RANGE", default_value = "20000-39999", value_parser = parse_port_range)]
+    pub port_range: (u16, u16),
     /// Host TSC frequency in kHz for TCG guests (measured when not given).
     #[arg(long, env = "HEARTH_TSC_KHZ")]
     pub tsc_khz: Option<u64>,
@@ -86,4 +105,16 @@ impl Config {
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_secs(self.reconcile_interval_secs.max(1))
     }
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s}: expected FIRST-LAST"))?;
+    let first: u16 = a.trim().parse().map_err(|e| format!("{a}: {e}"))?;
+    let last: u16 = b.trim().parse().map_err(|e| format!("{b}: {e}"))?;
+    if first == 0 || first > last {
+        return Err(format!("{s}: expected 1 <= FIRST <= LAST"));
+    }
+    Ok((first, last))
 }

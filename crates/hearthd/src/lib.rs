@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod failpoint;
 pub mod host;
+pub mod net;
 pub mod service;
 pub mod storage;
 pub mod store;
@@ -35,7 +36,28 @@ pub fn make_vmm(cfg: &Config) -> Arc<dyn vmm::Vmm> {
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running after it exits.
 pub async fn run(cfg: Config) -> Result<()> {
     let vmm = make_vmm(&cfg);
-    let svc = Service::new(cfg.clone(), vmm).map_err(|e| anyhow::anyhow!(e.message))?;
+    let net = if cfg.no_network {
+        None
+    } else {
+        let egress = cfg
+            .egress_interface
+            .clone()
+            .or_else(net::default_route_interface)
+            .context("no default route to take egress from: give --egress-interface")?;
+        let dns = cfg.dns.clone().unwrap_or_else(net::host_dns);
+        tracing::info!(pool = %cfg.net_pool, %egress, ?dns, "machine networks");
+        let cfg = net::NetConfig {
+            pool: cfg.net_pool,
+            egress_interface: egress,
+            dns,
+        };
+        Some(
+            net::Net::new(cfg)
+                .await
+                .map_err(|e| anyhow::anyhow!("{} (or run with --no-network)", e.message))?,
+        )
+    };
+    let svc = Service::new(cfg.clone(), vmm, net).map_err(|e| anyhow::anyhow!(e.message))?;
     svc.recover().await;
     svc.spawn_reconciler();
 

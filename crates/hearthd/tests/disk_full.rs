@@ -97,6 +97,8 @@ async fn a_full_disk_is_507_and_leaves_nothing() {
             artifacts,
         }),
         guest_config: None,
+        network: None,
+        ports: None,
     };
     fs.fill(6 << 20);
     let err = d.client.restore("good", &restore).await.unwrap_err();

@@ -12,6 +12,8 @@ fn fork_req(id: &str) -> ForkRequest {
     ForkRequest {
         machine_id: id.to_string(),
         guest_config: None,
+        network: None,
+        ports: None,
     }
 }
 

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use hearth_api::{
     CreateMachineRequest, ExecRequest, ExecResponse, ForkRequest, MachineEnvelope, MachineList,
+    NetworkRequest, PortEnvelope, PortList, PublishPortRequest,
 };
 use std::sync::Arc;
 
@@ -67,4 +68,37 @@ pub async fn fork(
         super::snapshots::server_timing(&timings),
         Json(MachineEnvelope { machine }),
     ))
+}
+
+pub async fn set_network(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<NetworkRequest>,
+) -> Result<Json<MachineEnvelope>> {
+    Ok(Json(MachineEnvelope {
+        machine: svc.set_network_policy(&id, req).await?,
+    }))
+}
+
+pub async fn publish_port(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PublishPortRequest>,
+) -> Result<(StatusCode, Json<PortEnvelope>)> {
+    let port = svc.publish_port(&id, req).await?;
+    Ok((StatusCode::CREATED, Json(PortEnvelope { port })))
+}
+
+pub async fn list_ports(State(svc): Svc, Path(id): Path<String>) -> Result<Json<PortList>> {
+    Ok(Json(PortList {
+        ports: svc.list_ports(&id)?,
+    }))
+}
+
+pub async fn unpublish_port(
+    State(svc): Svc,
+    Path((id, port_id)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    svc.unpublish_port(&id, &port_id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

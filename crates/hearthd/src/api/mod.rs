@@ -9,7 +9,7 @@ use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, patch, post};
 use axum::Router;
 use std::sync::Arc;
 
@@ -30,6 +30,15 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/exec", post(machines::exec))
         .route("/machines/{id}/fork", post(machines::fork))
+        .route("/machines/{id}/network", patch(machines::set_network))
+        .route(
+            "/machines/{id}/published-ports",
+            post(machines::publish_port).get(machines::list_ports),
+        )
+        .route(
+            "/machines/{id}/published-ports/{port_id}",
+            delete(machines::unpublish_port),
+        )
         .route(
             "/machines/{id}/snapshots",
             post(snapshots::create).get(snapshots::list_for_machine),

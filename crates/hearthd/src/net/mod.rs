@@ -80,11 +80,7 @@ impl Net {
         let host = links::host_handle()?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| Error::internal(format!("enabling IPv4 forwarding: {e}")))?;
-        let table = rules::host_table(
-            &format!("{VETH_PREFIX}*"),
-            cfg.pool,
-            &cfg.egress_interface,
-        );
+        let table = rules::host_table(&format!("{VETH_PREFIX}*"), cfg.pool, &cfg.egress_interface);
         tokio::task::spawn_blocking(move || rules::apply(&table, None))
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
@@ -155,7 +151,7 @@ impl Net {
 
     /// Removes the machine's namespace (its tap, rules and veth end go with it) and the host's
     /// veth end. Never fails: what cannot be removed now is a leftover for reconcile.
-    pub async fn teardown(&self, a: &Attachment) {
+    async fn teardown(&self, a: &Attachment) {
         self.remove(&a.namespace, &a.veth).await;
     }
 
@@ -171,6 +167,12 @@ impl Net {
         if let Err(e) = links::delete(&self.host, veth).await {
             tracing::warn!(veth, "{}", e.message);
         }
+    }
+
+    /// Removes the network of the machine whose key is `key`, wherever its slot was.
+    pub async fn teardown_key(&self, key: &str) {
+        self.remove(&format!("{NS_PREFIX}{key}"), &format!("{VETH_PREFIX}{key}"))
+            .await;
     }
 
     /// Removes namespaces and veths this daemon made whose key no machine has.

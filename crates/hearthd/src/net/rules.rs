@@ -177,7 +177,10 @@ pub fn host_table(veths: &str, pool: Ipv4Net, egress_interface: &str) -> Nftable
         Some((NfChainType::Filter, NfHook::Forward, FILTER)),
         NfChainPolicy::Accept,
     );
-    t.rule("forward", vec![from_machine(), is(ip("daddr"), prefix(pool)), drop()]);
+    t.rule(
+        "forward",
+        vec![from_machine(), is(ip("daddr"), prefix(pool)), drop()],
+    );
     t.rule("forward", vec![to_machine(), ct_state(REPLIES), accept()]);
     t.rule("forward", vec![to_machine(), drop()]);
     t.rule(
@@ -247,6 +250,9 @@ pub fn machine_table(
         NfChainPolicy::Accept,
     );
     t.rule("input", vec![is(meta(MetaKey::Iifname), s(tap)), drop()]);
+    // The chain a rule jumps to must exist before the rule.
+    t.chain("egress", None, NfChainPolicy::Accept);
+    egress_rules(&mut t, policy);
     t.chain(
         "forward",
         Some((NfChainType::Filter, NfHook::Forward, FILTER)),
@@ -271,8 +277,6 @@ pub fn machine_table(
             }),
         ],
     );
-    t.chain("egress", None, NfChainPolicy::Accept);
-    egress_rules(&mut t, policy);
     t.build()
 }
 
@@ -328,19 +332,4 @@ pub fn apply(rules: &Nftables<'_>, ns: Option<&str>) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Removes the host's table (a missing one is already removed).
-pub fn delete_host_table() -> Result<()> {
-    let mut batch = Batch::new();
-    let table = || {
-        NfListObject::Table(Table {
-            family: NfFamily::INet,
-            name: TABLE.into(),
-            handle: None,
-        })
-    };
-    batch.add(table());
-    batch.delete(table());
-    apply(&batch.to_nftables(), None)
 }

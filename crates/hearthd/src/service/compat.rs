@@ -235,6 +235,7 @@ mod tests {
             rootfs_sha256: "r".repeat(64),
             vmm: VmmKind::Qemu,
             restored_from: None,
+            network: Default::default(),
         }
     }
 
@@ -266,6 +267,7 @@ mod tests {
                 cpu_model: "some CPU".into(),
                 cpu_flags: flags(&["fpu", "sse2", "avx2"]),
             },
+            network: false,
         }
     }
 

@@ -4,16 +4,26 @@
 //! no snapshot nobody asked for, and the source resumed.
 
 use super::machines::guest_hostname;
+use super::network::check_port;
 use super::snapshots::{Timings, MEMORY, VMSTATE};
 use super::{nonce, Operation, Service};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::store::{MachineRecord, MachineSpec, OpKind};
 use crate::vmm::MemoryBacking;
-use hearth_api::{validate_id, ForkRequest, Machine, Phase, SnapshotKind};
+use hearth_api::{
+    validate_id, ForkRequest, Machine, NetworkRequest, Phase, PublishPortRequest, SnapshotKind,
+};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::OwnedMutexGuard;
+
+/// What the new machine gets of its own.
+struct Wanted {
+    hostname: String,
+    network: Option<NetworkRequest>,
+    ports: Vec<PublishPortRequest>,
+}
 
 impl Service {
     pub async fn fork_machine(
@@ -27,6 +37,8 @@ impl Service {
             return Err(Error::invalid("a fork needs a machine_id of its own"));
         }
         let hostname = guest_hostname(&req.machine_id, req.guest_config.as_ref())?;
+        let ports = req.ports.clone().unwrap_or_default();
+        ports.iter().try_for_each(check_port)?;
         let op = Operation::on(OpKind::Fork, &req.machine_id).source(source);
         let source = source.to_string();
         self.operation(op, move |svc, id, _| async move {
@@ -34,8 +46,12 @@ impl Service {
             let src_rt = svc.runtime(&source);
             let result = match src_rt.begin(&source) {
                 Ok(src_lock) => {
-                    svc.fork_locked(&source, &id, hostname, src_lock, started)
-                        .await
+                    let want = Wanted {
+                        hostname,
+                        network: req.network,
+                        ports,
+                    };
+                    svc.fork_locked(&source, &id, want, src_lock, started).await
                 }
                 Err(e) => Err(e),
             };
@@ -50,7 +66,7 @@ impl Service {
         &self,
         source: &str,
         id: &str,
-        hostname: String,
+        want: Wanted,
         src_lock: OwnedMutexGuard<()>,
         started: Instant,
     ) -> Result<(Machine, Timings)> {
@@ -62,21 +78,27 @@ impl Service {
             )));
         }
         let spec = MachineSpec {
-            hostname,
+            hostname: want.hostname,
             machine_uuid: nonce(),
             restored_from: None,
+            network: self.inherited_network(&src.spec.network, want.network.as_ref())?,
             ..src.spec.clone()
         };
         let mut rec = MachineRecord::starting(id, spec, false);
         self.store.insert_machine(&rec)?;
-        let result = self.fork_into(&src, &mut rec, src_lock).await;
+        let mut result = self.fork_into(&src, &mut rec, src_lock).await;
+        if result.is_ok() {
+            if let Err(e) = self.publish_all(&rec, &want.ports).await {
+                result = Err(e);
+            }
+        }
         if let Err(e) = &result {
             tracing::info!(machine = %id, source, "fork failed: {}", e.message);
             self.destroy(id, rec.process.as_ref()).await;
         }
         let mut timings = result?;
         timings.push(("total", started.elapsed()));
-        Ok((rec.to_api(), timings))
+        Ok((self.machine_api(&rec), timings))
     }
 
     /// Takes the source's memory, device state and disk into the new machine's directory

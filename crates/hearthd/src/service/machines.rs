@@ -1,15 +1,18 @@
 //! Machine lifecycle: create, start, stop, delete.
 
+use super::network::check_port;
 use super::{nonce, Operation, Service};
 use crate::agent::AgentClient;
 use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
-use crate::vmm::{process, MachinePaths, MemoryBacking, VmSpec};
+use crate::vmm::{process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
 use crate::{failpoint, storage};
 use base64::Engine;
 use chrono::Utc;
-use hearth_api::{validate_id, CreateMachineRequest, GuestConfig, Machine, Phase};
+use hearth_api::{
+    validate_id, CreateMachineRequest, GuestConfig, Machine, Phase, PublishPortRequest,
+};
 use hearth_proto::{Configure, Op};
 use std::path::Path;
 use std::sync::Arc;
@@ -25,7 +28,7 @@ const AGENT_CALL: Duration = Duration::from_secs(5);
 impl Service {
     pub fn get_machine(&self, id: &str) -> Result<Machine> {
         validate_id("machine", id).map_err(Error::invalid)?;
-        self.record(id).map(|r| r.to_api())
+        self.record(id).map(|r| self.machine_api(&r))
     }
 
     pub fn list_machines(&self) -> Result<Vec<Machine>> {
@@ -33,7 +36,7 @@ impl Service {
             .store
             .list_machines()?
             .iter()
-            .map(MachineRecord::to_api)
+            .map(|r| self.machine_api(r))
             .collect())
     }
 
@@ -47,19 +50,24 @@ impl Service {
     /// left: no process, file, socket or record.
     pub async fn create_machine(self: &Arc<Self>, req: CreateMachineRequest) -> Result<Machine> {
         let spec = self.validate_create(&req)?;
+        let ports = req.ports.unwrap_or_default();
+        ports.iter().try_for_each(check_port)?;
         self.operation(
             Operation::on(OpKind::Create, &req.machine_id),
             |svc, id, _| async move {
                 let mut rec = MachineRecord::starting(&id, spec, true);
                 svc.store.insert_machine(&rec)?;
                 let leases = Leases::default();
-                let result = svc.provision_and_boot(&mut rec, &leases).await;
+                let mut result = svc.provision_and_boot(&mut rec, &leases).await;
+                if result.is_ok() {
+                    result = svc.publish_all(&rec, &ports).await;
+                }
                 if let Err(e) = &result {
                     tracing::info!(machine = %id, "create failed: {}", e.message);
                     svc.destroy(&id, rec.process.as_ref()).await;
                     leases.discard();
                 }
-                result.map(|()| rec.to_api())
+                result.map(|()| svc.machine_api(&rec))
             },
         )
         .await
@@ -97,7 +105,20 @@ impl Service {
             rootfs_sha256: String::new(),
             vmm: self.vmm.kind(),
             restored_from: None,
+            network: self.new_network(req.network.as_ref())?,
         })
+    }
+
+    /// Publishes the ports a create, restore or fork asked for.
+    pub(super) async fn publish_all(
+        &self,
+        rec: &MachineRecord,
+        ports: &[PublishPortRequest],
+    ) -> Result<()> {
+        for p in ports {
+            self.publish(rec, p).await?;
+        }
+        Ok(())
     }
 
     /// Fetches the artifacts, makes the system disk and boots.
@@ -159,7 +180,8 @@ impl Service {
     /// running. On failure the VMM is killed (the record keeps the pid until then).
     pub(super) async fn boot(&self, rec: &mut MachineRecord) -> Result<()> {
         let paths = self.paths(&rec.id);
-        let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()));
+        let network = self.attach_network(rec).await?;
+        let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()), network);
         let started = Instant::now();
         let proc = self.vmm.boot(&spec).await?;
         // A crash here leaves a VMM that only its pid file names.
@@ -171,7 +193,12 @@ impl Service {
     }
 
     /// What the VMM needs to run this machine with the given RAM.
-    pub(super) fn vm_spec(&self, rec: &MachineRecord, memory: MemoryBacking) -> VmSpec {
+    pub(super) fn vm_spec(
+        &self,
+        rec: &MachineRecord,
+        memory: MemoryBacking,
+        network: Option<NetAttach>,
+    ) -> VmSpec {
         let paths = self.paths(&rec.id);
         let blob = |sha: &str| self.cfg.root.join("images").join("blobs").join(sha);
         VmSpec {
@@ -182,6 +209,7 @@ impl Service {
             disks: vec![paths.system_disk()],
             memory,
             paths,
+            network,
         }
     }
 
@@ -258,6 +286,11 @@ impl Service {
                     machine_id: Some(rec.spec.machine_uuid.clone()),
                     wall_clock_unix_ns,
                     entropy_base64: Some(entropy),
+                    network: self
+                        .net
+                        .as_ref()
+                        .filter(|_| rec.spec.network.enabled)
+                        .map(|net| net.guest_config()),
                 }),
                 Some(AGENT_CALL),
             )
@@ -330,7 +363,7 @@ impl Service {
                 svc.clear_runtime_files(&id).await;
                 svc.store.update_machine(&rec)?;
             }
-            result.map(|()| rec.to_api())
+            result.map(|()| svc.machine_api(&rec))
         })
         .await
     }
@@ -354,6 +387,7 @@ impl Service {
         }
         failpoint::stall("destroy-killed").await;
         self.clear_runtime_files(id).await;
+        self.detach_network(id).await;
         let paths = self.paths(id);
         if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {

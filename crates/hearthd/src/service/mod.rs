@@ -8,6 +8,7 @@ mod exec;
 mod fork;
 mod gc;
 mod machines;
+mod network;
 mod reconcile;
 mod restore;
 pub mod snapshots;
@@ -17,6 +18,8 @@ use crate::agent::AgentClient;
 use crate::artifacts::ArtifactCache;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::net::ports::Relays;
+use crate::net::Net;
 use crate::store::{OpKind, Store};
 use crate::vmm::{MachinePaths, Vmm};
 use sha2::{Digest, Sha256};
@@ -43,6 +46,10 @@ pub struct Service {
     snapshot_uses: Mutex<HashMap<String, i64>>,
     /// For object-store transfers.
     http: reqwest::Client,
+    /// Machines' networks; none with `--no-network`.
+    net: Option<Arc<Net>>,
+    /// The relays of published ports.
+    relays: Relays,
 }
 
 /// In-memory state of one machine: its operation lock and its agent connection.
@@ -111,7 +118,7 @@ impl Runtime {
 }
 
 impl Service {
-    pub fn new(cfg: Config, vmm: Arc<dyn Vmm>) -> Result<Arc<Service>> {
+    pub fn new(cfg: Config, vmm: Arc<dyn Vmm>, net: Option<Net>) -> Result<Arc<Service>> {
         let root = &cfg.root;
         if root.as_os_str().len() > MAX_ROOT_LEN {
             return Err(Error::invalid(format!(
@@ -139,6 +146,8 @@ impl Service {
             sweep: tokio::sync::Mutex::new(()),
             snapshot_uses: Mutex::new(HashMap::new()),
             http,
+            net: net.map(Arc::new),
+            relays: Relays::default(),
         }))
     }
 
@@ -303,7 +312,7 @@ mod tests {
     async fn operations_on_missing_machines_leave_no_state_behind() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse_from(["hearthd", "--root", dir.path().to_str().unwrap()]);
-        let svc = Service::new(cfg, Arc::new(NoVmm)).unwrap();
+        let svc = Service::new(cfg, Arc::new(NoVmm), None).unwrap();
         for i in 0..20 {
             let id = format!("ghost{i}");
             let snap = CreateSnapshotRequest {
@@ -313,6 +322,8 @@ mod tests {
             let fork = ForkRequest {
                 machine_id: format!("fork{i}"),
                 guest_config: None,
+                network: None,
+                ports: None,
             };
             let codes = [
                 svc.stop_machine(&id).await.unwrap_err().code,

@@ -28,6 +28,7 @@ impl Service {
         }
         self.reattach_all().await;
         self.reconcile_pass().await;
+        self.reopen_ports().await;
     }
 
     /// Finishes or undoes one operation a crash interrupted.
@@ -65,6 +66,14 @@ impl Service {
                     self.resume_after_crash(&rec).await;
                 }
             }
+            (OpKind::Network, Some(rec)) => {
+                // The record says what the rules must be.
+                if let Err(e) = self.apply_network_policy(&rec).await {
+                    tracing::warn!(machine = %rec.id, "egress policy: {}", e.message);
+                }
+            }
+            // Relays are opened from the records at start; a half-made port has no record.
+            (OpKind::Port, Some(_)) => {}
             (OpKind::Start, Some(rec)) => {
                 self.mark_failed(rec, "the daemon stopped while the machine was starting")
                     .await
@@ -222,6 +231,7 @@ impl Service {
             known.insert(op.machine_id);
             snapshots.extend(op.snapshot_id);
         }
+        self.remove_network_leftovers(&known).await;
         let sock_dirs: HashSet<_> = known.iter().map(|id| self.paths(id).sock_dir).collect();
         for entry in read_dir(&self.machines_dir()) {
             if !known.contains(entry.file_name().to_string_lossy().as_ref()) {

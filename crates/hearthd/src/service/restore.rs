@@ -4,13 +4,14 @@
 //! file, mapped private and paged in lazily); from a disk snapshot it cold-boots from copies of
 //! the disks. Either way its disks are its own and it gets its own identity, clock and entropy.
 
+use super::network::check_port;
 use super::snapshots::{Timings, MEMORY, SYSTEM_DISK, VMSTATE};
 use super::{compat, machines::guest_hostname, nonce, Operation, Service};
 use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
-use crate::store::{MachineRecord, MachineSpec, OpKind, SnapshotRecord};
+use crate::store::{MachineRecord, MachineSpec, NetworkSpec, OpKind, SnapshotRecord};
 use crate::vmm::MemoryBacking;
 use hearth_api::{
     validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
@@ -60,6 +61,8 @@ impl Service {
                 ))
             }
         }
+        let ports = req.ports.clone().unwrap_or_default();
+        ports.iter().try_for_each(check_port)?;
         let op = Operation::on(OpKind::Restore, &req.machine_id).snapshot(snapshot_id);
         let snapshot_id = snapshot_id.to_string();
         // The download is part of the operation: a client that hangs up does not cut it short.
@@ -81,18 +84,29 @@ impl Service {
                     (svc.local_source(snap), Some(in_use))
                 }
             };
-            let spec = restored_spec(&source, &req).inspect_err(|_| leases.discard())?;
+            let spec = restored_spec(&source, &req)
+                .and_then(|mut spec| {
+                    spec.network =
+                        svc.inherited_network(&source.spec.network, req.network.as_ref())?;
+                    Ok(spec)
+                })
+                .inspect_err(|_| leases.discard())?;
             let mut rec = MachineRecord::starting(&id, spec, false);
             svc.store
                 .insert_machine(&rec)
                 .inspect_err(|_| leases.discard())?;
-            let result = svc.restore_into(&mut rec, &source).await;
+            let mut result = svc.restore_into(&mut rec, &source).await;
+            if result.is_ok() {
+                if let Err(e) = svc.publish_all(&rec, &ports).await {
+                    result = Err(e);
+                }
+            }
             if let Err(e) = &result {
                 tracing::info!(machine = %id, snapshot = %source.id, "restore failed: {}", e.message);
                 svc.destroy(&id, rec.process.as_ref()).await;
                 leases.discard();
             }
-            result.map(|timings| (rec.to_api(), timings))
+            result.map(|timings| (svc.machine_api(&rec), timings))
         })
         .await
     }
@@ -196,6 +210,10 @@ impl Service {
                 rootfs_sha256: m.images.rootfs_sha256,
                 vmm: m.vmm.kind,
                 restored_from: None,
+                network: NetworkSpec {
+                    enabled: m.network,
+                    ..NetworkSpec::default()
+                },
             },
             vmstate: vmstate.unwrap_or_default(),
             memory: memory.unwrap_or_default(),
@@ -231,7 +249,8 @@ impl Service {
         vmstate: &Path,
     ) -> Result<Timings> {
         let paths = self.paths(&rec.id);
-        let spec = self.vm_spec(rec, memory);
+        let network = self.attach_network(rec).await?;
+        let spec = self.vm_spec(rec, memory, network);
         let t = Instant::now();
         let proc = self.vmm.restore(&spec, vmstate).await?;
         let mut timings = vec![("running", t.elapsed())];

@@ -49,6 +49,10 @@ pub struct SnapshotManifest {
     pub disks: Vec<DiskEntry>,
     pub guest_kernel: Option<String>,
     pub host: HostInfo,
+    /// The machine has a network device (its state is in the snapshot, so a restore has one
+    /// too); manifests from before networking have none.
+    #[serde(default)]
+    pub network: bool,
 }
 
 pub(super) fn first_manifest_version() -> u32 {
@@ -392,6 +396,7 @@ impl Service {
                 cpu_model,
                 cpu_flags,
             },
+            network: snap.source.network.enabled,
         };
         let text =
             serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;

@@ -139,6 +139,7 @@ mod tests {
             rootfs_sha256: "rootfs".into(),
             vmm: VmmKind::Qemu,
             restored_from: None,
+            network: Default::default(),
         }
     }
 

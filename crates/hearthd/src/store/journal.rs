@@ -14,6 +14,10 @@ pub enum OpKind {
     Snapshot,
     Restore,
     Fork,
+    /// An egress policy change.
+    Network,
+    /// A port published or removed.
+    Port,
 }
 
 impl OpKind {
@@ -26,6 +30,8 @@ impl OpKind {
             OpKind::Snapshot => "snapshot",
             OpKind::Restore => "restore",
             OpKind::Fork => "fork",
+            OpKind::Network => "network",
+            OpKind::Port => "port",
         }
     }
 
@@ -38,6 +44,8 @@ impl OpKind {
             "snapshot" => OpKind::Snapshot,
             "restore" => OpKind::Restore,
             "fork" => OpKind::Fork,
+            "network" => OpKind::Network,
+            "port" => OpKind::Port,
             _ => return None,
         })
     }

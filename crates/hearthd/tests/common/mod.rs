@@ -51,6 +51,8 @@ pub fn create_req(id: &str) -> CreateMachineRequest {
         storage_bytes: None,
         user_volume_ids: None,
         guest_config: None,
+        network: None,
+        ports: None,
     }
 }
 
@@ -328,6 +330,8 @@ pub fn restore_req(snap: &str, id: &str) -> hearth_api::RestoreRequest {
         }),
         snapshot: None,
         guest_config: None,
+        network: None,
+        ports: None,
     }
 }
 

@@ -137,6 +137,8 @@ async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
         storage_bytes: None,
         user_volume_ids: None,
         guest_config: None,
+        network: None,
+        ports: None,
     };
     // Warm-up: the artifact cache imports the image once.
     daemon
@@ -230,6 +232,7 @@ async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Res
         disks: vec![paths.system_disk()],
         memory: MemoryBacking::SharedFile(paths.memory()),
         paths: paths.clone(),
+        network: None,
     };
     let t = Instant::now();
     let status = qemu

@@ -85,6 +85,8 @@ fn create(id: &str, image: &Path, memory_mib: u32) -> CreateMachineRequest {
         storage_bytes: None,
         user_volume_ids: None,
         guest_config: None,
+        network: None,
+        ports: None,
     }
 }
 
@@ -99,6 +101,8 @@ fn restore(snap: &str, id: &str, image: &Path) -> RestoreRequest {
         }),
         snapshot: None,
         guest_config: None,
+        network: None,
+        ports: None,
     }
 }
 
@@ -229,6 +233,7 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
         disks: vec![paths.system_disk()],
         memory: MemoryBacking::Anonymous,
         paths: paths.clone(),
+        network: None,
     };
     let t0 = Instant::now();
     let status = qemu().command(&spec, true).status().await?;

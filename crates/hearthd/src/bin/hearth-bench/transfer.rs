@@ -78,6 +78,8 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
             storage_bytes: Some(1 << 30),
             user_volume_ids: None,
             guest_config: None,
+            network: None,
+            ports: None,
         })
         .await?;
     let script = format!(
@@ -190,7 +192,7 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
 
     // hearthd's download + sha256 verification, on a fresh data root (nothing cached).
     let cfg = Config::parse_from(["hearthd", "--root", work.join("dl").to_str().unwrap()]);
-    let svc = Service::new(cfg.clone(), hearthd::make_vmm(&cfg))
+    let svc = Service::new(cfg.clone(), hearthd::make_vmm(&cfg), None)
         .map_err(|e| anyhow::anyhow!(e.message))?;
     let t = Instant::now();
     svc.fetch_verified(
