@@ -17,6 +17,7 @@ pub mod vmm;
 use anyhow::{Context, Result};
 use config::Config;
 use service::Service;
+use sha2::Digest;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
@@ -46,7 +47,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             .context("no default route to take egress from: give --egress-interface")?;
         let dns = cfg.dns.clone().unwrap_or_else(net::host_dns);
         tracing::info!(pool = %cfg.net_pool, %egress, ?dns, "machine networks");
+        std::fs::create_dir_all(&cfg.root)
+            .with_context(|| format!("creating {}", cfg.root.display()))?;
+        let root = std::fs::canonicalize(&cfg.root)?;
+        let tag =
+            hex::encode(sha2::Sha256::digest(root.as_os_str().as_encoded_bytes()))[..4].to_string();
         let cfg = net::NetConfig {
+            tag,
             pool: cfg.net_pool,
             egress_interface: egress,
             dns,

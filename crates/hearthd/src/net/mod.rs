@@ -6,9 +6,9 @@
 //! interface. Nothing here knows which VMM runs: a backend is handed the namespace and the tap.
 //!
 //! ```text
-//!  guest eth0 169.254.0.21 ── tap0 169.254.0.22 ┐ namespace hearth-<key>
+//!  guest eth0 169.254.0.21 ── tap0 169.254.0.22 ┐ namespace hearth-<tag>-<key>
 //!                                 SNAT/DNAT ↔ eth0 198.18.0.1 ┐ (veth)
-//!                                   host: hv<key> 198.18.0.0 ─┘── egress interface (masquerade)
+//!                              host: h<tag><key> 198.18.0.0 ─┘── egress interface (masquerade)
 //! ```
 
 mod links;
@@ -33,14 +33,16 @@ pub const GUEST_PREFIX: u8 = 30;
 pub const GUEST_MAC: &str = "02:68:72:74:00:01";
 pub const TAP: &str = "tap0";
 pub const MTU: u32 = 1500;
-/// Names of namespaces and host veths this daemon makes start with these.
-const NS_PREFIX: &str = "hearth-";
-const VETH_PREFIX: &str = "hv";
+/// Length of a machine's key (hex digits of a hash of its id) in names.
+pub const KEY_LEN: usize = 9;
 /// Each machine takes a /31 of the pool: the host's end and the namespace's end.
 const SLOT_PREFIX: u8 = 31;
 
 #[derive(Debug, Clone)]
 pub struct NetConfig {
+    /// Four hex digits that tell this daemon's namespaces, links and table from another's on
+    /// the same host (a hash of its data root).
+    pub tag: String,
     pub pool: Ipv4Net,
     pub egress_interface: String,
     pub dns: Vec<Ipv4Addr>,
@@ -69,8 +71,22 @@ pub struct Net {
 }
 
 impl Net {
+    /// Namespaces this daemon makes: `hearth-<tag>-<key>`.
+    fn ns_prefix(&self) -> String {
+        format!("hearth-{}-", self.cfg.tag)
+    }
+
+    /// Host veths this daemon makes: `h<tag><key>` (at most 14 bytes, and the peer's temporary
+    /// name one more: link names hold 15).
+    fn veth_prefix(&self) -> String {
+        format!("h{}", self.cfg.tag)
+    }
+
     /// Connects to netlink, lets the host forward and writes the host's table.
     pub async fn new(cfg: NetConfig) -> Result<Net> {
+        if cfg.tag.len() != 4 {
+            return Err(Error::internal("the network tag must be 4 characters"));
+        }
         if cfg.pool.prefix_len() > 30 {
             return Err(Error::invalid(format!(
                 "--net-pool {} is too small: it needs room for at least two machines",
@@ -80,7 +96,12 @@ impl Net {
         let host = links::host_handle()?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| Error::internal(format!("enabling IPv4 forwarding: {e}")))?;
-        let table = rules::host_table(&format!("{VETH_PREFIX}*"), cfg.pool, &cfg.egress_interface);
+        let table = rules::host_table(
+            &rules::host_table_name(&cfg.tag),
+            &format!("h{}*", cfg.tag),
+            cfg.pool,
+            &cfg.egress_interface,
+        );
         tokio::task::spawn_blocking(move || rules::apply(&table, None))
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
@@ -100,8 +121,8 @@ impl Net {
     pub fn attachment(&self, key: &str, slot: u32) -> Attachment {
         let base = u32::from(self.cfg.pool.network()) + 2 * slot;
         Attachment {
-            namespace: format!("{NS_PREFIX}{key}"),
-            veth: format!("{VETH_PREFIX}{key}"),
+            namespace: format!("{}{key}", self.ns_prefix()),
+            veth: format!("{}{key}", self.veth_prefix()),
             host_end: Ipv4Addr::from(base),
             host_ip: Ipv4Addr::from(base + 1),
         }
@@ -171,23 +192,25 @@ impl Net {
 
     /// Removes the network of the machine whose key is `key`, wherever its slot was.
     pub async fn teardown_key(&self, key: &str) {
-        self.remove(&format!("{NS_PREFIX}{key}"), &format!("{VETH_PREFIX}{key}"))
+        let (ns, veth) = (self.ns_prefix(), self.veth_prefix());
+        self.remove(&format!("{ns}{key}"), &format!("{veth}{key}"))
             .await;
     }
 
     /// Removes namespaces and veths this daemon made whose key no machine has.
     pub async fn remove_leftovers(&self, keys: &HashSet<String>) {
-        for ns in netns::list(NS_PREFIX) {
-            let key = &ns[NS_PREFIX.len()..];
+        let (ns_prefix, veth_prefix) = (self.ns_prefix(), self.veth_prefix());
+        for ns in netns::list(&ns_prefix) {
+            let key = &ns[ns_prefix.len()..];
             if !keys.contains(key) {
                 tracing::info!(namespace = %ns, "removing a leftover network namespace");
-                self.remove(&ns, &format!("{VETH_PREFIX}{key}")).await;
+                self.remove(&ns, &format!("{veth_prefix}{key}")).await;
             }
         }
-        match links::list(&self.host, VETH_PREFIX).await {
+        match links::list(&self.host, &veth_prefix).await {
             Ok(names) => {
                 for veth in names {
-                    let key = veth[VETH_PREFIX.len()..].trim_end_matches('p');
+                    let key = veth[veth_prefix.len()..].trim_end_matches('p');
                     if !keys.contains(key) {
                         tracing::info!(%veth, "removing a leftover veth");
                         if let Err(e) = links::delete(&self.host, &veth).await {

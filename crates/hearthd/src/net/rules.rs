@@ -1,8 +1,8 @@
 //! nftables rules, built with the `nftables` crate and applied atomically by `nft -j -f -`
 //! (a whole table at a time, inside a machine's namespace where it belongs there).
 //!
-//! On the host, table `inet hearth` only restricts (its chains accept by default, so it never
-//! breaks the host's own traffic): machines' veths (`hv…`) reach nothing on the host but
+//! On the host, table `inet hearth-<tag>` only restricts (its chains accept by default, so it never
+//! breaks the host's own traffic): machines' veths (`h<tag>…`) reach nothing on the host but
 //! replies, nothing in the pool (other machines), and nothing but the egress interface, where
 //! their traffic is masqueraded. In each machine's namespace, table `inet hearth` maps the
 //! guest to the namespace's address (SNAT out, DNAT in), drops everything the guest sends to
@@ -23,7 +23,14 @@ use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+/// A machine namespace's table.
 pub const TABLE: &str = "hearth";
+
+/// The host's table of the daemon tagged `tag`: daemons sharing a host keep out of each
+/// other's rules.
+pub fn host_table_name(tag: &str) -> String {
+    format!("hearth-{tag}")
+}
 /// Link-local addresses, where cloud metadata services live; the guest's own link is in it too.
 const LINK_LOCAL: &str = "169.254.0.0/16";
 
@@ -100,24 +107,28 @@ fn nat_to(addr: Ipv4Addr) -> Option<NAT<'static>> {
 
 /// A table being written: every chain and rule goes into one batch.
 struct TableBuilder {
+    name: String,
     batch: Batch<'static>,
 }
 
 impl TableBuilder {
     /// Replaces table `TABLE` whole, in one transaction (add, delete, add: no error if absent).
-    fn replace() -> TableBuilder {
+    fn replace(name: &str) -> TableBuilder {
         let mut batch = Batch::new();
         let table = || {
             NfListObject::Table(Table {
                 family: NfFamily::INet,
-                name: TABLE.into(),
+                name: Cow::Owned(name.to_string()),
                 handle: None,
             })
         };
         batch.add(table());
         batch.delete(table());
         batch.add(table());
-        TableBuilder { batch }
+        TableBuilder {
+            name: name.to_string(),
+            batch,
+        }
     }
 
     fn chain(
@@ -128,7 +139,7 @@ impl TableBuilder {
     ) {
         let mut chain = Chain {
             family: NfFamily::INet,
-            table: TABLE.into(),
+            table: Cow::Owned(self.name.clone()),
             name: name.into(),
             ..Chain::default()
         };
@@ -144,7 +155,7 @@ impl TableBuilder {
     fn rule(&mut self, chain: &'static str, stmts: Vec<Statement<'static>>) {
         self.batch.add(NfListObject::Rule(Rule {
             family: NfFamily::INet,
-            table: TABLE.into(),
+            table: Cow::Owned(self.name.clone()),
             chain: chain.into(),
             expr: Cow::Owned(stmts),
             ..Rule::default()
@@ -160,9 +171,14 @@ const FILTER: i32 = 0;
 const DSTNAT: i32 = -100;
 const SRCNAT: i32 = 100;
 
-/// The host's table. `veths` is the wildcard of machines' host-side veth names (`hv*`).
-pub fn host_table(veths: &str, pool: Ipv4Net, egress_interface: &str) -> Nftables<'static> {
-    let mut t = TableBuilder::replace();
+/// The host's table `name`. `veths` is the wildcard of machines' host-side veth names.
+pub fn host_table(
+    name: &str,
+    veths: &str,
+    pool: Ipv4Net,
+    egress_interface: &str,
+) -> Nftables<'static> {
+    let mut t = TableBuilder::replace(name);
     let from_machine = || is(meta(MetaKey::Iifname), s(veths));
     let to_machine = || is(meta(MetaKey::Oifname), s(veths));
     t.chain(
@@ -216,7 +232,7 @@ pub fn machine_table(
     guest: Ipv4Addr,
     policy: &EgressPolicy,
 ) -> Nftables<'static> {
-    let mut t = TableBuilder::replace();
+    let mut t = TableBuilder::replace(TABLE);
     t.chain(
         "prerouting",
         Some((NfChainType::NAT, NfHook::Prerouting, DSTNAT)),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 /// The short, fixed-length key a machine's network objects are named by.
 pub(super) fn network_key(id: &str) -> String {
-    hex::encode(Sha256::digest(id.as_bytes()))[..12].to_string()
+    hex::encode(Sha256::digest(id.as_bytes()))[..net::KEY_LEN].to_string()
 }
 
 fn parse_cidrs(field: &str, cidrs: &[String]) -> Result<Vec<Ipv4Net>> {
@@ -56,6 +56,11 @@ fn with_policy(mut spec: NetworkSpec, req: &NetworkRequest) -> Result<NetworkSpe
     }
     egress_policy(&spec)?;
     Ok(spec)
+}
+
+/// Port ids are a machine's own: relays are known by machine and id.
+fn relay_key(p: &PublishedPort) -> String {
+    format!("{}/{}", p.machine_id, p.id)
 }
 
 /// A published port request, checked.
@@ -156,8 +161,8 @@ impl Service {
     /// Removes machine `id`'s published ports and network namespace. Never fails.
     pub(super) async fn detach_network(&self, id: &str) {
         for port in self.store.list_ports(Some(id)).unwrap_or_default() {
-            self.relays.close(&port.id);
-            if let Err(e) = self.store.delete_port(&port.id) {
+            self.relays.close(&relay_key(&port));
+            if let Err(e) = self.store.delete_port(id, &port.id) {
                 tracing::warn!(machine = id, port = %port.id, "{}", e.message);
             }
         }
@@ -171,8 +176,8 @@ impl Service {
         for port in self.store.list_ports(None).unwrap_or_default() {
             if !known.contains(&port.machine_id) {
                 tracing::info!(port = %port.id, "removing a published port of a machine that is gone");
-                self.relays.close(&port.id);
-                let _ = self.store.delete_port(&port.id);
+                self.relays.close(&relay_key(&port));
+                let _ = self.store.delete_port(&port.machine_id, &port.id);
             }
         }
         if let Some(net) = &self.net {
@@ -301,10 +306,14 @@ impl Service {
                 rec.id
             )));
         };
-        if self.store.get_port(&req.published_port_id)?.is_some() {
+        if self
+            .store
+            .get_port(&rec.id, &req.published_port_id)?
+            .is_some()
+        {
             return Err(Error::conflict(format!(
-                "published port {} already exists",
-                req.published_port_id
+                "machine {} already has published port {}",
+                rec.id, req.published_port_id
             )));
         }
         let target = SocketAddr::from((a.host_ip, req.port as u16));
@@ -324,7 +333,7 @@ impl Service {
                 created_at: Utc::now(),
             };
             let listen = SocketAddr::new(self.cfg.publish_address, host_port);
-            match self.relays.open(&port.id, listen, target).await {
+            match self.relays.open(&relay_key(&port), listen, target).await {
                 Ok(()) => {}
                 Err(e) if req.host_port.is_none() => {
                     last = e;
@@ -333,7 +342,7 @@ impl Service {
                 Err(e) => return Err(e),
             }
             if let Err(e) = self.store.insert_port(&port) {
-                self.relays.close(&port.id);
+                self.relays.close(&relay_key(&port));
                 return Err(e);
             }
             return Ok(port);
@@ -363,12 +372,12 @@ impl Service {
             Operation::on(OpKind::Port, machine_id),
             |svc, id, _| async move {
                 svc.record(&id)?;
-                match svc.store.get_port(&port_id)? {
-                    Some(p) if p.machine_id == id => {
-                        svc.relays.close(&p.id);
-                        svc.store.delete_port(&p.id)
+                match svc.store.get_port(&id, &port_id)? {
+                    Some(p) => {
+                        svc.relays.close(&relay_key(&p));
+                        svc.store.delete_port(&id, &p.id)
                     }
-                    _ => Err(Error::not_found(format!(
+                    None => Err(Error::not_found(format!(
                         "machine {id} has no published port {port_id}"
                     ))),
                 }
@@ -389,7 +398,7 @@ impl Service {
             };
             let listen = SocketAddr::new(self.cfg.publish_address, port.host_port);
             let target = SocketAddr::from((a.host_ip, port.port));
-            if let Err(e) = self.relays.open(&port.id, listen, target).await {
+            if let Err(e) = self.relays.open(&relay_key(&port), listen, target).await {
                 tracing::warn!(port = %port.id, "reopening a published port: {}", e.message);
             }
         }

@@ -68,15 +68,15 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE machines ADD COLUMN net_slot INTEGER;
     CREATE UNIQUE INDEX machines_by_net_slot ON machines (net_slot);
     CREATE TABLE published_ports (
-        id TEXT PRIMARY KEY,
+        id TEXT NOT NULL,
         machine_id TEXT NOT NULL,
         name TEXT,
         port INTEGER NOT NULL,
         host_port INTEGER NOT NULL UNIQUE,
         protocol TEXT NOT NULL,
-        created_at TEXT NOT NULL
-    );
-    CREATE INDEX published_ports_by_machine ON published_ports (machine_id);",
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (machine_id, id)
+    );",
 ];
 
 pub struct Store {

@@ -18,7 +18,7 @@ fn from_row(r: &Row) -> rusqlite::Result<PublishedPort> {
 }
 
 impl Store {
-    /// Records a port; an id or host port already taken is a conflict.
+    /// Records a port; an id the machine has or a host port already taken is a conflict.
     pub fn insert_port(&self, p: &PublishedPort) -> Result<()> {
         let res = self.conn().execute(
             "INSERT INTO published_ports (id, machine_id, name, port, host_port, protocol, created_at)
@@ -33,7 +33,10 @@ impl Store {
                 let what = if msg.as_deref().unwrap_or("").contains("host_port") {
                     format!("host port {} is already published", p.host_port)
                 } else {
-                    format!("published port {} already exists", p.id)
+                    format!(
+                        "machine {} already has published port {}",
+                        p.machine_id, p.id
+                    )
                 };
                 Err(Error::conflict(what))
             }
@@ -41,12 +44,12 @@ impl Store {
         }
     }
 
-    pub fn get_port(&self, id: &str) -> Result<Option<PublishedPort>> {
+    pub fn get_port(&self, machine_id: &str, id: &str) -> Result<Option<PublishedPort>> {
         Ok(self
             .conn()
             .query_row(
-                "SELECT * FROM published_ports WHERE id = ?1",
-                [id],
+                "SELECT * FROM published_ports WHERE machine_id = ?1 AND id = ?2",
+                [machine_id, id],
                 from_row,
             )
             .optional()?)
@@ -71,9 +74,11 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn delete_port(&self, id: &str) -> Result<()> {
-        self.conn()
-            .execute("DELETE FROM published_ports WHERE id = ?1", [id])?;
+    pub fn delete_port(&self, machine_id: &str, id: &str) -> Result<()> {
+        self.conn().execute(
+            "DELETE FROM published_ports WHERE machine_id = ?1 AND id = ?2",
+            [machine_id, id],
+        )?;
         Ok(())
     }
 }

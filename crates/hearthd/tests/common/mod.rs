@@ -78,7 +78,13 @@ pub struct Daemon {
     pub env: Vec<(String, String)>,
     /// Where the running daemon's part of the log starts.
     log_start: usize,
+    /// This daemon's network pool: daemons of one test run side by side.
+    net_pool: String,
 }
+
+/// No interface has this name: a test daemon's machines reach nothing beyond their namespace
+/// unless the test gives a fake uplink.
+pub const NO_EGRESS: &str = "hearth-noegress";
 
 impl Daemon {
     pub async fn start() -> Daemon {
@@ -118,6 +124,7 @@ impl Daemon {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             log_start: 0,
+            net_pool: next_net_pool(),
         };
         d.set_env(env);
         d.spawn().await;
@@ -143,6 +150,9 @@ impl Daemon {
         for (flag, value) in [
             ("--reconcile-interval-secs", "1"),
             ("--stop-timeout-secs", "10"),
+            ("--net-pool", self.net_pool.as_str()),
+            ("--egress-interface", NO_EGRESS),
+            ("--dns", "127.0.0.1"),
         ] {
             if !self.extra_args.iter().any(|a| a == flag) {
                 defaults.extend([flag, value]);
@@ -276,6 +286,46 @@ impl Drop for Daemon {
         for pid in self.vmm_pids() {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        self.remove_networks();
+    }
+}
+
+impl Daemon {
+    /// The tag the daemon names its network objects with: a hash of its data root.
+    pub fn net_tag(&self) -> String {
+        use sha2::Digest;
+        let root = std::fs::canonicalize(self.path()).unwrap();
+        hex::encode(sha2::Sha256::digest(root.as_os_str().as_encoded_bytes()))[..4].to_string()
+    }
+
+    /// Removes what the daemon made on the host's network (a machine's network outlives the
+    /// daemon, as it must; a test's must not outlive the test).
+    fn remove_networks(&self) {
+        let tag = self.net_tag();
+        for entry in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("hearth-{tag}-")) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+        for entry in std::fs::read_dir("/sys/class/net")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("h{tag}")) {
+                let _ = Command::new("ip").args(["link", "del", &name]).status();
+            }
+        }
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &format!("hearth-{tag}")])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -832,4 +882,122 @@ impl Drop for FileServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A /24 of 198.18.0.0/15 (kept for benchmarking networks) for each daemon a test process
+/// starts; test binaries run one after another, so a counter keeps them apart.
+fn next_net_pool() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // From a point of this process's own, so a run never meets a crashed run's leftovers.
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + std::process::id();
+    format!("198.18.{}.0/24", n % 256)
+}
+
+/// A fake uplink for egress tests: a network namespace of the test's own, linked to the host by
+/// a veth, with an HTTP server on its address serving `index.html` ("hello from the uplink").
+/// A daemon given `daemon_args()` sends machines' traffic only there, never off this host.
+pub struct Uplink {
+    pub ns: String,
+    /// The host's end of the link: the daemon's egress interface.
+    pub veth: String,
+    /// The host's address on the link.
+    pub host_addr: String,
+    /// The uplink's address: its HTTP server and nameserver.
+    pub addr: String,
+    pub port: u16,
+    server: Child,
+    _www: tempfile::TempDir,
+}
+
+pub const UPLINK_PAGE: &str = "hello from the uplink";
+
+impl Uplink {
+    pub async fn start() -> Uplink {
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        let (ns, veth) = (format!("hearth-up{id}"), format!("hup{id}"));
+        let (host_addr, addr) = (format!("198.19.{n}.1"), format!("198.19.{n}.2"));
+        let ip = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().unwrap();
+            assert!(ok.success(), "ip {}", args.join(" "));
+        };
+        ip(&["netns", "add", &ns]);
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &veth]);
+        ip(&["link", "set", &veth, "up"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/30"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let www = tempfile::tempdir().unwrap();
+        std::fs::write(www.path().join("index.html"), UPLINK_PAGE).unwrap();
+        let port = 8080;
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-m", "http.server"])
+            .arg(port.to_string())
+            .args(["--bind", &addr, "--directory"])
+            .arg(www.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = Uplink {
+            ns,
+            veth,
+            host_addr,
+            addr,
+            port,
+            server,
+            _www: www,
+        };
+        let url = format!("http://{}:{}/", up.addr, up.port);
+        let serving = eventually(Duration::from_secs(20), async || {
+            http_get(&url).await.is_some_and(|b| b == UPLINK_PAGE)
+        })
+        .await;
+        assert!(serving, "the uplink's HTTP server did not come up");
+        up
+    }
+
+    /// Flags that send a daemon's machines out through this uplink only.
+    pub fn daemon_args(&self) -> Vec<&str> {
+        vec![
+            "--egress-interface",
+            self.veth.as_str(),
+            "--dns",
+            self.addr.as_str(),
+        ]
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// The body of a plain HTTP GET of `url` from the host, or None (5 s at most).
+pub async fn http_get(url: &str) -> Option<String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let resp = client.get(url).send().await.ok()?;
+    resp.status().is_success().then_some(())?;
+    resp.text().await.ok()
 }
