@@ -172,6 +172,17 @@ async fn travel(a: &Daemon, snap: &Snapshot, s3: &S3Server, before: u64) -> Daem
         sh(&b.client, "moved", "hostname").await.stdout.trim(),
         "moved"
     );
+    // Its network came along: the host reaches a server in it at its new host-side address.
+    let moved = b.client.get_machine("moved").await.unwrap();
+    let host_ip = moved.runtime_host.expect("a network");
+    sh(
+        &b.client,
+        "moved",
+        "mkdir -p /www && echo moved > /www/index.html && httpd -p 80 -h /www",
+    )
+    .await;
+    let page = http_get(&format!("http://{host_ip}/")).await;
+    assert_eq!(page.as_deref().map(str::trim), Some("moved"));
     b
 }
 

@@ -236,6 +236,19 @@ impl Net {
     }
 }
 
+/// The tag of the daemon whose data root is `root` (made already): four hex digits of a hash
+/// of its canonical path.
+pub fn tag_of(root: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let root = std::fs::canonicalize(root)?;
+    Ok(hex::encode(sha2::Sha256::digest(root.as_os_str().as_encoded_bytes()))[..4].to_string())
+}
+
+/// The host's nftables table of the daemon tagged `tag`.
+pub fn host_table(tag: &str) -> String {
+    rules::host_table_name(tag)
+}
+
 /// The nameservers of the host's /etc/resolv.conf a guest can reach (not loopback ones).
 pub fn host_dns() -> Vec<Ipv4Addr> {
     std::fs::read_to_string("/etc/resolv.conf")

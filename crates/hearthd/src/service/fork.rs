@@ -112,10 +112,15 @@ impl Service {
     ) -> Result<Timings> {
         let dir = self.paths(&rec.id).dir;
         let memory_in_vmstate = !src.ram_shared;
-        let (_, mut timings) = self
-            .take(src, SnapshotKind::Memory, memory_in_vmstate, &dir)
-            .await?;
+        let a = self.allocate_network(rec)?;
+        // The new machine's namespace is made while the source's state is taken.
+        let (taken, network) = tokio::join!(
+            self.take(src, SnapshotKind::Memory, memory_in_vmstate, &dir),
+            self.ensure_network(a.as_ref(), &rec.spec.network)
+        );
         drop(src_lock);
+        let (_, mut timings) = taken?;
+        let network = network?;
         failpoint::stall("fork-taken").await;
         let memory = if memory_in_vmstate {
             MemoryBacking::Anonymous
@@ -123,7 +128,7 @@ impl Service {
             MemoryBacking::PrivateFile(dir.join(MEMORY))
         };
         let vmstate = dir.join(VMSTATE);
-        timings.extend(self.resume_from(rec, memory, &vmstate).await?);
+        timings.extend(self.resume_from(rec, memory, &vmstate, network).await?);
         // Loaded; only the memory file is still in use.
         let _ = std::fs::remove_file(&vmstate);
         Ok(timings)

@@ -154,8 +154,13 @@ impl Service {
                 rec.spec.storage_bytes, rootfs.size_bytes
             )));
         }
-        self.make_system_disk(rec, &rootfs.path).await?;
-        self.boot(rec).await
+        let a = self.allocate_network(rec)?;
+        let (disk, network) = tokio::join!(
+            self.make_system_disk(rec, &rootfs.path),
+            self.ensure_network(a.as_ref(), &rec.spec.network)
+        );
+        disk?;
+        self.boot(rec, network?).await
     }
 
     /// The machine's system disk: a clone of `src` grown to the machine's storage size.
@@ -178,9 +183,12 @@ impl Service {
 
     /// Boots the machine from its disks and waits for its agent; on success the record says
     /// running. On failure the VMM is killed (the record keeps the pid until then).
-    pub(super) async fn boot(&self, rec: &mut MachineRecord) -> Result<()> {
+    pub(super) async fn boot(
+        &self,
+        rec: &mut MachineRecord,
+        network: Option<NetAttach>,
+    ) -> Result<()> {
         let paths = self.paths(&rec.id);
-        let network = self.attach_network(rec).await?;
         let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()), network);
         let started = Instant::now();
         let proc = self.vmm.boot(&spec).await?;
@@ -355,7 +363,13 @@ impl Service {
             rec.phase = Phase::Starting;
             rec.error = None;
             svc.store.update_machine(&rec)?;
-            let result = svc.boot(&mut rec).await;
+            let result = match svc.allocate_network(&mut rec) {
+                Ok(a) => match svc.ensure_network(a.as_ref(), &rec.spec.network).await {
+                    Ok(network) => svc.boot(&mut rec, network).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
             if let Err(e) = &result {
                 rec.phase = Phase::Failed;
                 rec.error = Some(e.message.clone());

@@ -136,20 +136,29 @@ impl Service {
         Some(net.attachment(&network_key(&rec.id), slot))
     }
 
-    /// Gives the machine its slot in the pool (once) and makes its namespace where it is
-    /// missing (a new machine; a start after the host rebooted). What the VMM attaches to.
-    pub(super) async fn attach_network(
-        &self,
-        rec: &mut MachineRecord,
-    ) -> Result<Option<NetAttach>> {
+    /// Gives the machine its slot in the pool (once): where its network is to be.
+    pub(super) fn allocate_network(&self, rec: &mut MachineRecord) -> Result<Option<Attachment>> {
         if !rec.spec.network.enabled {
             return Ok(None);
         }
-        let net = self.net()?.clone();
+        let net = self.net()?;
         rec.net_slot = Some(self.store.allocate_net_slot(&rec.id, net.slots())?);
-        let a = self.attachment(rec).expect("a slot");
-        if !net.exists(&a) {
-            net.setup(&a, &egress_policy(&rec.spec.network)?).await?;
+        Ok(self.attachment(rec))
+    }
+
+    /// Makes the machine's namespace where it is missing (a new machine; a start after the
+    /// host rebooted): what the VMM attaches to. Runs beside the disk work it does not need.
+    pub(super) async fn ensure_network(
+        &self,
+        a: Option<&Attachment>,
+        spec: &NetworkSpec,
+    ) -> Result<Option<NetAttach>> {
+        let Some(a) = a else {
+            return Ok(None);
+        };
+        let net = self.net()?;
+        if !net.exists(a) {
+            net.setup(a, &egress_policy(spec)?).await?;
         }
         Ok(Some(NetAttach {
             netns: a.netns_path(),

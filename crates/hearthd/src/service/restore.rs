@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, NetworkSpec, OpKind, SnapshotRecord};
-use crate::vmm::MemoryBacking;
+use crate::vmm::{MemoryBacking, NetAttach};
 use hearth_api::{
     validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
     SnapshotKind,
@@ -223,11 +223,17 @@ impl Service {
 
     async fn restore_into(&self, rec: &mut MachineRecord, src: &Source) -> Result<Timings> {
         let started = Instant::now();
-        self.make_system_disk(rec, &src.disk).await?;
+        let a = self.allocate_network(rec)?;
+        let (disk, network) = tokio::join!(
+            self.make_system_disk(rec, &src.disk),
+            self.ensure_network(a.as_ref(), &rec.spec.network)
+        );
+        disk?;
+        let network = network?;
         let mut timings = vec![("disks", started.elapsed())];
 
         if src.kind == SnapshotKind::Disk {
-            self.boot(rec).await?;
+            self.boot(rec, network).await?;
             timings.push(("agent", started.elapsed()));
             return Ok(timings);
         }
@@ -236,7 +242,7 @@ impl Service {
         } else {
             MemoryBacking::PrivateFile(src.memory.clone())
         };
-        timings.extend(self.resume_from(rec, memory, &src.vmstate).await?);
+        timings.extend(self.resume_from(rec, memory, &src.vmstate, network).await?);
         Ok(timings)
     }
 
@@ -247,9 +253,9 @@ impl Service {
         rec: &mut MachineRecord,
         memory: MemoryBacking,
         vmstate: &Path,
+        network: Option<NetAttach>,
     ) -> Result<Timings> {
         let paths = self.paths(&rec.id);
-        let network = self.attach_network(rec).await?;
         let spec = self.vm_spec(rec, memory, network);
         let t = Instant::now();
         let proc = self.vmm.restore(&spec, vmstate).await?;

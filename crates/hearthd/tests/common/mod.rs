@@ -293,9 +293,7 @@ impl Drop for Daemon {
 impl Daemon {
     /// The tag the daemon names its network objects with: a hash of its data root.
     pub fn net_tag(&self) -> String {
-        use sha2::Digest;
-        let root = std::fs::canonicalize(self.path()).unwrap();
-        hex::encode(sha2::Sha256::digest(root.as_os_str().as_encoded_bytes()))[..4].to_string()
+        hearthd::net::tag_of(self.path()).unwrap()
     }
 
     /// Removes what the daemon made on the host's network (a machine's network outlives the
@@ -323,7 +321,7 @@ impl Daemon {
             }
         }
         let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &format!("hearth-{tag}")])
+            .args(["delete", "table", "inet", &hearthd::net::host_table(&tag)])
             .stderr(Stdio::null())
             .status();
     }

@@ -22,6 +22,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
+mod net;
 mod snapshot;
 mod transfer;
 
@@ -57,6 +58,15 @@ enum Bench {
         #[arg(long, default_value_t = 900)]
         data_mib: u64,
     },
+    /// Networks: TCP throughput through hearth's namespace and NAT vs a plain tap; what a
+    /// network adds to create and restore.
+    Net {
+        /// MiB per transfer.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
     Snapshot {
         /// Guest sizes in MiB.
@@ -85,6 +95,7 @@ async fn main() -> Result<()> {
     match args.bench {
         Bench::Boot { rounds, memory_mib } => boot(&args.image, rounds, memory_mib).await,
         Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
+        Bench::Net { mib, rounds } => net::run(&args.image, mib, rounds).await,
         Bench::Snapshot {
             sizes,
             clones,
@@ -265,12 +276,27 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon whose machines' networks reach nothing beyond their namespaces.
     async fn start(root: &Path) -> Result<Daemon> {
+        Daemon::start_with(
+            root,
+            &[
+                "--egress-interface",
+                "hearth-noegress",
+                "--dns",
+                "127.0.0.1",
+            ],
+        )
+        .await
+    }
+
+    async fn start_with(root: &Path, args: &[&str]) -> Result<Daemon> {
         let exe = std::env::current_exe()?;
         let hearthd = exe.with_file_name("hearthd");
         let child = std::process::Command::new(&hearthd)
             .arg("--root")
             .arg(root)
+            .args(args)
             .env("HEARTH_LOG", "warn")
             .spawn()
             .with_context(|| format!("starting {}", hearthd.display()))?;
@@ -294,5 +320,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its machines are gone; its host table is the bench's to remove.
+        if let Ok(tag) = hearthd::net::tag_of(&self.root) {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", &hearthd::net::host_table(&tag)])
+                .status();
+        }
     }
 }
