@@ -129,10 +129,15 @@ impl Blobs {
                 self.store.touch_blob(sha256)?;
             } else {
                 // Written before a crash, or by an older hearthd: it may be short or zero-filled.
-                let file = path.clone();
-                let (_, got) = tokio::task::spawn_blocking(move || storage::sha256_sparse(&file))
-                    .await
-                    .map_err(|e| Error::internal(e.to_string()))??;
+                let (file, dir) = (path.clone(), self.dir.clone());
+                // Hashed from the page cache, it must reach the disk before it is vouched for.
+                let (_, got) = tokio::task::spawn_blocking(move || {
+                    storage::sync_file(&file)?;
+                    storage::sync_dir(&dir)?;
+                    storage::sha256_sparse(&file)
+                })
+                .await
+                .map_err(|e| Error::internal(e.to_string()))??;
                 if got != sha256 {
                     tracing::warn!(
                         blob = sha256,

@@ -331,7 +331,7 @@ impl Service {
         .await
     }
 
-    async fn power_off(&self, id: &str, proc: &ProcessRecord) {
+    pub(super) async fn power_off(&self, id: &str, proc: &ProcessRecord) {
         match self.agent(id).await {
             Ok(agent) => {
                 if let Err(e) = agent.call(Op::PowerOff, Some(AGENT_CALL)).await {

@@ -42,6 +42,8 @@ pub struct Service {
     /// while it writes its journal row: an operation's files appear only after its row, so the
     /// sweep never removes the work of one in flight.
     sweep: tokio::sync::Mutex<()>,
+    /// Journal rows of ended operations that could not be cleared yet.
+    unended: Mutex<Vec<i64>>,
     /// Transfers using each snapshot; -1 while it is being deleted.
     snapshot_uses: Mutex<HashMap<String, i64>>,
     /// For object-store transfers.
@@ -144,6 +146,7 @@ impl Service {
             vmm,
             runtimes: Mutex::new(HashMap::new()),
             sweep: tokio::sync::Mutex::new(()),
+            unended: Mutex::new(Vec::new()),
             snapshot_uses: Mutex::new(HashMap::new()),
             http,
             net: net.map(Arc::new),
@@ -166,6 +169,26 @@ impl Service {
             .entry(id.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Clears journal row `row`; one that cannot be cleared now is tried again by every
+    /// reconcile pass, so that no later start replays an operation that ended.
+    fn end_row(&self, row: i64) {
+        if let Err(e) = self.store.end_op(row) {
+            tracing::warn!("clearing journal row {row}: {}", e.message);
+            self.unended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(row);
+        }
+    }
+
+    /// Tries again to clear the journal rows of operations that ended.
+    fn retry_unended_rows(&self) {
+        let rows = std::mem::take(&mut *self.unended.lock().unwrap_or_else(|e| e.into_inner()));
+        for row in rows {
+            self.end_row(row);
+        }
     }
 
     /// Drops machine `id`'s in-memory state once nobody uses it and it has no record, so ids
@@ -210,10 +233,24 @@ impl Service {
                     svc.store
                         .begin_op(kind, &id, snapshot.as_deref(), source.as_deref())?
                 };
-                let result = body(svc.clone(), id.clone(), lock.clone()).await;
-                if let Err(e) = svc.store.end_op(row) {
-                    tracing::warn!(machine = %id, "clearing journal row {row}: {}", e.message);
-                }
+                let result = match tokio::spawn(body(svc.clone(), id.clone(), lock.clone())).await {
+                    Ok(result) => result,
+                    // A panic leaves the operation half-done: finish or undo it now, as a
+                    // restart would, rather than leave its row for a later start to replay.
+                    Err(e) => {
+                        tracing::error!(machine = %id, "operation {kind:?} failed: {e}");
+                        let op = svc
+                            .store
+                            .pending_ops()
+                            .ok()
+                            .and_then(|ops| ops.into_iter().find(|op| op.id == row));
+                        if let Some(op) = op {
+                            svc.recover_op(&op).await;
+                        }
+                        Err(Error::internal(format!("operation {kind:?} failed: {e}")))
+                    }
+                };
+                svc.end_row(row);
                 lock.release();
                 result
             }

@@ -32,7 +32,7 @@ impl Service {
     }
 
     /// Finishes or undoes one operation a crash interrupted.
-    async fn recover_op(&self, op: &OpRecord) {
+    pub(super) async fn recover_op(&self, op: &OpRecord) {
         let rec = self.store.get_machine(&op.machine_id).ok().flatten();
         match (op.kind, rec) {
             // A machine that was being made and never ran is undone; one that was running
@@ -74,12 +74,24 @@ impl Service {
             }
             // Relays are opened from the records at start; a half-made port has no record.
             (OpKind::Port, Some(_)) => {}
+            // The start ended but for the journal.
+            (OpKind::Start, Some(rec))
+                if rec.phase == Phase::Running
+                    && rec.process.as_ref().is_some_and(process::is_alive) => {}
+            // The crash came before the start changed anything but, perhaps, a VMM it spawned.
+            (OpKind::Start, Some(rec)) if matches!(rec.phase, Phase::Stopped | Phase::Failed) => {
+                self.clear_runtime_files(&rec.id).await
+            }
             (OpKind::Start, Some(rec)) => {
                 self.mark_failed(rec, "the daemon stopped while the machine was starting")
                     .await
             }
             (OpKind::Stop, Some(mut rec)) => {
                 if let Some(p) = rec.process.take() {
+                    // The guest may not have been asked to power off yet: ask, as the stop would.
+                    if rec.phase == Phase::Running && process::is_alive(&p) {
+                        self.power_off(&rec.id, &p).await;
+                    }
                     process::kill_and_wait(&p).await;
                 }
                 self.clear_runtime_files(&rec.id).await;
@@ -114,29 +126,15 @@ impl Service {
         }
     }
 
-    /// A machine whose snapshot a crash interrupted may be paused and frozen: resume and thaw.
+    /// A machine whose snapshot a crash interrupted may be paused and frozen: resume and thaw
+    /// (one that cannot be is marked failed).
     async fn resume_after_crash(&self, rec: &MachineRecord) {
-        let Some(proc) = rec.process.filter(process::is_alive) else {
-            return;
-        };
-        let paths = self.paths(&rec.id);
-        if let Err(e) = self.vmm.resume(&paths).await {
-            tracing::warn!(machine = %rec.id, pid = proc.pid, "resuming: {}", e.message);
+        if !rec.process.as_ref().is_some_and(process::is_alive) {
             return;
         }
-        match self.agent(&rec.id).await {
-            Ok(agent) => {
-                let thaw = agent.call(
-                    hearth_proto::Op::Thaw,
-                    Some(std::time::Duration::from_secs(10)),
-                );
-                if let Err(e) = thaw.await {
-                    tracing::warn!(machine = %rec.id, "thaw: {}", e.message);
-                }
-            }
-            Err(e) => tracing::warn!(machine = %rec.id, "agent after resume: {}", e.message),
+        if self.resume_or_fail(rec).await.is_ok() && self.thaw_or_fail(rec).await.is_ok() {
+            tracing::info!(machine = %rec.id, "resumed after an interrupted snapshot");
         }
-        tracing::info!(machine = %rec.id, "resumed after an interrupted snapshot");
     }
 
     /// Finds the VMMs of running machines again after a daemon restart; one that does not
@@ -157,6 +155,7 @@ impl Service {
     }
 
     pub async fn reconcile_pass(&self) {
+        self.retry_unended_rows();
         let records = match self.store.list_machines() {
             Ok(r) => r,
             Err(e) => {
@@ -214,12 +213,14 @@ impl Service {
     /// lock, which an operation takes to write its journal row before it makes any file.
     async fn remove_leftovers(&self) {
         let _sweep = self.sweep.lock().await;
-        let (records, ops, snapshot_ids) = match (
-            self.store.list_machines(),
+        // The journal first: no row can begin while the sweep lock is held, so an operation
+        // that ends after this read has its record in the lists read next.
+        let (ops, records, snapshot_ids) = match (
             self.store.pending_ops(),
+            self.store.list_machines(),
             self.store.snapshot_ids(),
         ) {
-            (Ok(r), Ok(o), Ok(s)) => (r, o, s),
+            (Ok(o), Ok(r), Ok(s)) => (o, r, s),
             _ => {
                 tracing::warn!("reconcile: cannot read the records; no leftovers removed");
                 return;

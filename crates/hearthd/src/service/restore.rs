@@ -77,8 +77,9 @@ impl Service {
                     None,
                 ),
                 None => {
-                    let snap = svc.ready_snapshot(&snapshot_id)?;
+                    // In use first: a delete cannot then slip in between the check and the use.
                     let in_use = svc.use_snapshot(&snapshot_id)?;
+                    let snap = svc.ready_snapshot(&snapshot_id)?;
                     svc.verify_local_artifacts(&snap)?;
                     svc.check_local_restorable(&snap)?;
                     (svc.local_source(snap), Some(in_use))

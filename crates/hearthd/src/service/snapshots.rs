@@ -88,7 +88,7 @@ pub struct HostInfo {
 pub type Timings = Vec<(&'static str, Duration)>;
 
 const AGENT_CALL: Duration = Duration::from_secs(10);
-/// Tries to resume a machine after a snapshot before it is given up.
+/// Tries to resume (or thaw) a machine after a snapshot before it is given up.
 const RESUME_ATTEMPTS: u32 = 3;
 
 /// A file of a snapshot before it is hashed.
@@ -245,13 +245,9 @@ impl Service {
         agent.call(Op::Sync, Some(AGENT_CALL)).await?;
         // A frozen filesystem is clean on disk; where freezing is not supported a synced one
         // is the next best thing.
-        let frozen = match agent.call(Op::Freeze, Some(AGENT_CALL)).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(machine = %rec.id, "freeze: {}", e.message);
-                false
-            }
-        };
+        if let Err(e) = agent.call(Op::Freeze, Some(AGENT_CALL)).await {
+            tracing::warn!(machine = %rec.id, "freeze: {}", e.message);
+        }
         let mut timings = vec![("quiesce", t.elapsed())];
 
         let paused_at = Instant::now();
@@ -263,18 +259,16 @@ impl Service {
         failpoint::stall("snapshot-paused").await;
         self.resume_or_fail(rec).await?;
         timings.push(("paused", paused_at.elapsed()));
-        if frozen {
-            if let Err(e) = agent.call(Op::Thaw, Some(AGENT_CALL)).await {
-                tracing::warn!(machine = %rec.id, "thaw: {}", e.message);
-            }
-        }
+        // Even after a freeze that seemed to fail: one that timed out may have frozen the guest
+        // all the same, and thawing a filesystem that is not frozen does nothing.
+        self.thaw_or_fail(rec).await?;
         Ok((written?, timings))
     }
 
     /// Resumes a paused machine, trying a few times. One that stays paused is of no use to
     /// anybody and its record must not say running: its VMM is killed and it is marked failed
     /// with the reason (a start boots it again from its disks).
-    async fn resume_or_fail(&self, rec: &MachineRecord) -> Result<()> {
+    pub(super) async fn resume_or_fail(&self, rec: &MachineRecord) -> Result<()> {
         let paths = self.paths(&rec.id);
         let mut last = None;
         for attempt in 0..RESUME_ATTEMPTS {
@@ -294,6 +288,34 @@ impl Service {
         let e = last.expect("at least one attempt");
         let reason = format!(
             "the VMM did not resume after a snapshot ({}); it was stopped",
+            e.message
+        );
+        self.mark_failed(rec.clone(), &reason).await;
+        Err(Error::unavailable(format!("machine {}: {reason}", rec.id)))
+    }
+
+    /// Thaws the guest's root filesystem, trying a few times. A guest left frozen hangs every
+    /// writer while its record says running: one whose agent cannot thaw it is marked failed
+    /// and stopped (a start boots it again).
+    pub(super) async fn thaw_or_fail(&self, rec: &MachineRecord) -> Result<()> {
+        let mut last = None;
+        for attempt in 0..RESUME_ATTEMPTS {
+            let thawed = match self.agent(&rec.id).await {
+                Ok(agent) => agent.call(Op::Thaw, Some(AGENT_CALL)).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match thawed {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(machine = %rec.id, attempt, "thaw: {}", e.message);
+                    last = Some(e);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        let e = last.expect("at least one attempt");
+        let reason = format!(
+            "the guest's filesystem could not be thawed after a snapshot ({}); it was stopped",
             e.message
         );
         self.mark_failed(rec.clone(), &reason).await;

@@ -354,18 +354,23 @@ async fn download(
             Error::upstream(message)
         }
     };
-    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    // At most `concurrency` chunks in flight, each a task: the count of tasks does not grow
+    // with the size the caller claims.
     let mut set = tokio::task::JoinSet::new();
-    for i in 0..size.div_ceil(CHUNK) {
-        let start = i * CHUNK;
-        let len = CHUNK.min(size - start);
-        let (sem, http, url, file) = (sem.clone(), http.clone(), url.to_string(), file.clone());
-        set.spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            with_retries(|| get_chunk(&http, &url, start, len, size, &file)).await
-        });
-    }
-    while let Some(joined) = set.join_next().await {
+    let (chunks, mut next) = (size.div_ceil(CHUNK), 0);
+    loop {
+        while next < chunks && set.len() < concurrency.max(1) {
+            let start = next * CHUNK;
+            let len = CHUNK.min(size - start);
+            let (http, url, file) = (http.clone(), url.to_string(), file.clone());
+            set.spawn(async move {
+                with_retries(|| get_chunk(&http, &url, start, len, size, &file)).await
+            });
+            next += 1;
+        }
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
         let got = joined
             .map_err(|e| Error::internal(e.to_string()))?
             .map_err(upstream)?;
@@ -521,7 +526,8 @@ async fn write_body(
                 "bytes {offset}..{}: got {received} bytes, expected {len} (is size_bytes right?)",
                 offset + len
             ),
-            transient: false,
+            // A body cut short is most often the connection's doing.
+            transient: true,
         });
     }
     write_block(file, at, block).await?;
