@@ -1,4 +1,4 @@
-//! HTTP routes and the mapping of requests and errors, per shared/API.md.
+//! HTTP routes and the mapping of requests and errors (the API is described in README.md).
 
 mod json;
 mod machines;
