@@ -82,19 +82,21 @@ pub fn configure(net: &GuestNetwork) -> Result<(), String> {
             .unwrap_or(0),
     );
     let sock = socket()?;
-    set_up(&sock, "lo")?;
     let name = net.interface.as_str();
-
-    let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_mtu = net.mtu as libc::c_int;
-    ioctl(&sock, libc::SIOCSIFMTU, &mut req, "SIOCSIFMTU")?;
-    let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_addr = sockaddr(addr);
-    ioctl(&sock, libc::SIOCSIFADDR, &mut req, "SIOCSIFADDR")?;
-    let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_netmask = sockaddr(mask);
-    ioctl(&sock, libc::SIOCSIFNETMASK, &mut req, "SIOCSIFNETMASK")?;
-    set_up(&sock, name)?;
+    // After a restore the interface is as it was: reconfiguring it would restart its link.
+    if !configured(&sock, name, addr)? {
+        set_up(&sock, "lo")?;
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_mtu = net.mtu as libc::c_int;
+        ioctl(&sock, libc::SIOCSIFMTU, &mut req, "SIOCSIFMTU")?;
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_addr = sockaddr(addr);
+        ioctl(&sock, libc::SIOCSIFADDR, &mut req, "SIOCSIFADDR")?;
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_netmask = sockaddr(mask);
+        ioctl(&sock, libc::SIOCSIFNETMASK, &mut req, "SIOCSIFNETMASK")?;
+        set_up(&sock, name)?;
+    }
 
     // SAFETY: rtentry is plain data; all zeroes is a valid value.
     let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
@@ -113,5 +115,26 @@ pub fn configure(net: &GuestNetwork) -> Result<(), String> {
         .iter()
         .map(|d| format!("nameserver {d}\n"))
         .collect();
+    if std::fs::read_to_string("/etc/resolv.conf").ok().as_deref() == Some(resolv.as_str()) {
+        return Ok(());
+    }
     std::fs::write("/etc/resolv.conf", resolv).map_err(|e| format!("/etc/resolv.conf: {e}"))
+}
+
+/// `name` is up with address `addr` already.
+fn configured(sock: &OwnedFd, name: &str, addr: Ipv4Addr) -> Result<bool, String> {
+    let mut req = ifreq(name)?;
+    ioctl(sock, libc::SIOCGIFFLAGS, &mut req, "SIOCGIFFLAGS")?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    if unsafe { req.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short == 0 {
+        return Ok(false);
+    }
+    let mut req = ifreq(name)?;
+    if raw_ioctl(sock, libc::SIOCGIFADDR, &mut req).is_err() {
+        return Ok(false);
+    }
+    // SAFETY: SIOCGIFADDR filled the address member with an AF_INET sockaddr.
+    let have =
+        unsafe { std::mem::transmute::<libc::sockaddr, libc::sockaddr_in>(req.ifr_ifru.ifru_addr) };
+    Ok(u32::from_be(have.sin_addr.s_addr) == u32::from(addr))
 }

@@ -79,10 +79,16 @@ pub struct NsLinks<'a> {
 
 pub const NS_UPLINK: &str = "eth0";
 
-/// Makes the veth pair into namespace `l.ns` (created already), addresses both ends, brings up
-/// the namespace's loopback and a persistent tap, routes the namespace's traffic to the host
-/// and lets it forward.
-pub async fn setup(host: &Handle, l: &NsLinks<'_>) -> Result<()> {
+/// Makes the persistent tap in namespace `ns`: all a VMM needs to start. The namespace does
+/// not forward yet, so its guest reaches nothing until [`connect`] and the rules are done.
+pub fn prepare(ns: &str, tap: &str) -> Result<()> {
+    let tap = tap.to_string();
+    netns::run_in(ns, move || make_tap(&tap))
+}
+
+/// Makes the veth pair into namespace `l.ns` (prepared already), addresses both ends, brings up
+/// the namespace's loopback and tap, and routes the namespace's traffic to the host.
+pub async fn connect(host: &Handle, l: &NsLinks<'_>) -> Result<()> {
     // The peer gets a temporary name that cannot clash in the host's namespace.
     let peer = format!("{}p", l.veth_host);
     host.link()
@@ -103,12 +109,6 @@ pub async fn setup(host: &Handle, l: &NsLinks<'_>) -> Result<()> {
     let index = must_index(host, l.veth_host).await?;
     up_with_address(host, index, l.host_addr, l.veth_prefix).await?;
 
-    let tap = l.tap.to_string();
-    netns::run_in(l.ns, move || {
-        make_tap(&tap)?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| Error::internal(format!("enabling forwarding in the namespace: {e}")))
-    })?;
     let ns = ns_handle(l.ns)?;
     let peer_index = must_index(&ns, &peer).await?;
     ns.link()
@@ -138,6 +138,14 @@ pub async fn setup(host: &Handle, l: &NsLinks<'_>) -> Result<()> {
         .execute()
         .await
         .map_err(nl("adding the namespace's default route"))
+}
+
+/// Lets namespace `ns` forward: the last step, once its rules are in place.
+pub fn enable_forwarding(ns: &str) -> Result<()> {
+    netns::run_in(ns, || {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| Error::internal(format!("enabling forwarding in the namespace: {e}")))
+    })
 }
 
 /// Deletes a link of the host's namespace by name; a missing one is already deleted.

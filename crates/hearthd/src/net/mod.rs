@@ -130,18 +130,37 @@ impl Net {
 
     /// Makes the machine's namespace, links and rules; on failure removes what it made.
     pub async fn setup(&self, a: &Attachment, policy: &EgressPolicy) -> Result<()> {
-        let made = self.setup_inner(a, policy).await;
+        self.prepare(a).await?;
+        self.connect(a, policy).await
+    }
+
+    /// Makes the namespace and its tap, all a VMM needs to start; on failure removes them.
+    /// The rest ([`Net::connect`]) can run while the VMM loads.
+    pub async fn prepare(&self, a: &Attachment) -> Result<()> {
+        let ns = a.namespace.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            netns::create(&ns)?;
+            links::prepare(&ns, TAP)
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?;
         if made.is_err() {
             self.teardown(a).await;
         }
         made.map_err(|e| e.context(format!("setting up network namespace {}", a.namespace)))
     }
 
-    async fn setup_inner(&self, a: &Attachment, policy: &EgressPolicy) -> Result<()> {
-        let ns = a.namespace.clone();
-        tokio::task::spawn_blocking(move || netns::create(&ns))
-            .await
-            .map_err(|e| Error::internal(e.to_string()))??;
+    /// Links a prepared namespace to the host, writes its rules, and lets it forward, last; on
+    /// failure removes it.
+    pub async fn connect(&self, a: &Attachment, policy: &EgressPolicy) -> Result<()> {
+        let made = self.connect_inner(a, policy).await;
+        if made.is_err() {
+            self.teardown(a).await;
+        }
+        made.map_err(|e| e.context(format!("setting up network namespace {}", a.namespace)))
+    }
+
+    async fn connect_inner(&self, a: &Attachment, policy: &EgressPolicy) -> Result<()> {
         let l = links::NsLinks {
             ns: &a.namespace,
             veth_host: &a.veth,
@@ -152,8 +171,12 @@ impl Net {
             tap_addr: GATEWAY_ADDR,
             tap_prefix: GUEST_PREFIX,
         };
-        links::setup(&self.host, &l).await?;
-        self.apply_policy(a, policy).await
+        links::connect(&self.host, &l).await?;
+        self.apply_policy(a, policy).await?;
+        let ns = a.namespace.clone();
+        tokio::task::spawn_blocking(move || links::enable_forwarding(&ns))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?
     }
 
     /// Writes (or rewrites, atomically) the namespace's rules with the egress policy.
@@ -165,14 +188,15 @@ impl Net {
             .map_err(|e| Error::internal(e.to_string()))?
     }
 
-    /// The namespace exists (it does not survive a host reboot; a start makes it again).
-    pub fn exists(&self, a: &Attachment) -> bool {
-        a.netns_path().exists()
+    /// The namespace exists and is linked to the host (it does not survive a host reboot, and
+    /// a crash may leave one half made).
+    pub async fn exists(&self, a: &Attachment) -> bool {
+        a.netns_path().exists() && matches!(links::index_of(&self.host, &a.veth).await, Ok(Some(_)))
     }
 
     /// Removes the machine's namespace (its tap, rules and veth end go with it) and the host's
     /// veth end. Never fails: what cannot be removed now is a leftover for reconcile.
-    async fn teardown(&self, a: &Attachment) {
+    pub async fn teardown(&self, a: &Attachment) {
         self.remove(&a.namespace, &a.veth).await;
     }
 
@@ -244,9 +268,16 @@ pub fn tag_of(root: &std::path::Path) -> std::io::Result<String> {
     Ok(hex::encode(sha2::Sha256::digest(root.as_os_str().as_encoded_bytes()))[..4].to_string())
 }
 
-/// The host's nftables table of the daemon tagged `tag`.
-pub fn host_table(tag: &str) -> String {
-    rules::host_table_name(tag)
+/// Removes everything the daemon tagged `tag` made on the host's network: its namespaces (their
+/// veths go with them once no VMM runs in them) and its host table. For a daemon that is gone
+/// with its machines, such as a test's or a benchmark's.
+pub fn remove_all(tag: &str) {
+    for ns in netns::list(&format!("hearth-{tag}-")) {
+        if let Err(e) = netns::delete(&ns) {
+            tracing::warn!(namespace = %ns, "{}", e.message);
+        }
+    }
+    let _ = rules::delete_table(&rules::host_table_name(tag));
 }
 
 /// The nameservers of the host's /etc/resolv.conf a guest can reach (not loopback ones).

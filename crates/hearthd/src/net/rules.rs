@@ -349,3 +349,18 @@ pub fn apply(rules: &Nftables<'_>, ns: Option<&str>) -> Result<()> {
     }
     Ok(())
 }
+
+/// Removes host table `name` (a missing one is already removed).
+pub fn delete_table(name: &str) -> Result<()> {
+    let mut batch = Batch::new();
+    let table = || {
+        NfListObject::Table(Table {
+            family: NfFamily::INet,
+            name: Cow::Owned(name.to_string()),
+            handle: None,
+        })
+    };
+    batch.add(table());
+    batch.delete(table());
+    apply(&batch.to_nftables(), None)
+}

@@ -113,10 +113,11 @@ impl Service {
         let dir = self.paths(&rec.id).dir;
         let memory_in_vmstate = !src.ram_shared;
         let a = self.allocate_network(rec)?;
-        // The new machine's namespace is made while the source's state is taken.
+        // The new machine's namespace is made while the source's state is taken, and linked
+        // while its VMM loads it.
         let (taken, network) = tokio::join!(
             self.take(src, SnapshotKind::Memory, memory_in_vmstate, &dir),
-            self.ensure_network(a.as_ref(), &rec.spec.network)
+            self.prepare_network(a.as_ref())
         );
         drop(src_lock);
         let (_, mut timings) = taken?;
@@ -128,7 +129,13 @@ impl Service {
             MemoryBacking::PrivateFile(dir.join(MEMORY))
         };
         let vmstate = dir.join(VMSTATE);
-        timings.extend(self.resume_from(rec, memory, &vmstate, network).await?);
+        let spec = rec.spec.network.clone();
+        let (resumed, connected) = tokio::join!(
+            self.resume_from(rec, memory, &vmstate, network),
+            self.connect_network(a, spec)
+        );
+        connected?;
+        timings.extend(resumed?);
         // Loaded; only the memory file is still in use.
         let _ = std::fs::remove_file(&vmstate);
         Ok(timings)

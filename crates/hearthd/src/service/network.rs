@@ -58,6 +58,14 @@ fn with_policy(mut spec: NetworkSpec, req: &NetworkRequest) -> Result<NetworkSpe
     Ok(spec)
 }
 
+fn attach(a: &Attachment) -> NetAttach {
+    NetAttach {
+        netns: a.netns_path(),
+        tap: net::TAP.to_string(),
+        mac: net::GUEST_MAC.to_string(),
+    }
+}
+
 /// Port ids are a machine's own: relays are known by machine and id.
 fn relay_key(p: &PublishedPort) -> String {
     format!("{}/{}", p.machine_id, p.id)
@@ -146,8 +154,8 @@ impl Service {
         Ok(self.attachment(rec))
     }
 
-    /// Makes the machine's namespace where it is missing (a new machine; a start after the
-    /// host rebooted): what the VMM attaches to. Runs beside the disk work it does not need.
+    /// Makes the machine's network where it is missing or half made (a new machine; a start
+    /// after the host rebooted or a crash): what the VMM attaches to.
     pub(super) async fn ensure_network(
         &self,
         a: Option<&Attachment>,
@@ -157,14 +165,35 @@ impl Service {
             return Ok(None);
         };
         let net = self.net()?;
-        if !net.exists(a) {
+        if !net.exists(a).await {
+            net.teardown(a).await;
             net.setup(a, &egress_policy(spec)?).await?;
         }
-        Ok(Some(NetAttach {
-            netns: a.netns_path(),
-            tap: net::TAP.to_string(),
-            mac: net::GUEST_MAC.to_string(),
-        }))
+        Ok(Some(attach(a)))
+    }
+
+    /// For a new machine about to be restored: its namespace and tap only, so its VMM can load
+    /// while [`Service::connect_network`] does the rest.
+    pub(super) async fn prepare_network(
+        &self,
+        a: Option<&Attachment>,
+    ) -> Result<Option<NetAttach>> {
+        let Some(a) = a else {
+            return Ok(None);
+        };
+        self.net()?.prepare(a).await?;
+        Ok(Some(attach(a)))
+    }
+
+    pub(super) async fn connect_network(
+        &self,
+        a: Option<Attachment>,
+        spec: NetworkSpec,
+    ) -> Result<()> {
+        match a {
+            Some(a) => self.net()?.connect(&a, &egress_policy(&spec)?).await,
+            None => Ok(()),
+        }
     }
 
     /// Removes machine `id`'s published ports and network namespace. Never fails.
@@ -273,7 +302,7 @@ impl Service {
         let (Some(net), Some(a)) = (&self.net, self.attachment(rec)) else {
             return Ok(());
         };
-        if net.exists(&a) {
+        if net.exists(&a).await {
             net.apply_policy(&a, &egress_policy(&rec.spec.network)?)
                 .await?;
         }

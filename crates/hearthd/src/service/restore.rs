@@ -227,13 +227,15 @@ impl Service {
         let a = self.allocate_network(rec)?;
         let (disk, network) = tokio::join!(
             self.make_system_disk(rec, &src.disk),
-            self.ensure_network(a.as_ref(), &rec.spec.network)
+            self.prepare_network(a.as_ref())
         );
         disk?;
         let network = network?;
+        let spec = rec.spec.network.clone();
         let mut timings = vec![("disks", started.elapsed())];
 
         if src.kind == SnapshotKind::Disk {
+            self.connect_network(a, spec).await?;
             self.boot(rec, network).await?;
             timings.push(("agent", started.elapsed()));
             return Ok(timings);

@@ -299,31 +299,7 @@ impl Daemon {
     /// Removes what the daemon made on the host's network (a machine's network outlives the
     /// daemon, as it must; a test's must not outlive the test).
     fn remove_networks(&self) {
-        let tag = self.net_tag();
-        for entry in std::fs::read_dir("/run/netns")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("hearth-{tag}-")) {
-                let _ = Command::new("ip").args(["netns", "del", &name]).status();
-            }
-        }
-        for entry in std::fs::read_dir("/sys/class/net")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("h{tag}")) {
-                let _ = Command::new("ip").args(["link", "del", &name]).status();
-            }
-        }
-        let _ = Command::new("nft")
-            .args(["delete", "table", "inet", &hearthd::net::host_table(&tag)])
-            .stderr(Stdio::null())
-            .status();
+        hearthd::net::remove_all(&self.net_tag());
     }
 }
 

@@ -320,11 +320,23 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Its machines are gone; its host table is the bench's to remove.
+        // A bench that failed midway may leave machines: their VMMs name the data root.
+        let root = self.root.as_os_str().as_encoded_bytes().to_vec();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let pid = entry.file_name().to_string_lossy().parse::<i32>();
+            if let (Ok(pid), true) = (pid, cmdline.windows(root.len()).any(|w| w == root)) {
+                if let Some(p) = process::record(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p.pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        // Its networks are the bench's to remove.
         if let Ok(tag) = hearthd::net::tag_of(&self.root) {
-            let _ = std::process::Command::new("nft")
-                .args(["delete", "table", "inet", &hearthd::net::host_table(&tag)])
-                .status();
+            hearthd::net::remove_all(&tag);
         }
     }
 }

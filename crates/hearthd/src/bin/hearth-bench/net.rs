@@ -113,7 +113,10 @@ fn send_script(addr: &str, mib: u64) -> String {
     )
 }
 
-const LISTEN_SCRIPT: &str = "(nc -l -p 5000 >/dev/null 2>&1 &)";
+/// A sink on the guest's port 5000, in a session of its own (it outlives the exec), and
+/// listening before the exec returns.
+const LISTEN_SCRIPT: &str = "setsid nc -l -p 5000 >/dev/null 2>&1 & \
+    for i in $(seq 100); do netstat -ltn | grep -q ':5000 ' && exit 0; sleep 0.05; done; exit 1";
 
 pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
     let pid = std::process::id() % 100_000;
@@ -215,7 +218,8 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
     let (bytes, took) = rx.recv()??;
     ensure!(bytes == mib << 20, "the uplink got {bytes} bytes");
     let hearth_out = mib_per_s(bytes, took);
-    exec("net", LISTEN_SCRIPT.into()).await?;
+    let r = exec("net", LISTEN_SCRIPT.into()).await?;
+    ensure!(r.exit_code == 0, "the guest's listener did not start");
     let addr = format!("127.0.0.1:{host_port}");
     let hearth_in = mib_per_s(
         mib << 20,
@@ -386,10 +390,13 @@ async fn plain_tap(image: &Path, tap: &str, work: &Path, mib: u64) -> Result<(f6
         let (bytes, took) = rx.recv()??;
         ensure!(bytes == mib << 20, "the plain sink got {bytes} bytes");
         let out = mib_per_s(bytes, took);
-        agent
+        let reply = agent
             .call(sh(LISTEN_SCRIPT.into()), Some(Duration::from_secs(10)))
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
+        if let Reply::Exec(r) = reply {
+            ensure!(r.exit_code == 0, "the plain guest's listener did not start");
+        }
         let addr = format!("{}:{GUEST_PORT}", hearthd::net::GUEST_ADDR);
         let took = tokio::task::spawn_blocking(move || push(&addr, mib)).await??;
         Ok::<_, anyhow::Error>((out, mib_per_s(mib << 20, took)))
