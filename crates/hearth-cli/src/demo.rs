@@ -6,7 +6,9 @@ use crate::snapshots::restore_request;
 use crate::{output, Ctx};
 use anyhow::{ensure, Result};
 use clap::Args;
-use hearth_api::{CreateMachineRequest, ExecRequest, ExecResponse, ForkRequest, SnapshotKind};
+use hearth_api::{
+    CreateMachineRequest, ExecRequest, ExecResponse, ForkRequest, PublishPortRequest, SnapshotKind,
+};
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
@@ -85,7 +87,13 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
             user_volume_ids: None,
             guest_config: None,
             network: None,
-            ports: None,
+            ports: Some(vec![PublishPortRequest {
+                published_port_id: "http".into(),
+                name: None,
+                port: 80,
+                protocol: None,
+                host_port: None,
+            }]),
         })
         .await?;
     report.step(
@@ -93,6 +101,30 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
         t.elapsed(),
         format!("{} MiB, {} vCPU", m.memory_mib, m.vcpus),
     );
+
+    // Its own network: a web server in the guest, reached from the host through the published
+    // port on loopback (no packet leaves this host).
+    if let (Some(net), Some(port)) = (&m.network, m.ports.first().and_then(|p| p.host_port)) {
+        let r = exec(
+            &name,
+            "mkdir -p /www && echo served-by-the-guest > /www/index.html && httpd -p 80 -h /www",
+        )
+        .await?;
+        ensure!(r.exit_code == 0, "httpd failed: {}", r.stderr);
+        let t = Instant::now();
+        let page = http_get(port).await?;
+        report.step(
+            "published port (host → guest)",
+            t.elapsed(),
+            format!(
+                "127.0.0.1:{port} → {}:80 answers {:?}; guest {} in namespace {}",
+                net.host_ip,
+                page.trim(),
+                net.guest_ip,
+                net.namespace
+            ),
+        );
+    }
 
     let t = Instant::now();
     let r = exec(&name, "uname -r").await?;
@@ -220,4 +252,18 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
 
 fn counter(r: &ExecResponse) -> u64 {
     r.stdout.trim().parse().unwrap_or(0)
+}
+
+/// The body of `GET /` on 127.0.0.1:`port`, over a plain TCP connection.
+async fn http_get(port: u16) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    Ok(answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default())
 }

@@ -314,6 +314,15 @@ async fn machines_on_networks_of_their_own() {
     }
     assert_networks_of(&d, &tag, &[]).await;
     assert_eq!(page_at(&a_url).await, None);
+    // The pool is reached only through machines' veths: a gone machine's address is not
+    // routed anywhere else (the host's default route included).
+    let gone: std::net::SocketAddr = format!("{}:80", net.host_ip).parse().unwrap();
+    let connect = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect(gone),
+    )
+    .await;
+    assert!(!matches!(connect, Ok(Ok(_))), "{gone} answered");
     let phase = c.get_machine("web").await.map(|m| m.phase);
     assert!(phase.is_err() || phase.unwrap() != Phase::Running);
 }

@@ -73,6 +73,7 @@ pub struct NsLinks<'a> {
     /// /31 for the pair.
     pub veth_prefix: u8,
     pub tap: &'a str,
+    pub tap_mac: [u8; 6],
     pub tap_addr: Ipv4Addr,
     pub tap_prefix: u8,
 }
@@ -128,6 +129,16 @@ pub async fn connect(host: &Handle, l: &NsLinks<'_>) -> Result<()> {
         .await
         .map_err(nl("setting loopback up"))?;
     let tap_index = must_index(&ns, l.tap).await?;
+    // The same MAC in every namespace: a restored guest's ARP entry for its gateway stays right.
+    ns.link()
+        .set(
+            LinkUnspec::new_with_index(tap_index)
+                .address(l.tap_mac.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl("setting the tap's MAC"))?;
     up_with_address(&ns, tap_index, l.tap_addr, l.tap_prefix).await?;
     ns.route()
         .add(

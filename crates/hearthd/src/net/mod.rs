@@ -32,6 +32,8 @@ pub const GUEST_PREFIX: u8 = 30;
 /// Locally administered, the same in every machine so a resumed guest's ARP cache stays valid.
 pub const GUEST_MAC: &str = "02:68:72:74:00:01";
 pub const TAP: &str = "tap0";
+/// The tap's MAC (the guest's gateway), also the same everywhere.
+const TAP_MAC: [u8; 6] = [0x02, 0x68, 0x72, 0x74, 0x00, 0x02];
 pub const MTU: u32 = 1500;
 /// Length of a machine's key (hex digits of a hash of its id) in names.
 pub const KEY_LEN: usize = 9;
@@ -168,6 +170,7 @@ impl Net {
             ns_addr: a.host_ip,
             veth_prefix: SLOT_PREFIX,
             tap: TAP,
+            tap_mac: TAP_MAC,
             tap_addr: GATEWAY_ADDR,
             tap_prefix: GUEST_PREFIX,
         };

@@ -208,6 +208,28 @@ pub fn host_table(
         ],
     );
     t.rule("forward", vec![from_machine(), drop()]);
+    // The pool is only ever reached through a machine's veth: never by the default route
+    // (a machine whose link is not made yet, a stale address).
+    let off_veths = || {
+        Statement::Match(Match {
+            left: meta(MetaKey::Oifname),
+            right: s(veths),
+            op: Operator::NEQ,
+        })
+    };
+    t.rule(
+        "forward",
+        vec![is(ip("daddr"), prefix(pool)), off_veths(), drop()],
+    );
+    t.chain(
+        "output",
+        Some((NfChainType::Filter, NfHook::Output, FILTER)),
+        NfChainPolicy::Accept,
+    );
+    t.rule(
+        "output",
+        vec![is(ip("daddr"), prefix(pool)), off_veths(), drop()],
+    );
     t.chain(
         "postrouting",
         Some((NfChainType::NAT, NfHook::Postrouting, SRCNAT)),

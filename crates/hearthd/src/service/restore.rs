@@ -245,7 +245,13 @@ impl Service {
         } else {
             MemoryBacking::PrivateFile(src.memory.clone())
         };
-        timings.extend(self.resume_from(rec, memory, &src.vmstate, network).await?);
+        // The namespace is linked and its rules written while QEMU loads the state.
+        let (resumed, connected) = tokio::join!(
+            self.resume_from(rec, memory, &src.vmstate, network),
+            self.connect_network(a, spec)
+        );
+        connected?;
+        timings.extend(resumed?);
         Ok(timings)
     }
 
