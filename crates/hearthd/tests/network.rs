@@ -307,6 +307,26 @@ async fn machines_on_networks_of_their_own() {
     assert_eq!(page_at(&a_url).await.as_deref(), Some("a"));
     assert_eq!(page_at(&web_url).await.as_deref(), Some("web"));
 
+    // A namespace of this daemon's that no machine owns is removed by reconcile; another
+    // daemon's (another tag) is not touched.
+    let stray = format!("hearth-{tag}-000000000");
+    let foreign = "hearth-ffff-000000000";
+    for ns in [stray.as_str(), foreign] {
+        assert!(Command::new("ip")
+            .args(["netns", "add", ns])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let swept = eventually(std::time::Duration::from_secs(15), async || {
+        !netns_names().contains(&stray)
+    })
+    .await;
+    let foreign_kept = netns_names().iter().any(|n| n == foreign);
+    let _ = Command::new("ip").args(["netns", "del", foreign]).status();
+    assert!(swept, "the stray namespace was not removed");
+    assert!(foreign_kept, "another daemon's namespace was removed");
+
     // Deleted machines leave no namespace, veth or port.
     for id in ["web", "a", "b"] {
         c.delete_machine(id).await.unwrap();
