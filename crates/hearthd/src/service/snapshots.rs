@@ -265,59 +265,51 @@ impl Service {
         Ok((written?, timings))
     }
 
-    /// Resumes a paused machine, trying a few times. One that stays paused is of no use to
-    /// anybody and its record must not say running: its VMM is killed and it is marked failed
-    /// with the reason (a start boots it again from its disks).
+    /// Resumes a paused machine (see [`Service::or_fail`]).
     pub(super) async fn resume_or_fail(&self, rec: &MachineRecord) -> Result<()> {
-        let paths = self.paths(&rec.id);
-        let mut last = None;
-        for attempt in 0..RESUME_ATTEMPTS {
-            let resumed = match failpoint::fail("resume") {
-                Ok(()) => self.vmm.resume(&paths).await,
-                Err(e) => Err(e),
-            };
-            match resumed {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(machine = %rec.id, attempt, "resume: {}", e.message);
-                    last = Some(e);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-        }
-        let e = last.expect("at least one attempt");
-        let reason = format!(
-            "the VMM did not resume after a snapshot ({}); it was stopped",
-            e.message
-        );
-        self.mark_failed(rec.clone(), &reason).await;
-        Err(Error::unavailable(format!("machine {}: {reason}", rec.id)))
+        let (vmm, paths) = (&self.vmm, &self.paths(&rec.id));
+        self.or_fail(
+            rec,
+            "the VMM did not resume after a snapshot",
+            move || async move {
+                failpoint::fail("resume")?;
+                vmm.resume(paths).await
+            },
+        )
+        .await
     }
 
-    /// Thaws the guest's root filesystem, trying a few times. A guest left frozen hangs every
-    /// writer while its record says running: one whose agent cannot thaw it is marked failed
-    /// and stopped (a start boots it again).
+    /// Thaws the guest's root filesystem (see [`Service::or_fail`]).
     pub(super) async fn thaw_or_fail(&self, rec: &MachineRecord) -> Result<()> {
+        let what = "the guest's filesystem could not be thawed after a snapshot";
+        self.or_fail(rec, what, || async {
+            let agent = self.agent(&rec.id).await?;
+            agent.call(Op::Thaw, Some(AGENT_CALL)).await.map(|_| ())
+        })
+        .await
+    }
+
+    /// Runs `step` (a resume, a thaw) up to a few times. A machine left paused or frozen is of
+    /// no use to anybody and its record must not say running: when every try fails it is
+    /// marked failed, its VMM stopped, with `what` as the reason (a start boots it again).
+    async fn or_fail<F, Fut>(&self, rec: &MachineRecord, what: &str, mut step: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let mut last = None;
         for attempt in 0..RESUME_ATTEMPTS {
-            let thawed = match self.agent(&rec.id).await {
-                Ok(agent) => agent.call(Op::Thaw, Some(AGENT_CALL)).await.map(|_| ()),
-                Err(e) => Err(e),
-            };
-            match thawed {
+            match step().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(machine = %rec.id, attempt, "thaw: {}", e.message);
+                    tracing::warn!(machine = %rec.id, attempt, "{what}: {}", e.message);
                     last = Some(e);
                 }
             }
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
         let e = last.expect("at least one attempt");
-        let reason = format!(
-            "the guest's filesystem could not be thawed after a snapshot ({}); it was stopped",
-            e.message
-        );
+        let reason = format!("{what} ({}); it was stopped", e.message);
         self.mark_failed(rec.clone(), &reason).await;
         Err(Error::unavailable(format!("machine {}: {reason}", rec.id)))
     }

@@ -197,38 +197,52 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
             }]
         }),
     };
-    let exec = |id: &'static str, script: String| async move {
-        let req = ExecRequest {
+
+    // Through hearth's network, and the same guest on a plain tap in the host's namespace (no
+    // namespace, veth or NAT), alternating; the medians of three.
+    let (mut hearth_out, mut hearth_in, mut plain_out, mut plain_in) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..3 {
+        let id = format!("net{i}");
+        let m = c.create_machine(&create(&id, true)).await?;
+        let host_port = m.ports[0].host_port.context("a host port")?;
+        let rx = sink(
+            Some(links.uplink_ns.clone()),
+            format!("{up_addr}:{SINK_PORT}"),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let req = |script: String| ExecRequest {
             command: vec!["sh".into(), "-c".into(), script],
             ..Default::default()
         };
-        c.exec(id, &req).await
+        let r = c.exec(&id, &req(send_script(up_addr, mib))).await?;
+        ensure!(r.exit_code == 0, "guest send: {}", r.stderr);
+        let (bytes, took) = rx.recv()??;
+        ensure!(bytes == mib << 20, "the uplink got {bytes} bytes");
+        hearth_out.push(mib_per_s(bytes, took));
+        let r = c.exec(&id, &req(LISTEN_SCRIPT.into())).await?;
+        ensure!(r.exit_code == 0, "the guest's listener did not start");
+        let addr = format!("127.0.0.1:{host_port}");
+        let took = tokio::task::spawn_blocking(move || push(&addr, mib)).await??;
+        hearth_in.push(mib_per_s(mib << 20, took));
+        c.delete_machine(&id).await?;
+
+        let (out, inward) = plain_tap(
+            image,
+            &links.tap,
+            &work.path().join(format!("plain{i}")),
+            mib,
+        )
+        .await?;
+        plain_out.push(out);
+        plain_in.push(inward);
+    }
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     };
-
-    // Through hearth's network.
-    let m = c.create_machine(&create("net", true)).await?;
-    let host_port = m.ports[0].host_port.context("a host port")?;
-    let rx = sink(
-        Some(links.uplink_ns.clone()),
-        format!("{up_addr}:{SINK_PORT}"),
-    );
-    std::thread::sleep(Duration::from_millis(100));
-    let r = exec("net", send_script(up_addr, mib)).await?;
-    ensure!(r.exit_code == 0, "guest send: {}", r.stderr);
-    let (bytes, took) = rx.recv()??;
-    ensure!(bytes == mib << 20, "the uplink got {bytes} bytes");
-    let hearth_out = mib_per_s(bytes, took);
-    let r = exec("net", LISTEN_SCRIPT.into()).await?;
-    ensure!(r.exit_code == 0, "the guest's listener did not start");
-    let addr = format!("127.0.0.1:{host_port}");
-    let hearth_in = mib_per_s(
-        mib << 20,
-        tokio::task::spawn_blocking(move || push(&addr, mib)).await??,
-    );
-    c.delete_machine("net").await?;
-
-    // The same guest on a plain tap in the host's namespace: no namespace, veth or NAT.
-    let (plain_out, plain_in) = plain_tap(image, &links.tap, work.path(), mib).await?;
+    let (hearth_out, hearth_in) = (mid(&mut hearth_out), mid(&mut hearth_in));
+    let (plain_out, plain_in) = (mid(&mut plain_out), mid(&mut plain_in));
 
     // create → running with and without a network, alternating.
     let (mut with, mut without) = (Vec::new(), Vec::new());
@@ -264,18 +278,34 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         ports: None,
     };
     let (mut rwith, mut rwithout) = (Vec::new(), Vec::new());
+    // The daemon's own phases (Server-Timing), to tell the namespace's cost from the NIC's.
+    let (mut pwith, mut pwithout): (Vec<Vec<(String, f64)>>, Vec<_>) = (Vec::new(), Vec::new());
     for i in 0..rounds {
-        for (snap, times) in [("src-n-s", &mut rwith), ("src-x-s", &mut rwithout)] {
+        for (snap, times, phases) in [
+            ("src-n-s", &mut rwith, &mut pwith),
+            ("src-x-s", &mut rwithout, &mut pwithout),
+        ] {
             let id = format!("r{i}{snap}");
             let t = Instant::now();
-            c.restore(snap, &restore(snap, &id)).await?;
+            let (_, timing) = c.restore_timed(snap, &restore(snap, &id)).await?;
             times.push(t.elapsed());
+            phases.push(timing);
             c.delete_machine(&id).await?;
         }
     }
     let (restore_with, restore_without) = (median(&mut rwith), median(&mut rwithout));
+    let phase = |runs: &[Vec<(String, f64)>], name: &str| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.iter().find(|(n, _)| n == name).map(|(_, ms)| *ms))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
 
-    println!("network benchmark ({mib} MiB per transfer, {rounds} rounds, 512 MiB guest)");
+    println!(
+        "network benchmark ({mib} MiB per transfer, medians of 3; {rounds} rounds of create and restore; 512 MiB guest)"
+    );
     let line = |what: &str, hearth: f64, plain: f64, target: f64| {
         let ratio = hearth / plain;
         println!(
@@ -300,6 +330,14 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         added * 1000.0,
         if added <= 0.020 { "met" } else { "NOT met" }
     );
+    for (what, runs) in [("with", &pwith), ("without", &pwithout)] {
+        println!(
+            "    phases {what:<8} disks (and namespace) {:>6.1} ms  VMM running {:>6.1} ms  agent {:>6.1} ms",
+            phase(runs, "disks"),
+            phase(runs, "running"),
+            phase(runs, "agent"),
+        );
+    }
     drop(daemon);
     drop(links);
     Ok(())
@@ -307,11 +345,13 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
 
 /// The same transfers with the image booted by plain QEMU on a tap in the host's namespace
 /// (the guest at 169.254.0.21, the host at .22 on the tap), configured through its agent.
-async fn plain_tap(image: &Path, tap: &str, work: &Path, mib: u64) -> Result<(f64, f64)> {
-    ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])?;
-    ip(&["addr", "add", "169.254.0.22/30", "dev", tap])?;
-    ip(&["link", "set", tap, "up"])?;
-    let dir = work.join("plain");
+async fn plain_tap(image: &Path, tap: &str, dir: &Path, mib: u64) -> Result<(f64, f64)> {
+    if !Path::new("/sys/class/net").join(tap).exists() {
+        ip(&["tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"])?;
+        ip(&["addr", "add", "169.254.0.22/30", "dev", tap])?;
+        ip(&["link", "set", tap, "up"])?;
+    }
+    let dir = dir.to_path_buf();
     let paths = MachinePaths {
         dir: dir.clone(),
         sock_dir: dir.clone(),
