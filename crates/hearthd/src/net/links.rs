@@ -81,7 +81,8 @@ pub struct NsLinks<'a> {
 pub const NS_UPLINK: &str = "eth0";
 
 /// Makes the persistent tap in namespace `ns`: all a VMM needs to start. The namespace does
-/// not forward yet, so its guest reaches nothing until [`connect`] and the rules are done.
+/// not forward yet (made so), so its guest reaches nothing until [`connect`] and the rules
+/// are done.
 pub fn prepare(ns: &str, tap: &str) -> Result<()> {
     let tap = tap.to_string();
     netns::run_in(ns, move || make_tap(&tap))
@@ -153,10 +154,12 @@ pub async fn connect(host: &Handle, l: &NsLinks<'_>) -> Result<()> {
 
 /// Lets namespace `ns` forward: the last step, once its rules are in place.
 pub fn enable_forwarding(ns: &str) -> Result<()> {
-    netns::run_in(ns, || {
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| Error::internal(format!("enabling forwarding in the namespace: {e}")))
-    })
+    netns::run_in(ns, || netns::set_forwarding(true))
+}
+
+/// Whether namespace `ns` forwards: whether its setup ran to the end.
+pub fn forwards(ns: &str) -> bool {
+    netns::run_in(ns, || Ok(netns::forwarding())).unwrap_or(false)
 }
 
 /// Deletes a link of the host's namespace by name; a missing one is already deleted.

@@ -174,8 +174,9 @@ impl Net {
             tap_addr: GATEWAY_ADDR,
             tap_prefix: GUEST_PREFIX,
         };
-        links::connect(&self.host, &l).await?;
+        // Rules first (they name links that need not exist yet), forwarding last.
         self.apply_policy(a, policy).await?;
+        links::connect(&self.host, &l).await?;
         let ns = a.namespace.clone();
         tokio::task::spawn_blocking(move || links::enable_forwarding(&ns))
             .await
@@ -191,10 +192,19 @@ impl Net {
             .map_err(|e| Error::internal(e.to_string()))?
     }
 
-    /// The namespace exists and is linked to the host (it does not survive a host reboot, and
+    /// The namespace exists and was set up to the end (it does not survive a host reboot, and
     /// a crash may leave one half made).
     pub async fn exists(&self, a: &Attachment) -> bool {
-        a.netns_path().exists() && matches!(links::index_of(&self.host, &a.veth).await, Ok(Some(_)))
+        if !a.netns_path().exists()
+            || !matches!(links::index_of(&self.host, &a.veth).await, Ok(Some(_)))
+        {
+            return false;
+        }
+        // Forwarding is turned on last: a namespace that forwards was set up to the end.
+        let ns = a.namespace.clone();
+        tokio::task::spawn_blocking(move || links::forwards(&ns))
+            .await
+            .unwrap_or(false)
     }
 
     /// Removes the machine's namespace (its tap, rules and veth end go with it) and the host's

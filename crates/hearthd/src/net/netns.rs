@@ -29,6 +29,8 @@ pub fn create(name: &str) -> Result<()> {
         move || -> Result<()> {
             unshare(CloneFlags::CLONE_NEWNET)
                 .map_err(|e| Error::internal(format!("unshare(CLONE_NEWNET): {e}")))?;
+            // A new namespace copies the host's forwarding setting: off until its rules exist.
+            set_forwarding(false)?;
             mount(
                 Some("/proc/thread-self/ns/net"),
                 &target,
@@ -96,4 +98,15 @@ pub fn run_in<T: Send + 'static>(
     })
     .join()
     .map_err(|_| Error::internal("the namespace thread panicked"))?
+}
+
+/// Turns IPv4 forwarding on or off in the calling thread's namespace.
+pub fn set_forwarding(on: bool) -> Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", if on { "1" } else { "0" })
+        .map_err(|e| Error::internal(format!("setting forwarding in a namespace: {e}")))
+}
+
+/// Whether the calling thread's namespace forwards.
+pub fn forwarding() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "1")
 }

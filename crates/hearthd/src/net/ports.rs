@@ -7,8 +7,15 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+
+/// Connections one published port relays at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 256;
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connection waits for the guest to accept it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 pub struct Relays {
@@ -27,15 +34,24 @@ impl Relays {
         })?;
         let id_owned = id.to_string();
         let task = tokio::spawn(async move {
+            // The connections belong to this task: stopping the port stops them too.
+            let mut conns = tokio::task::JoinSet::new();
             loop {
-                let (client, _) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(port = %id_owned, "accept: {e}");
-                        continue;
+                while conns.try_join_next().is_some() {}
+                if conns.len() >= MAX_CONNECTIONS {
+                    conns.join_next().await;
+                    continue;
+                }
+                match listener.accept().await {
+                    Ok((client, _)) => {
+                        conns.spawn(relay(client, target));
                     }
-                };
-                tokio::spawn(relay(client, target));
+                    Err(e) => {
+                        // Out of descriptors, say: wait rather than spin.
+                        tracing::warn!(port = %id_owned, "accept: {e}");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                }
             }
         });
         if let Some(old) = self.lock().insert(id.to_string(), task) {
@@ -44,7 +60,7 @@ impl Relays {
         Ok(())
     }
 
-    /// Stops relaying port `id` (connections already made keep going until they end).
+    /// Stops relaying port `id`, and its connections with it.
     pub fn close(&self, id: &str) {
         if let Some(task) = self.lock().remove(id) {
             task.abort();
@@ -62,11 +78,12 @@ impl Relays {
 
 async fn relay(mut client: TcpStream, target: SocketAddr) {
     let _ = client.set_nodelay(true);
-    match TcpStream::connect(target).await {
-        Ok(mut guest) => {
+    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Err(_) => tracing::debug!(%target, "published port: the guest did not answer"),
+        Ok(Ok(mut guest)) => {
             let _ = guest.set_nodelay(true);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
         }
-        Err(e) => tracing::debug!(%target, "published port: {e}"),
+        Ok(Err(e)) => tracing::debug!(%target, "published port: {e}"),
     }
 }

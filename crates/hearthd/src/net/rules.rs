@@ -88,6 +88,27 @@ fn ct_state(states: &[&str]) -> Statement<'static> {
 
 const REPLIES: &[&str] = &["established", "related"];
 
+fn isnt(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::NEQ,
+    })
+}
+
+/// Packets that answer a connection opened from the other side (not more packets of one the
+/// sender opened, which its policy must still see).
+fn reply_direction() -> Statement<'static> {
+    is(
+        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: "direction".into(),
+            family: None,
+            dir: None,
+        })),
+        s("reply"),
+    )
+}
+
 fn accept() -> Statement<'static> {
     Statement::Accept(None)
 }
@@ -193,6 +214,19 @@ pub fn host_table(
         Some((NfChainType::Filter, NfHook::Forward, FILTER)),
         NfChainPolicy::Accept,
     );
+    // A machine's traffic carries its own pool address and is IPv4; anything else is forged.
+    t.rule(
+        "forward",
+        vec![
+            from_machine(),
+            is(meta(MetaKey::Nfproto), s("ipv6")),
+            drop(),
+        ],
+    );
+    t.rule(
+        "forward",
+        vec![from_machine(), isnt(ip("saddr"), prefix(pool)), drop()],
+    );
     t.rule(
         "forward",
         vec![from_machine(), is(ip("daddr"), prefix(pool)), drop()],
@@ -296,7 +330,29 @@ pub fn machine_table(
         Some((NfChainType::Filter, NfHook::Forward, FILTER)),
         NfChainPolicy::Drop,
     );
-    t.rule("forward", vec![ct_state(REPLIES), accept()]);
+    // The guest speaks IPv4 from its own address only: no forged sources, no IPv6 out.
+    t.rule(
+        "forward",
+        vec![
+            is(meta(MetaKey::Iifname), s(tap)),
+            is(meta(MetaKey::Nfproto), s("ipv6")),
+            drop(),
+        ],
+    );
+    t.rule(
+        "forward",
+        vec![
+            is(meta(MetaKey::Iifname), s(tap)),
+            isnt(ip("saddr"), s(&guest.to_string())),
+            drop(),
+        ],
+    );
+    // Replies pass; the guest's own connections meet the policy on every packet, so a policy
+    // changed to deny cuts them too.
+    t.rule(
+        "forward",
+        vec![ct_state(REPLIES), reply_direction(), accept()],
+    );
     t.rule(
         "forward",
         vec![

@@ -267,7 +267,7 @@ mod tests {
                 cpu_model: "some CPU".into(),
                 cpu_flags: flags(&["fpu", "sse2", "avx2"]),
             },
-            network: false,
+            network: Default::default(),
         }
     }
 

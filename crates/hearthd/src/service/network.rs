@@ -224,6 +224,14 @@ impl Service {
         }
     }
 
+    /// The machine has no network, or its network was set up to the end.
+    pub(super) async fn network_complete(&self, rec: &MachineRecord) -> bool {
+        match (&self.net, self.attachment(rec)) {
+            (Some(net), Some(a)) => net.exists(&a).await,
+            _ => !rec.spec.network.enabled,
+        }
+    }
+
     /// The API's view of a machine: its record with its network and ports.
     pub fn machine_api(&self, rec: &MachineRecord) -> Machine {
         let network = self.attachment(rec).map(|a| MachineNetwork {
@@ -302,7 +310,7 @@ impl Service {
         let (Some(net), Some(a)) = (&self.net, self.attachment(rec)) else {
             return Ok(());
         };
-        if net.exists(&a).await {
+        if a.netns_path().exists() {
             net.apply_policy(&a, &egress_policy(&rec.spec.network)?)
                 .await?;
         }

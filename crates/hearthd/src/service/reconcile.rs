@@ -35,10 +35,11 @@ impl Service {
     pub(super) async fn recover_op(&self, op: &OpRecord) {
         let rec = self.store.get_machine(&op.machine_id).ok().flatten();
         match (op.kind, rec) {
-            // A machine that was being made and never ran is undone; one that was running
-            // when the crash came is kept (its operation had finished but for the journal).
+            // A machine that was being made and never ran is undone; one that was running, its
+            // network complete, when the crash came is kept (its operation had finished but
+            // for the journal).
             (OpKind::Create | OpKind::Restore | OpKind::Fork, Some(rec))
-                if rec.phase == Phase::Running =>
+                if rec.phase == Phase::Running && self.network_complete(&rec).await =>
             {
                 if op.kind == OpKind::Fork {
                     self.recover_fork_source(op).await;

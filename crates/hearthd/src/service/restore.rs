@@ -11,7 +11,7 @@ use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
-use crate::store::{MachineRecord, MachineSpec, NetworkSpec, OpKind, SnapshotRecord};
+use crate::store::{MachineRecord, MachineSpec, OpKind, SnapshotRecord};
 use crate::vmm::{MemoryBacking, NetAttach};
 use hearth_api::{
     validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
@@ -211,10 +211,7 @@ impl Service {
                 rootfs_sha256: m.images.rootfs_sha256,
                 vmm: m.vmm.kind,
                 restored_from: None,
-                network: NetworkSpec {
-                    enabled: m.network,
-                    ..NetworkSpec::default()
-                },
+                network: m.network,
             },
             vmstate: vmstate.unwrap_or_default(),
             memory: memory.unwrap_or_default(),

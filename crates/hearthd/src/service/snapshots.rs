@@ -4,7 +4,7 @@
 use super::{Operation, Service};
 use crate::error::{Error, Result};
 use crate::storage;
-use crate::store::{MachineRecord, OpKind, SnapshotRecord};
+use crate::store::{MachineRecord, NetworkSpec, OpKind, SnapshotRecord};
 use crate::{failpoint, host};
 use chrono::Utc;
 use hearth_api::{
@@ -49,10 +49,10 @@ pub struct SnapshotManifest {
     pub disks: Vec<DiskEntry>,
     pub guest_kernel: Option<String>,
     pub host: HostInfo,
-    /// The machine has a network device (its state is in the snapshot, so a restore has one
-    /// too); manifests from before networking have none.
+    /// The machine's network: whether it has a device (its state is in the snapshot, so a
+    /// restore has one too) and its egress policy. Manifests from before networking have none.
     #[serde(default)]
-    pub network: bool,
+    pub network: NetworkSpec,
 }
 
 pub(super) fn first_manifest_version() -> u32 {
@@ -410,7 +410,7 @@ impl Service {
                 cpu_model,
                 cpu_flags,
             },
-            network: snap.source.network.enabled,
+            network: snap.source.network.clone(),
         };
         let text =
             serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;

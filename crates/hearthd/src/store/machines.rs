@@ -179,11 +179,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Gives machine `id` the lowest free slot below `slots` (or the one it has); none free is a
+    /// Gives machine `id` a free slot below `slots` (or the one it has), the next after the
+    /// last one given: a slot a machine just left is taken last, so connections the host still
+    /// tracks for its address are long gone when another machine gets it. None free is a
     /// conflict.
     pub fn allocate_net_slot(&self, id: &str, slots: u32) -> Result<u32> {
-        let conn = self.conn();
-        let current: Option<u32> = conn
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let current: Option<u32> = tx
             .query_row("SELECT net_slot FROM machines WHERE id = ?1", [id], |r| {
                 r.get(0)
             })
@@ -192,25 +195,36 @@ impl Store {
         if let Some(slot) = current {
             return Ok(slot);
         }
-        let mut stmt = conn.prepare(
-            "SELECT net_slot FROM machines WHERE net_slot IS NOT NULL ORDER BY net_slot",
-        )?;
-        let used = stmt
-            .query_map([], |r| r.get::<_, u32>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let used: std::collections::HashSet<u32> = {
+            let mut stmt =
+                tx.prepare("SELECT net_slot FROM machines WHERE net_slot IS NOT NULL")?;
+            let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let last: Option<u32> = tx
+            .query_row("SELECT last_slot FROM net_state WHERE id = 0", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let start = last.map_or(0, |l| (l + 1) % slots.max(1));
         let free = (0..slots)
-            .zip(used.iter().copied().chain(std::iter::repeat(u32::MAX)))
-            .find(|(want, have)| want != have)
-            .map(|(slot, _)| slot)
+            .map(|i| (start + i) % slots)
+            .find(|s| !used.contains(s))
             .ok_or_else(|| {
                 Error::conflict(format!(
                     "the network pool is full ({slots} machines have networks)"
                 ))
             })?;
-        conn.execute(
+        tx.execute(
             "UPDATE machines SET net_slot = ?2 WHERE id = ?1",
             params![id, free],
         )?;
+        tx.execute(
+            "INSERT INTO net_state (id, last_slot) VALUES (0, ?1)
+             ON CONFLICT (id) DO UPDATE SET last_slot = ?1",
+            [free],
+        )?;
+        tx.commit()?;
         Ok(free)
     }
 
@@ -257,20 +271,26 @@ mod tests {
     }
 
     #[test]
-    fn net_slots_fill_the_lowest_gap_and_run_out() {
+    fn net_slots_go_round_and_run_out() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
-        for id in ["a", "b", "c"] {
+        for id in ["a", "b", "c", "d", "e"] {
             store.insert_machine(&record(id)).unwrap();
         }
         assert_eq!(store.allocate_net_slot("a", 3).unwrap(), 0);
         assert_eq!(store.allocate_net_slot("b", 3).unwrap(), 1);
         assert_eq!(store.allocate_net_slot("a", 3).unwrap(), 0, "kept");
         store.delete_machine("a").unwrap();
-        assert_eq!(store.allocate_net_slot("c", 3).unwrap(), 0, "reused");
-        store.insert_machine(&record("d")).unwrap();
-        assert_eq!(store.allocate_net_slot("d", 3).unwrap(), 2);
-        store.insert_machine(&record("e")).unwrap();
+        assert_eq!(
+            store.allocate_net_slot("c", 3).unwrap(),
+            2,
+            "the freed slot waits"
+        );
+        assert_eq!(
+            store.allocate_net_slot("d", 3).unwrap(),
+            0,
+            "then comes round"
+        );
         let err = store.allocate_net_slot("e", 3).unwrap_err();
         assert_eq!(err.code, hearth_api::ErrorCode::Conflict);
     }

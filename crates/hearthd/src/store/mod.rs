@@ -67,6 +67,7 @@ const MIGRATIONS: &[&str] = &[
     );",
     "ALTER TABLE machines ADD COLUMN net_slot INTEGER;
     CREATE UNIQUE INDEX machines_by_net_slot ON machines (net_slot);
+    CREATE TABLE net_state (id INTEGER PRIMARY KEY CHECK (id = 0), last_slot INTEGER NOT NULL);
     CREATE TABLE published_ports (
         id TEXT NOT NULL,
         machine_id TEXT NOT NULL,
