@@ -307,6 +307,25 @@ async fn machines_on_networks_of_their_own() {
     assert_eq!(page_at(&a_url).await.as_deref(), Some("a"));
     assert_eq!(page_at(&web_url).await.as_deref(), Some("web"));
 
+    // The host's table, removed by someone else, is written again by reconcile.
+    let table = hearthd::net::host_table_name(&tag);
+    let listed = || {
+        Command::new("nft")
+            .args(["list", "table", "inet", &table])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(Command::new("nft")
+        .args(["delete", "table", "inet", &table])
+        .status()
+        .unwrap()
+        .success());
+    let guarded = eventually(std::time::Duration::from_secs(15), async || listed()).await;
+    assert!(guarded, "the host's table was not written again");
+
     // A namespace of this daemon's that no machine owns is removed by reconcile; another
     // daemon's (another tag) is not touched.
     let stray = format!("hearth-{tag}-000000000");

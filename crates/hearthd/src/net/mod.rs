@@ -16,7 +16,7 @@ mod netns;
 pub mod ports;
 mod rules;
 
-pub use rules::EgressPolicy;
+pub use rules::{host_table_name, EgressPolicy};
 
 use crate::error::{Error, Result};
 use ipnet::Ipv4Net;
@@ -96,18 +96,40 @@ impl Net {
             )));
         }
         let host = links::host_handle()?;
+        let net = Net { cfg, host };
+        net.write_host_table().await?;
+        Ok(net)
+    }
+
+    /// Lets the host forward and writes its table (atomically: a daemon restart never leaves
+    /// machines unguarded).
+    async fn write_host_table(&self) -> Result<()> {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| Error::internal(format!("enabling IPv4 forwarding: {e}")))?;
         let table = rules::host_table(
-            &rules::host_table_name(&cfg.tag),
-            &format!("h{}*", cfg.tag),
-            cfg.pool,
-            &cfg.egress_interface,
+            &rules::host_table_name(&self.cfg.tag),
+            &format!("h{}*", self.cfg.tag),
+            self.cfg.pool,
+            &self.cfg.egress_interface,
         );
         tokio::task::spawn_blocking(move || rules::apply(&table, None))
             .await
-            .map_err(|e| Error::internal(e.to_string()))??;
-        Ok(Net { cfg, host })
+            .map_err(|e| Error::internal(e.to_string()))?
+    }
+
+    /// Writes the host's table again if something removed it (`nft flush ruleset`, a firewall
+    /// service restarting): machines are not left unguarded until the daemon restarts.
+    pub async fn guard_host(&self) {
+        let name = rules::host_table_name(&self.cfg.tag);
+        let present = tokio::task::spawn_blocking(move || rules::table_exists(&name))
+            .await
+            .unwrap_or(true);
+        if !present {
+            tracing::warn!("the host's hearth table was removed; writing it again");
+            if let Err(e) = self.write_host_table().await {
+                tracing::error!("writing the host's table: {}", e.message);
+            }
+        }
     }
 
     pub fn config(&self) -> &NetConfig {

@@ -442,3 +442,13 @@ pub fn delete_table(name: &str) -> Result<()> {
     batch.delete(table());
     apply(&batch.to_nftables(), None)
 }
+
+/// Whether the host has table `name` (when `nft` cannot say, it is taken to).
+pub fn table_exists(name: &str) -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_or(true, |s| s.success())
+}

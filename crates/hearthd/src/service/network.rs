@@ -209,8 +209,12 @@ impl Service {
         }
     }
 
-    /// Removes network objects and ports that belong to no machine in `known`.
+    /// Removes network objects and ports that belong to no machine in `known`, and guards the
+    /// host again if its table went missing.
     pub(super) async fn remove_network_leftovers(&self, known: &HashSet<String>) {
+        if let Some(net) = &self.net {
+            net.guard_host().await;
+        }
         for port in self.store.list_ports(None).unwrap_or_default() {
             if !known.contains(&port.machine_id) {
                 tracing::info!(port = %port.id, "removing a published port of a machine that is gone");
@@ -432,11 +436,21 @@ impl Service {
         .await
     }
 
-    /// Opens the relays of every published port again (at start-up).
+    /// Opens the relays of published ports that have none: every one at start-up, then one
+    /// that could not bind before (its host port was busy) on each reconcile pass.
     pub(super) async fn reopen_ports(&self) {
         for port in self.store.list_ports(None).unwrap_or_default() {
-            let rec = match self.store.get_machine(&port.machine_id) {
-                Ok(Some(rec)) => rec,
+            if self.relays.is_open(&relay_key(&port)) {
+                continue;
+            }
+            // A port being published or removed is that operation's business.
+            let rt = self.runtime(&port.machine_id);
+            let Ok(_op) = rt.op.try_lock() else {
+                continue;
+            };
+            let still = self.store.get_port(&port.machine_id, &port.id);
+            let rec = match (still, self.store.get_machine(&port.machine_id)) {
+                (Ok(Some(_)), Ok(Some(rec))) => rec,
                 _ => continue,
             };
             let Some(a) = self.attachment(&rec) else {

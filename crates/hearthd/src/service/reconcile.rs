@@ -28,7 +28,6 @@ impl Service {
         }
         self.reattach_all().await;
         self.reconcile_pass().await;
-        self.reopen_ports().await;
     }
 
     /// Finishes or undoes one operation a crash interrupted.
@@ -184,6 +183,7 @@ impl Service {
             }
         }
         self.remove_leftovers().await;
+        self.reopen_ports().await;
         let ids: Vec<String> = self
             .runtimes
             .lock()
