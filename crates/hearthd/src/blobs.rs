@@ -405,7 +405,7 @@ impl Leases {
 mod tests {
     use super::*;
     use crate::store::{CachedArtifact, MachineRecord, MachineSpec, SnapshotRecord};
-    use hearth_api::{ArtifactRef, SnapshotKind, VmmKind};
+    use hearth_api::SnapshotKind;
     use sha2::{Digest, Sha256};
     use std::io::Write;
 
@@ -426,27 +426,6 @@ mod tests {
         let mut lease = blobs.lease(&sha(data));
         lease.commit(staged, data.len() as u64).await.unwrap();
         lease
-    }
-
-    fn spec(kernel: &str) -> MachineSpec {
-        MachineSpec {
-            artifact: ArtifactRef {
-                kernel_image_url: "file:///k".into(),
-                rootfs_url: "file:///r".into(),
-                initrd_url: None,
-            },
-            memory_mib: 128,
-            vcpus: 1,
-            storage_bytes: 1 << 30,
-            hostname: "h".into(),
-            machine_uuid: "u".into(),
-            kernel_sha256: kernel.into(),
-            initrd_sha256: None,
-            rootfs_sha256: String::new(),
-            vmm: VmmKind::Qemu,
-            restored_from: None,
-            network: Default::default(),
-        }
     }
 
     fn files(blobs: &Blobs) -> HashSet<String> {
@@ -529,7 +508,11 @@ mod tests {
         let stray = data(5, 4);
         std::fs::write(blobs.path(&sha(&stray)), &stray).unwrap();
         store
-            .insert_machine(&MachineRecord::starting("m", spec(&sha(&machine)), true))
+            .insert_machine(&MachineRecord::starting(
+                "m",
+                MachineSpec::for_tests(&sha(&machine), None),
+                true,
+            ))
             .unwrap();
         store
             .insert_snapshot(&SnapshotRecord {
@@ -537,7 +520,7 @@ mod tests {
                 machine_id: "gone".into(),
                 kind: SnapshotKind::Disk,
                 ready: true,
-                source: spec(&sha(&snapshot)),
+                source: MachineSpec::for_tests(&sha(&snapshot), None),
                 memory_in_vmstate: false,
                 artifacts: Vec::new(),
                 created_at: chrono::Utc::now(),
@@ -576,7 +559,11 @@ mod tests {
         // A referenced blob is not cache: it neither counts nor goes.
         drop(put(&blobs, &kernel).await);
         store
-            .insert_machine(&MachineRecord::starting("m", spec(&sha(&kernel)), true))
+            .insert_machine(&MachineRecord::starting(
+                "m",
+                MachineSpec::for_tests(&sha(&kernel), None),
+                true,
+            ))
             .unwrap();
         // `a` used again: now `b` is the least recently used, then `c`.
         let lease_a = blobs.lease(&sha(&a));
@@ -617,7 +604,11 @@ mod tests {
         // Fetched fresh, but a machine record names it.
         op.hold(put(&blobs, &referenced).await);
         store
-            .insert_machine(&MachineRecord::starting("m", spec(&sha(&referenced)), true))
+            .insert_machine(&MachineRecord::starting(
+                "m",
+                MachineSpec::for_tests(&sha(&referenced), None),
+                true,
+            ))
             .unwrap();
 
         op.discard();

@@ -116,6 +116,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     while let Some(res) = servers.join_next().await {
         res??;
     }
+    svc.release_host_network();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

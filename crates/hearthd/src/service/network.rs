@@ -228,6 +228,21 @@ impl Service {
         }
     }
 
+    /// At a clean shutdown: a daemon none of whose machines has a network leaves no rules on
+    /// the host (they would guard its pool for nobody). Machines with networks keep them.
+    pub fn release_host_network(&self) {
+        let Some(net) = &self.net else {
+            return;
+        };
+        let networked = self
+            .store
+            .list_machines()
+            .map_or(true, |ms| ms.iter().any(|m| m.net_slot.is_some()));
+        if !networked {
+            net::remove_all(&net.config().tag);
+        }
+    }
+
     /// The machine has no network, or its network was set up to the end.
     pub(super) async fn network_complete(&self, rec: &MachineRecord) -> bool {
         match (&self.net, self.attachment(rec)) {

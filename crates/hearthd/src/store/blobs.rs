@@ -120,28 +120,6 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::{CachedArtifact, MachineRecord, MachineSpec};
-    use hearth_api::{ArtifactRef, VmmKind};
-
-    fn spec(kernel: &str, initrd: Option<&str>) -> MachineSpec {
-        MachineSpec {
-            artifact: ArtifactRef {
-                kernel_image_url: "file:///k".into(),
-                rootfs_url: "file:///r".into(),
-                initrd_url: None,
-            },
-            memory_mib: 128,
-            vcpus: 1,
-            storage_bytes: 1 << 30,
-            hostname: "h".into(),
-            machine_uuid: "u".into(),
-            kernel_sha256: kernel.into(),
-            initrd_sha256: initrd.map(str::to_string),
-            rootfs_sha256: "rootfs".into(),
-            vmm: VmmKind::Qemu,
-            restored_from: None,
-            network: Default::default(),
-        }
-    }
 
     #[test]
     fn records_keep_the_order_of_use() {
@@ -174,21 +152,21 @@ mod tests {
     fn machines_and_snapshots_reference_their_kernel_and_initrd() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
-        let rec = MachineRecord::starting("m", spec("k1", Some("i1")), true);
+        let rec = MachineRecord::starting("m", MachineSpec::for_tests("k1", Some("i1")), true);
         store.insert_machine(&rec).unwrap();
         let snap = crate::store::SnapshotRecord {
             id: "s".into(),
             machine_id: "gone".into(),
             kind: hearth_api::SnapshotKind::Disk,
             ready: true,
-            source: spec("k2", None),
+            source: MachineSpec::for_tests("k2", None),
             memory_in_vmstate: false,
             artifacts: Vec::new(),
             created_at: Utc::now(),
         };
         store.insert_snapshot(&snap).unwrap();
         // A machine whose create has not fetched its kernel yet names nothing.
-        let fresh = MachineRecord::starting("n", spec("", None), true);
+        let fresh = MachineRecord::starting("n", MachineSpec::for_tests("", None), true);
         store.insert_machine(&fresh).unwrap();
         let refs = store.referenced_blobs().unwrap();
         let want: HashSet<String> = ["k1", "i1", "k2"].map(String::from).into();

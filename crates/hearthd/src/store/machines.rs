@@ -26,6 +26,31 @@ pub struct MachineSpec {
     pub network: NetworkSpec,
 }
 
+#[cfg(test)]
+impl MachineSpec {
+    /// A spec for tests of logic that only looks at the image digests.
+    pub fn for_tests(kernel: &str, initrd: Option<&str>) -> MachineSpec {
+        MachineSpec {
+            artifact: ArtifactRef {
+                kernel_image_url: "file:///k".into(),
+                rootfs_url: "file:///r".into(),
+                initrd_url: None,
+            },
+            memory_mib: 256,
+            vcpus: 1,
+            storage_bytes: 1 << 30,
+            hostname: "h".into(),
+            machine_uuid: "0".repeat(32),
+            kernel_sha256: kernel.into(),
+            initrd_sha256: initrd.map(str::to_string),
+            rootfs_sha256: "r".into(),
+            vmm: VmmKind::Qemu,
+            restored_from: None,
+            network: NetworkSpec::default(),
+        }
+    }
+}
+
 /// Whether a machine has a network interface, and what its guest may reach.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct NetworkSpec {
@@ -243,22 +268,8 @@ mod tests {
         MachineRecord {
             id: id.into(),
             spec: MachineSpec {
-                artifact: ArtifactRef {
-                    kernel_image_url: "file:///k".into(),
-                    rootfs_url: "file:///r".into(),
-                    initrd_url: None,
-                },
-                memory_mib: 256,
-                vcpus: 1,
-                storage_bytes: 1 << 30,
                 hostname: id.into(),
-                machine_uuid: "0".repeat(32),
-                kernel_sha256: "k".into(),
-                initrd_sha256: None,
-                rootfs_sha256: "r".into(),
-                vmm: VmmKind::Qemu,
-                restored_from: None,
-                network: NetworkSpec::default(),
+                ..MachineSpec::for_tests("k", None)
             },
             phase: Phase::Starting,
             error: None,

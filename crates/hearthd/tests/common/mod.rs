@@ -858,13 +858,14 @@ impl Drop for FileServer {
     }
 }
 
-/// A /24 of 198.18.0.0/15 (kept for benchmarking networks) for each daemon a test process
-/// starts; test binaries run one after another, so a counter keeps them apart.
+/// A /24 of 198.19.128.0/17 for each daemon a test process starts: outside the default pool
+/// (198.18.0.0/16), which a daemon on this host may guard, and apart from the uplinks'
+/// 198.19.0.0/17. Test binaries run one after another, so a counter keeps them apart.
 fn next_net_pool() -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     // From a point of this process's own, so a run never meets a crashed run's leftovers.
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + std::process::id();
-    format!("198.18.{}.0/24", n % 256)
+    format!("198.19.{}.0/24", 128 + n % 128)
 }
 
 /// A fake uplink for egress tests: a network namespace of the test's own, linked to the host by

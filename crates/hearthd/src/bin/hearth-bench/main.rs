@@ -221,30 +221,43 @@ async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
     Ok(())
 }
 
-/// Boots the same kernel, initrd and rootfs with the same QEMU command line, without hearthd,
-/// and times spawn → the agent's first byte on its socket.
-async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Result<Duration> {
+/// A machine of the image's kernel and initrd for QEMU without hearthd, with its files in
+/// `dir` (made here; its disk is the caller's to put there), RAM in a shared file, no network.
+fn raw_spec(image: &Path, dir: &Path, memory_mib: u32) -> Result<VmSpec> {
+    std::fs::create_dir_all(dir)?;
     let paths = MachinePaths {
         dir: dir.to_path_buf(),
         sock_dir: dir.to_path_buf(),
     };
-    std::fs::create_dir_all(dir)?;
-    storage::clone_file(
-        &image.join("rootfs.ext4"),
-        &paths.system_disk(),
-        hearthd::config::CloneMode::Auto,
-    )
-    .map_err(|e| anyhow::anyhow!(e.message))?;
-    let spec = VmSpec {
+    Ok(VmSpec {
         kernel: image.join("vmlinux"),
         initrd: Some(image.join("initrd.img")),
         memory_mib,
         vcpus: 1,
         disks: vec![paths.system_disk()],
         memory: MemoryBacking::SharedFile(paths.memory()),
-        paths: paths.clone(),
+        paths,
         network: None,
-    };
+    })
+}
+
+/// [`raw_spec`] with a clone of the image's root filesystem as its disk.
+fn raw_machine(image: &Path, dir: &Path, memory_mib: u32) -> Result<VmSpec> {
+    let spec = raw_spec(image, dir, memory_mib)?;
+    storage::clone_file(
+        &image.join("rootfs.ext4"),
+        &spec.paths.system_disk(),
+        hearthd::config::CloneMode::Auto,
+    )
+    .map_err(|e| anyhow::anyhow!(e.message))?;
+    Ok(spec)
+}
+
+/// Boots the same kernel, initrd and rootfs with the same QEMU command line, without hearthd,
+/// and times spawn → the agent's first byte on its socket.
+async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Result<Duration> {
+    let spec = raw_machine(image, dir, memory_mib)?;
+    let paths = spec.paths.clone();
     let t = Instant::now();
     let status = qemu
         .command(&spec, false)
@@ -276,7 +289,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// A daemon whose machines' networks reach nothing beyond their namespaces.
+    /// A daemon whose machines' networks reach nothing beyond their namespaces, on a pool of
+    /// its own (not the default one a daemon of this host may guard).
     async fn start(root: &Path) -> Result<Daemon> {
         Daemon::start_with(
             root,
@@ -285,6 +299,8 @@ impl Daemon {
                 "hearth-noegress",
                 "--dns",
                 "127.0.0.1",
+                "--net-pool",
+                "198.19.200.0/24",
             ],
         )
         .await

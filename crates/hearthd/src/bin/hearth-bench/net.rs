@@ -12,7 +12,7 @@ use hearth_api::{
 };
 use hearth_proto::{Configure, GuestNetwork, Op, Reply};
 use hearthd::agent::AgentClient;
-use hearthd::vmm::{process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
+use hearthd::vmm::{process, NetAttach};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -125,7 +125,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         uplink_veth: format!("hbu{pid}"),
         tap: format!("hbt{pid}"),
     };
-    let (up_host, up_addr) = ("198.19.250.1", "198.19.250.2");
+    let (up_host, up_addr) = ("198.19.127.1", "198.19.127.2");
     ip(&["netns", "add", &links.uplink_ns])?;
     ip(&[
         "link",
@@ -169,7 +169,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
             "--dns",
             up_addr,
             "--net-pool",
-            "198.18.250.0/24",
+            "198.19.201.0/24",
         ],
     )
     .await?;
@@ -351,32 +351,13 @@ async fn plain_tap(image: &Path, tap: &str, dir: &Path, mib: u64) -> Result<(f64
         ip(&["addr", "add", "169.254.0.22/30", "dev", tap])?;
         ip(&["link", "set", tap, "up"])?;
     }
-    let dir = dir.to_path_buf();
-    let paths = MachinePaths {
-        dir: dir.clone(),
-        sock_dir: dir.clone(),
-    };
-    std::fs::create_dir_all(&dir)?;
-    hearthd::storage::clone_file(
-        &image.join("rootfs.ext4"),
-        &paths.system_disk(),
-        hearthd::config::CloneMode::Auto,
-    )
-    .map_err(|e| anyhow::anyhow!(e.message))?;
-    let spec = VmSpec {
-        kernel: image.join("vmlinux"),
-        initrd: Some(image.join("initrd.img")),
-        memory_mib: 512,
-        vcpus: 1,
-        disks: vec![paths.system_disk()],
-        memory: MemoryBacking::SharedFile(paths.memory()),
-        paths: paths.clone(),
-        network: Some(NetAttach {
-            netns: "/proc/self/ns/net".into(),
-            tap: tap.to_string(),
-            mac: hearthd::net::GUEST_MAC.to_string(),
-        }),
-    };
+    let mut spec = super::raw_machine(image, dir, 512)?;
+    spec.network = Some(NetAttach {
+        netns: "/proc/self/ns/net".into(),
+        tap: tap.to_string(),
+        mac: hearthd::net::GUEST_MAC.to_string(),
+    });
+    let paths = spec.paths.clone();
     let status = qemu().command(&spec, false).status().await?;
     if !status.success() {
         bail!("plain QEMU failed: {status}");

@@ -8,7 +8,7 @@ use hearth_api::{
 };
 use hearthd::service::machine_paths;
 use hearthd::vmm::qmp::Qmp;
-use hearthd::vmm::{process, MachinePaths, MemoryBacking, VmSpec};
+use hearthd::vmm::{process, MemoryBacking};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -215,26 +215,13 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     let (hearth_running, hearth_agent) = (phase(&t, "running"), phase(&t, "agent"));
 
     // Plain restore: the same machine started on anonymous RAM, fed the whole stream.
-    let dir = work.join(format!("plain{mib}"));
-    std::fs::create_dir_all(&dir)?;
-    let paths = MachinePaths {
-        dir: dir.clone(),
-        sock_dir: dir.clone(),
-    };
+    let mut spec = super::raw_spec(image, &work.join(format!("plain{mib}")), mib)?;
+    spec.memory = MemoryBacking::Anonymous;
+    let paths = spec.paths.clone();
     std::fs::copy(
         d.root.join("snapshots").join(&snap).join("system.img"),
         paths.system_disk(),
     )?;
-    let spec = VmSpec {
-        kernel: image.join("vmlinux"),
-        initrd: Some(image.join("initrd.img")),
-        memory_mib: mib,
-        vcpus: 1,
-        disks: vec![paths.system_disk()],
-        memory: MemoryBacking::Anonymous,
-        paths: paths.clone(),
-        network: None,
-    };
     let t0 = Instant::now();
     let status = qemu().command(&spec, true).status().await?;
     anyhow::ensure!(status.success(), "plain restore QEMU failed to start");
@@ -249,7 +236,7 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     if let Some(p) = process::record(pid) {
         process::kill_and_wait(&p).await;
     }
-    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&paths.dir)?;
     std::fs::remove_file(&plain_file)?;
 
     d.client.delete_machine(&clone).await?;
