@@ -1,7 +1,7 @@
 //! Running a command for the host: captured output with a cap, a timeout that kills the whole
 //! process group, and the exit status from the reaper.
 
-use crate::reaper;
+use crate::{reaper, users};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hearth_proto::{ExecReply, ExecRequest};
@@ -48,8 +48,8 @@ pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
         cmd.current_dir(cwd);
     }
     if let Some(user) = &req.user {
-        let (uid, gid, home) = lookup_user(user)?;
-        cmd.uid(uid).gid(gid).env("HOME", home);
+        let user = users::lookup(user)?;
+        cmd.uid(user.uid).gid(user.gid).env("HOME", user.home);
     }
 
     let started = Instant::now();
@@ -137,21 +137,4 @@ fn capture(pipe: Option<impl Read + Send + 'static>, limit: usize) -> Receiver<C
 fn collect(rx: &Receiver<Captured>, deadline: Instant) -> Captured {
     let wait = deadline.saturating_duration_since(Instant::now());
     rx.recv_timeout(wait).unwrap_or_default()
-}
-
-/// Resolves a user name or numeric uid from /etc/passwd.
-fn lookup_user(user: &str) -> Result<(u32, u32, String), String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    for line in passwd.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() >= 6 && (f[0] == user || f[2] == user) {
-            let uid = f[2].parse().map_err(|_| format!("bad uid for {user}"))?;
-            let gid = f[3].parse().map_err(|_| format!("bad gid for {user}"))?;
-            return Ok((uid, gid, f[5].to_string()));
-        }
-    }
-    match user.parse::<u32>() {
-        Ok(uid) => Ok((uid, uid, "/".into())),
-        Err(_) => Err(format!("no such user: {user}")),
-    }
 }

@@ -6,10 +6,14 @@
 
 mod channel;
 mod exec;
+mod failure;
 mod net;
 mod reaper;
 mod system;
+mod users;
 
+use channel::Port;
+use failure::Failure;
 use hearth_proto::{GuestMessage, Identity, Op, Reply, Request};
 use std::sync::Arc;
 
@@ -19,55 +23,69 @@ fn main() {
         system::init();
         reaper::start();
     }
-    let port = channel::Port::open_when_present();
+    let port = Port::open_when_present();
     port.send(&GuestMessage::Ready(identity()));
-    port.serve(|req: Request, port: Arc<channel::Port>| {
+    port.serve(|req: Request, port: Arc<Port>| {
         // Each request runs on its own thread so a long exec never holds up a hello or a sync.
-        std::thread::spawn(move || {
-            let after = match &req.op {
-                Op::PowerOff => Some(()),
-                _ => None,
-            };
-            let body = handle(req.op);
-            port.send(&GuestMessage::Reply { id: req.id, body });
-            if after.is_some() {
-                system::power_off(pid1);
-            }
-        });
+        std::thread::spawn(move || serve(req, &port, pid1));
     });
 }
 
-fn handle(op: Op) -> Reply {
-    match op {
+fn serve(req: Request, port: &Arc<Port>, pid1: bool) {
+    let id = req.id;
+    let power_off = matches!(req.op, Op::PowerOff);
+    match handle(req.op, id, port) {
+        Ok(Some(body)) => port.reply(id, body),
+        // The handler answered itself (a streaming reply).
+        Ok(None) => {}
+        Err(failure) => port.reply(id, failure.into_reply()),
+    }
+    if power_off {
+        system::power_off(pid1);
+    }
+}
+
+/// Runs one request; `None` when the handler already replied.
+fn handle(op: Op, id: u64, port: &Arc<Port>) -> Result<Option<Reply>, Failure> {
+    let reply = match op {
         Op::Hello { nonce } => Reply::Hello {
             nonce,
             identity: identity(),
         },
-        Op::Configure(cfg) => match system::configure(&cfg) {
-            Ok(()) => Reply::Done,
-            Err(message) => Reply::Error { message },
-        },
-        Op::Exec(req) => match exec::run(req) {
-            Ok(reply) => Reply::Exec(reply),
-            Err(message) => Reply::Error { message },
-        },
+        Op::Configure(cfg) => {
+            system::configure(&cfg)?;
+            Reply::Done
+        }
+        Op::Exec(req) => Reply::Exec(exec::run(req)?),
         Op::Sync => {
             nix::unistd::sync();
             Reply::Done
         }
-        Op::Freeze => match system::freeze_root(true) {
-            Ok(()) => Reply::Done,
-            Err(message) => Reply::Error { message },
-        },
-        Op::Thaw => match system::freeze_root(false) {
-            Ok(()) => Reply::Done,
-            Err(message) => Reply::Error { message },
-        },
+        Op::Freeze => {
+            system::freeze_root(true)?;
+            Reply::Done
+        }
+        Op::Thaw => {
+            system::freeze_root(false)?;
+            Reply::Done
+        }
         Op::PowerOff => {
             system::prepare_power_off();
             Reply::Done
         }
-    }
+        Op::RawSource { bytes } => {
+            channel::send_raw(port, id, bytes).map_err(|e| Failure::io("raw transfer", &e))?;
+            return Ok(None);
+        }
+        // The channel's reader consumes these itself.
+        Op::RawSink { .. } => Reply::Done,
+        other => {
+            return Err(Failure::invalid(format!(
+                "this agent does not support {other:?}"
+            )))
+        }
+    };
+    Ok(Some(reply))
 }
 
 fn identity() -> Identity {

@@ -1,14 +1,20 @@
 //! The protocol between `hearthd` and `hearth-agent`.
 //!
-//! One frame is one line of JSON; bytes travel as base64, so no frame ever holds a newline. The
-//! agent channel is a single byte stream (virtio-serial or vsock) that outlives the host-side
-//! connection: the daemon may restart, a restored machine may wake up mid-frame. A reader that
-//! joins at any point drops the partial line and is in step again at the next newline, which is
-//! why frames are lines rather than a stateful framing such as HTTP/2.
+//! The agent channel is a single byte stream (virtio-serial or vsock) that outlives the host-side
+//! connection: the daemon may restart, a restored machine may wake up mid-frame. It carries binary
+//! frames ([`frame`]) that a reader joining at any point finds again: JSON messages (requests,
+//! replies) and raw data of numbered streams with per-stream credit ([`credit`]), so file contents
+//! move without base64 and one large transfer cannot starve other calls.
 //!
 //! Requests carry an id; the agent serves them concurrently and tags each reply with the id of
-//! its request. The agent also sends [`GuestMessage::Ready`] when it opens the channel, so the host
-//! can say hello at once instead of waiting for its next retry.
+//! its request. A request's body (an upload) and a reply's content (a download, a watch) travel as
+//! the stream with the request's id. The agent also sends [`GuestMessage::Ready`] when it opens the
+//! channel, so the host can say hello at once instead of waiting for its next retry.
+
+pub mod credit;
+pub mod files;
+pub mod frame;
+pub mod process;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -24,6 +30,9 @@ pub struct Request {
     pub id: u64,
     #[serde(flatten)]
     pub op: Op,
+    /// The request's body follows as the stream with this request's id.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub body: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,6 +53,34 @@ pub enum Op {
     Thaw,
     /// Sync, remount the root read-only and power off; the reply comes before the power-off.
     PowerOff,
+    /// Start a process that outlives the call → [`Reply::Process`].
+    ProcessStart(process::StartProcess),
+    /// Running and recently exited processes → [`Reply::Processes`].
+    ProcessList,
+    /// Output of a process from an offset, waiting for some when there is none yet →
+    /// [`Reply::Output`].
+    ProcessOutput(process::OutputRequest),
+    ProcessStdin(process::StdinRequest),
+    ProcessSignal(process::SignalRequest),
+    ProcessResize(process::ResizeRequest),
+    /// A buffered file operation → [`Reply::Files`].
+    Files(files::FileOp),
+    /// Write the request's body to a file, atomically → [`Reply::Written`].
+    Upload(files::UploadRequest),
+    /// A file's content as the reply's stream → [`Reply::Download`].
+    Download(files::DownloadRequest),
+    /// A tar archive of a path as the reply's stream → [`Reply::Streaming`].
+    TarCreate(files::TarRequest),
+    /// Unpack the request's body (a tar archive) into a directory → [`Reply::Done`].
+    TarExtract(files::TarRequest),
+    /// File system events under a path, one JSON line each, as the reply's stream →
+    /// [`Reply::Streaming`].
+    Watch(files::WatchRequest),
+    /// Benchmark only: the agent reads this many raw bytes off the channel, outside any framing,
+    /// then replies [`Reply::Done`].
+    RawSink { bytes: u64 },
+    /// Benchmark only: the agent replies [`Reply::Raw`] and then writes this many raw bytes.
+    RawSource { bytes: u64 },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -96,7 +133,13 @@ pub struct ExecRequest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GuestMessage {
     Ready(Identity),
-    Reply { id: u64, body: Reply },
+    Reply {
+        id: u64,
+        body: Reply,
+        /// The reply's content follows as the stream with the request's id.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stream: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -107,12 +150,77 @@ pub struct Identity {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Hello { nonce: String, identity: Identity },
+    Hello {
+        nonce: String,
+        identity: Identity,
+    },
     Exec(ExecReply),
     Done,
-    Error { message: String },
+    Error {
+        message: String,
+        #[serde(default)]
+        kind: ErrorKind,
+    },
+    Process(process::ProcessInfo),
+    Processes {
+        processes: Vec<process::ProcessInfo>,
+    },
+    Output(process::Output),
+    Files(files::FileResult),
+    Written {
+        bytes: u64,
+    },
+    /// A download follows as the reply's stream: `length` bytes of a file of `size`.
+    Download {
+        size: u64,
+        length: u64,
+    },
+    /// The reply's stream follows.
+    Streaming,
+    /// `bytes` raw bytes follow, outside any framing.
+    Raw {
+        bytes: u64,
+    },
+}
+
+/// What kind of failure an error reply reports; the host maps it to an HTTP status.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    #[default]
+    Failed,
+    Invalid,
+    NotFound,
+    PermissionDenied,
+    /// Exists, not a directory, is a directory, not empty, a tag in use.
+    Conflict,
+    TooLarge,
+}
+
+impl ErrorKind {
+    /// The kind of an I/O error from the guest's file system.
+    pub fn of_io(e: &std::io::Error) -> ErrorKind {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::NotFound => ErrorKind::NotFound,
+            K::PermissionDenied => ErrorKind::PermissionDenied,
+            K::AlreadyExists
+            | K::NotADirectory
+            | K::IsADirectory
+            | K::DirectoryNotEmpty
+            | K::CrossesDevices => ErrorKind::Conflict,
+            K::InvalidInput | K::InvalidFilename => ErrorKind::Invalid,
+            K::FileTooLarge => ErrorKind::TooLarge,
+            // EPERM (chown, chmod of another's file) and ELOOP (a symlink where none may be).
+            _ => match e.raw_os_error() {
+                Some(1) => ErrorKind::PermissionDenied,
+                Some(40) => ErrorKind::Conflict,
+                _ => ErrorKind::Failed,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -129,51 +237,33 @@ pub struct ExecReply {
     pub duration_ms: u64,
 }
 
-/// Encodes a frame as one line, newline included.
-pub fn encode_line<T: Serialize>(msg: &T) -> Vec<u8> {
-    let mut line = serde_json::to_vec(msg).expect("protocol types always serialize");
-    line.push(b'\n');
-    line
-}
+/// Largest JSON message either side accepts; bigger content travels as a stream.
+pub const MAX_MESSAGE: usize = 32 << 20;
 
-/// Splits a byte stream into lines, keeping the unfinished tail for the next read.
-#[derive(Default)]
-pub struct LineBuffer {
-    pending: Vec<u8>,
-}
-
-/// A line longer than this is garbage (or an attack); it is dropped rather than buffered.
-pub const MAX_LINE: usize = 64 << 20;
-
-impl LineBuffer {
-    /// Appends `data` and returns every complete line in it, without the newline.
-    pub fn push(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
-        let mut lines = Vec::new();
-        let mut rest = data;
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            self.pending.extend_from_slice(&rest[..pos]);
-            lines.push(std::mem::take(&mut self.pending));
-            rest = &rest[pos + 1..];
-        }
-        self.pending.extend_from_slice(rest);
-        if self.pending.len() > MAX_LINE {
-            self.pending.clear();
-        }
-        lines
-    }
-
-    /// Forgets a partial line, as when the peer on the other end of the stream changed.
-    pub fn reset(&mut self) {
-        self.pending.clear();
-    }
+/// Encodes a message as frames.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(msg).expect("protocol types always serialize");
+    let mut out = Vec::with_capacity(json.len() + frame::HEADER_LEN);
+    frame::encode_message(&json, &mut out);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use frame::{Decoder, Event};
+
+    fn decode_one(wire: &[u8]) -> bytes::Bytes {
+        let mut dec = Decoder::new(MAX_MESSAGE);
+        dec.push(wire);
+        match dec.next_event() {
+            Some(Event::Message(json)) => json,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
 
     #[test]
-    fn request_round_trips_through_a_line() {
+    fn request_round_trips_through_frames() {
         let req = Request {
             id: 7,
             op: Op::Exec(ExecRequest {
@@ -181,34 +271,12 @@ mod tests {
                 output_limit: 10,
                 ..Default::default()
             }),
+            body: false,
         };
-        let line = encode_line(&req);
-        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
-        assert_eq!(*line.last().unwrap(), b'\n');
-        let back: Request = serde_json::from_slice(&line[..line.len() - 1]).unwrap();
+        let back: Request = serde_json::from_slice(&decode_one(&encode(&req))).unwrap();
         assert_eq!(back, req);
-    }
-
-    #[test]
-    fn line_buffer_resynchronises_after_a_partial_frame() {
-        let mut buf = LineBuffer::default();
-        assert!(buf.push(b"{\"id\":1,\"op\":\"sy").is_empty());
-        // The host reconnected: the guest sees the rest of a new stream.
-        buf.reset();
-        let lines = buf.push(b"\n{\"id\":2,\"op\":\"sync\"}\n{\"id\":3");
-        assert_eq!(lines.len(), 2);
-        assert!(lines[0].is_empty());
-        let req: Request = serde_json::from_slice(&lines[1]).unwrap();
-        assert_eq!(
-            req,
-            Request {
-                id: 2,
-                op: Op::Sync
-            }
-        );
-        let lines = buf.push(b",\"op\":\"power_off\"}\n");
-        let req: Request = serde_json::from_slice(&lines[0]).unwrap();
-        assert_eq!(req.op, Op::PowerOff);
+        // The body flag is left out when false, so older frames still parse.
+        assert!(!String::from_utf8_lossy(&encode(&req)).contains("body"));
     }
 
     #[test]
@@ -217,10 +285,28 @@ mod tests {
             id: 9,
             body: Reply::Error {
                 message: "boom".into(),
+                kind: ErrorKind::NotFound,
             },
+            stream: false,
         };
         let text = serde_json::to_string(&msg).unwrap();
         assert!(text.contains("\"type\":\"reply\""), "{text}");
+        assert!(text.contains("\"kind\":\"not_found\""), "{text}");
         assert_eq!(serde_json::from_str::<GuestMessage>(&text).unwrap(), msg);
+    }
+
+    #[test]
+    fn io_errors_map_to_kinds() {
+        use std::io::{Error, ErrorKind as K};
+        assert_eq!(ErrorKind::of_io(&Error::from(K::NotFound)), ErrorKind::NotFound);
+        assert_eq!(
+            ErrorKind::of_io(&Error::from_raw_os_error(13)),
+            ErrorKind::PermissionDenied
+        );
+        assert_eq!(
+            ErrorKind::of_io(&Error::from_raw_os_error(20)),
+            ErrorKind::Conflict
+        );
+        assert_eq!(ErrorKind::of_io(&Error::from_raw_os_error(5)), ErrorKind::Failed);
     }
 }
