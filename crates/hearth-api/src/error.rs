@@ -13,6 +13,8 @@ pub struct ErrorBody {
 pub enum ErrorCode {
     Invalid,
     NotFound,
+    /// The guest refused: permission denied for the user an operation ran as.
+    Forbidden,
     Conflict,
     TooLarge,
     Integrity,
@@ -28,6 +30,7 @@ impl ErrorCode {
         match self {
             ErrorCode::Invalid => 400,
             ErrorCode::NotFound => 404,
+            ErrorCode::Forbidden => 403,
             ErrorCode::Conflict => 409,
             ErrorCode::TooLarge => 413,
             ErrorCode::Integrity => 422,

@@ -78,9 +78,13 @@ pub enum Op {
     Watch(files::WatchRequest),
     /// Benchmark only: the agent reads this many raw bytes off the channel, outside any framing,
     /// then replies [`Reply::Done`].
-    RawSink { bytes: u64 },
+    RawSink {
+        bytes: u64,
+    },
     /// Benchmark only: the agent replies [`Reply::Raw`] and then writes this many raw bytes.
-    RawSource { bytes: u64 },
+    RawSource {
+        bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -298,7 +302,10 @@ mod tests {
     #[test]
     fn io_errors_map_to_kinds() {
         use std::io::{Error, ErrorKind as K};
-        assert_eq!(ErrorKind::of_io(&Error::from(K::NotFound)), ErrorKind::NotFound);
+        assert_eq!(
+            ErrorKind::of_io(&Error::from(K::NotFound)),
+            ErrorKind::NotFound
+        );
         assert_eq!(
             ErrorKind::of_io(&Error::from_raw_os_error(13)),
             ErrorKind::PermissionDenied
@@ -307,6 +314,9 @@ mod tests {
             ErrorKind::of_io(&Error::from_raw_os_error(20)),
             ErrorKind::Conflict
         );
-        assert_eq!(ErrorKind::of_io(&Error::from_raw_os_error(5)), ErrorKind::Failed);
+        assert_eq!(
+            ErrorKind::of_io(&Error::from_raw_os_error(5)),
+            ErrorKind::Failed
+        );
     }
 }

@@ -28,7 +28,9 @@ macro_rules! ctor {
 impl Error {
     ctor!(invalid, Invalid);
     ctor!(not_found, NotFound);
+    ctor!(forbidden, Forbidden);
     ctor!(conflict, Conflict);
+    ctor!(too_large, TooLarge);
     ctor!(upstream, Upstream);
     ctor!(unavailable, Unavailable);
     ctor!(insufficient_storage, InsufficientStorage);
