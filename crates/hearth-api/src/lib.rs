@@ -3,9 +3,11 @@
 
 pub mod client;
 mod error;
+mod guest;
 mod ids;
 mod types;
 
 pub use error::{ErrorBody, ErrorCode};
+pub use guest::*;
 pub use ids::validate_id;
 pub use types::*;
