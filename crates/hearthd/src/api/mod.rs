@@ -1,4 +1,4 @@
-//! HTTP routes and the mapping of requests and errors (the API is described in README.md).
+//! HTTP routes and the mapping of requests and errors (the API is described in docs/api.md).
 
 mod files;
 mod json;
