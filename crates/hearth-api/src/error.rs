@@ -40,4 +40,22 @@ impl ErrorCode {
             ErrorCode::Internal => 500,
         }
     }
+
+    /// The code a bare status stands for (an answer without an error body).
+    pub fn from_status(status: u16) -> Option<ErrorCode> {
+        [
+            ErrorCode::Invalid,
+            ErrorCode::NotFound,
+            ErrorCode::Forbidden,
+            ErrorCode::Conflict,
+            ErrorCode::TooLarge,
+            ErrorCode::Integrity,
+            ErrorCode::Upstream,
+            ErrorCode::Unavailable,
+            ErrorCode::InsufficientStorage,
+            ErrorCode::Internal,
+        ]
+        .into_iter()
+        .find(|c| c.status() == status)
+    }
 }

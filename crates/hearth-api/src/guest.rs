@@ -40,6 +40,19 @@ pub enum OutputEvent {
     },
 }
 
+impl OutputEvent {
+    /// The bytes an `output` event carries (none for the other events).
+    pub fn data(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        use base64::Engine;
+        match self {
+            OutputEvent::Output { data_base64, .. } => {
+                base64::engine::general_purpose::STANDARD.decode(data_base64)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
 /// A signal by name (`"TERM"`, `"SIGTERM"`) or number.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
@@ -66,6 +79,14 @@ impl SignalName {
             }
         }
     }
+}
+
+/// The name of signal `n` without its `SIG` prefix (`TERM`), for the common ones.
+pub fn signal_name(n: i32) -> Option<&'static str> {
+    SIGNALS
+        .iter()
+        .find(|(_, num)| *num == n)
+        .map(|(name, _)| *name)
 }
 
 const SIGNALS: [(&str, i32); 20] = [
