@@ -8,6 +8,7 @@ mod channel;
 mod exec;
 mod failure;
 mod net;
+mod process;
 mod reaper;
 mod system;
 mod users;
@@ -71,6 +72,23 @@ fn handle(op: Op, id: u64, port: &Arc<Port>) -> Result<Option<Reply>, Failure> {
         }
         Op::PowerOff => {
             system::prepare_power_off();
+            Reply::Done
+        }
+        Op::ProcessStart(req) => Reply::Process(process::start(req)?),
+        Op::ProcessList => Reply::Processes {
+            processes: process::list(),
+        },
+        Op::ProcessOutput(req) => Reply::Output(process::output(req)?),
+        Op::ProcessStdin(req) => {
+            process::stdin(req)?;
+            Reply::Done
+        }
+        Op::ProcessSignal(req) => {
+            process::signal(req)?;
+            Reply::Done
+        }
+        Op::ProcessResize(req) => {
+            process::resize(req)?;
             Reply::Done
         }
         Op::RawSource { bytes } => {
