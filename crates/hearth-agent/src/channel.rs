@@ -290,7 +290,7 @@ impl Read for Body {
             if let Some(front) = st.queue.front_mut() {
                 let n = out.len().min(front.len());
                 out[..n].copy_from_slice(&front[..n]);
-                let _ = bytes::Buf::advance(front, n);
+                bytes::Buf::advance(front, n);
                 if front.is_empty() {
                     st.queue.pop_front();
                 }
