@@ -1,0 +1,275 @@
+//! File system events under a path (inotify), one JSON line each.
+
+use super::walk::{self, Errors};
+use super::{absolute, creds, OnPath};
+use crate::failure::Failure;
+use hearth_proto::files::{WatchEvent, WatchEventKind, WatchRequest, MAX_ENTRIES};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags as F, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+/// How often an idle watch checks whether the host cancelled it.
+const IDLE_CHECK_MS: u16 = 200;
+
+/// Most directories one watch follows (each holds a kernel watch and its path here); past it,
+/// new directories go unwatched and an overflow event says events are being lost.
+const MAX_WATCHES: usize = MAX_ENTRIES;
+
+/// Writes events under `req.path` as JSON lines to the output `start` opens (once the path is
+/// watched, so that a missing one is an error reply), until a write fails, `cancelled` says so,
+/// or the path itself goes away. Writes are `IN_MODIFY`s (repeats in one read coalesced), so a
+/// file that stays open still shows its writes. A recursive watch follows directories created
+/// later too: it watches a new directory before it reports it, and reports what was already in
+/// it as created. Returns the output.
+pub fn watch<W: Write>(
+    req: &WatchRequest,
+    start: impl FnOnce() -> W,
+    cancelled: impl Fn(&W) -> bool,
+) -> Result<W, Failure> {
+    let root = absolute(Some(&req.path), "path")?;
+    let _user = creds::as_user(req.user.as_deref())?;
+    let meta = fs::metadata(root).on(root)?;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+        .map_err(io::Error::from)
+        .on(root)?;
+    let mut watcher = Watcher {
+        inotify,
+        dirs: HashMap::new(),
+        root: root.to_path_buf(),
+        root_wd: None,
+        recursive: req.recursive && meta.is_dir(),
+        full: false,
+    };
+    let wd = watcher.add(root, F::empty()).on(root)?;
+    watcher.root_wd = Some(wd);
+    if watcher.recursive {
+        watcher.add_tree(root, &mut |_| Ok(())).on(root)?;
+    }
+    let mut out = start();
+    let mut line = Vec::new();
+    let mut emit = |out: &mut W, event: WatchEvent| {
+        line.clear();
+        serde_json::to_writer(&mut line, &event).map_err(io::Error::from)?;
+        line.push(b'\n');
+        out.write_all(&line)
+    };
+    if let Err(e) = watcher.run(&mut out, &mut emit, &cancelled) {
+        // The host went away (a write failed) or inotify did: either way the stream ends.
+        if !cancelled(&out) {
+            eprintln!("hearth-agent: watch {}: {e}", root.display());
+        }
+    }
+    Ok(out)
+}
+
+struct Watcher {
+    inotify: Inotify,
+    dirs: HashMap<WatchDescriptor, PathBuf>,
+    root: PathBuf,
+    root_wd: Option<WatchDescriptor>,
+    recursive: bool,
+    /// [`MAX_WATCHES`] was reached (said once).
+    full: bool,
+}
+
+fn mask() -> F {
+    F::IN_CREATE
+        | F::IN_MODIFY
+        | F::IN_DELETE
+        | F::IN_MOVED_FROM
+        | F::IN_MOVED_TO
+        | F::IN_ATTRIB
+        | F::IN_DELETE_SELF
+        | F::IN_MOVE_SELF
+}
+
+impl Watcher {
+    fn add(&mut self, path: &Path, extra: F) -> io::Result<WatchDescriptor> {
+        let wd = self.inotify.add_watch(path, mask() | extra)?;
+        // Adding a watch on a watched inode (a directory moved back in) gives its old descriptor.
+        self.dirs.insert(wd, path.to_path_buf());
+        Ok(wd)
+    }
+
+    /// Watches the directories under `dir` (not `dir` itself), passing every entry found to
+    /// `found`; what vanished or may not be read is left out.
+    fn add_tree(
+        &mut self,
+        dir: &Path,
+        found: &mut dyn FnMut(WatchEvent) -> io::Result<()>,
+    ) -> io::Result<()> {
+        walk::each(dir, Errors::Skip, &mut |path, meta, depth| {
+            if depth == 0 {
+                return Ok(());
+            }
+            if meta.is_dir() {
+                self.add_within_limit(path);
+            }
+            found(WatchEvent {
+                kind: WatchEventKind::Create,
+                path: path.to_string_lossy().into_owned(),
+                directory: meta.is_dir(),
+            })
+        })
+    }
+
+    fn add_within_limit(&mut self, dir: &Path) {
+        if self.dirs.len() >= MAX_WATCHES {
+            self.full = true;
+            return;
+        }
+        // Not through a symlink put there meanwhile; one that vanished is simply not watched.
+        let _ = self.add(dir, F::IN_ONLYDIR | F::IN_DONT_FOLLOW);
+    }
+
+    fn run<W>(
+        &mut self,
+        out: &mut W,
+        emit: &mut impl FnMut(&mut W, WatchEvent) -> io::Result<()>,
+        cancelled: &impl Fn(&W) -> bool,
+    ) -> io::Result<()> {
+        loop {
+            if cancelled(out) {
+                return Ok(());
+            }
+            let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(IDLE_CHECK_MS)) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let events = match self.inotify.read_events() {
+                Ok(events) => events,
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut last: Option<WatchEvent> = None;
+            let mut send = |event: WatchEvent| {
+                // A burst of writes to one file is one event.
+                if event.kind == WatchEventKind::Write && last.as_ref() == Some(&event) {
+                    return Ok(());
+                }
+                emit(out, event.clone())?;
+                last = Some(event);
+                Ok(())
+            };
+            for event in events {
+                if !self.translate(event, &mut send)? {
+                    return Ok(());
+                }
+                if std::mem::take(&mut self.full) {
+                    send(self.overflow())?;
+                }
+            }
+        }
+    }
+
+    fn overflow(&self) -> WatchEvent {
+        WatchEvent {
+            kind: WatchEventKind::Overflow,
+            path: self.root.to_string_lossy().into_owned(),
+            directory: false,
+        }
+    }
+
+    /// Sends what one inotify event means; false when the watched path went away.
+    fn translate(
+        &mut self,
+        event: InotifyEvent,
+        send: &mut dyn FnMut(WatchEvent) -> io::Result<()>,
+    ) -> io::Result<bool> {
+        let m = event.mask;
+        if m.contains(F::IN_Q_OVERFLOW) {
+            send(self.overflow())?;
+            return Ok(true);
+        }
+        let is_root = Some(event.wd) == self.root_wd;
+        if m.contains(F::IN_IGNORED) {
+            self.dirs.remove(&event.wd);
+            return Ok(!is_root);
+        }
+        let Some(dir) = self.dirs.get(&event.wd) else {
+            return Ok(true);
+        };
+        let path = match &event.name {
+            Some(name) => dir.join(name),
+            None => dir.clone(),
+        };
+        let directory = m.contains(F::IN_ISDIR);
+        let event_of = |kind| WatchEvent {
+            kind,
+            path: path.to_string_lossy().into_owned(),
+            directory,
+        };
+        if m.intersects(F::IN_DELETE_SELF | F::IN_MOVE_SELF) {
+            // A subdirectory's own end is reported by its parent's watch.
+            if is_root {
+                let kind = if m.contains(F::IN_DELETE_SELF) {
+                    WatchEventKind::Remove
+                } else {
+                    WatchEventKind::Rename
+                };
+                send(WatchEvent {
+                    directory: self.recursive,
+                    ..event_of(kind)
+                })?;
+            }
+            return Ok(!is_root);
+        }
+        let kind = if m.contains(F::IN_CREATE) {
+            WatchEventKind::Create
+        } else if m.contains(F::IN_MODIFY) {
+            WatchEventKind::Write
+        } else if m.contains(F::IN_DELETE) {
+            WatchEventKind::Remove
+        } else if m.intersects(F::IN_MOVED_FROM | F::IN_MOVED_TO) {
+            WatchEventKind::Rename
+        } else if m.contains(F::IN_ATTRIB) {
+            WatchEventKind::Chmod
+        } else {
+            return Ok(true);
+        };
+        let new_dir = self.recursive && directory && m.intersects(F::IN_CREATE | F::IN_MOVED_TO);
+        if self.recursive && directory && m.contains(F::IN_MOVED_FROM) {
+            // Its watches would report under the old name; a move within the tree re-adds them.
+            self.forget(&path);
+        }
+        if new_dir {
+            // Watched before it is reported, so whoever waits for the report misses nothing
+            // written in it after.
+            self.add_within_limit(&path);
+        }
+        send(event_of(kind))?;
+        if new_dir {
+            // What is already in it, as created; a walk that fails because the directory went
+            // away ends quietly, one that fails because the output did ends the watch.
+            let mut failed = None;
+            let _ = self.add_tree(&path, &mut |found| {
+                send(found).inspect_err(|e| failed = Some(e.kind()))
+            });
+            if let Some(kind) = failed {
+                return Err(kind.into());
+            }
+        }
+        Ok(true)
+    }
+
+    /// Stops watching `dir` and everything under it.
+    fn forget(&mut self, dir: &Path) {
+        let gone: Vec<WatchDescriptor> = self
+            .dirs
+            .iter()
+            .filter(|(_, p)| p.starts_with(dir))
+            .map(|(wd, _)| *wd)
+            .collect();
+        for wd in gone {
+            self.dirs.remove(&wd);
+            let _ = self.inotify.rm_watch(wd);
+        }
+    }
+}
