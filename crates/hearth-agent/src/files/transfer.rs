@@ -174,3 +174,197 @@ fn random() -> u64 {
         .unwrap_or_default();
     now.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::copy_exact;
+    use crate::files::testing::*;
+    use hearth_proto::ErrorKind;
+
+    fn upload_req(path: &Path) -> UploadRequest {
+        UploadRequest {
+            path: path.to_str().unwrap().into(),
+            mode: None,
+            user: None,
+        }
+    }
+
+    /// A body that gives `good` bytes, then fails as a cancelled transfer does.
+    struct Broken {
+        good: usize,
+    }
+
+    impl Read for Broken {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.good == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the host cancelled the transfer",
+                ));
+            }
+            let n = buf.len().min(self.good);
+            buf[..n].fill(b'x');
+            self.good -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn upload_creates_and_replaces_whole_files() {
+        let dir = scratch();
+        let path = dir.path().join("up");
+        let body = vec![7u8; 3 * COPY_BUFFER + 5];
+        assert_eq!(
+            upload(&upload_req(&path), &mut &body[..]).unwrap(),
+            body.len() as u64
+        );
+        assert_eq!(fs::read(&path).unwrap(), body);
+        assert_eq!(mode_of(&path), DEFAULT_MODE);
+
+        // A replaced file keeps its mode and owner, unless a mode is asked for.
+        fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&path, Some(NOBODY_ID), Some(NOBODY_ID)).unwrap();
+        assert_eq!(upload(&upload_req(&path), &mut &b"new"[..]).unwrap(), 3);
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+            (0o600, NOBODY_ID, NOBODY_ID)
+        );
+        let mut req = upload_req(&path);
+        req.mode = Some(0o750);
+        upload(&req, &mut &b""[..]).unwrap();
+        assert_eq!((fs::read(&path).unwrap().len(), mode_of(&path)), (0, 0o750));
+        assert_eq!(names(dir.path()), ["up"], "no temporary file left");
+
+        // Through a symlink: the link stays and its target changes.
+        symlink_to(&path, &dir.path().join("link"));
+        upload(&upload_req(&dir.path().join("link")), &mut &b"via"[..]).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"via");
+        assert!(fs::symlink_metadata(dir.path().join("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    fn symlink_to(target: &Path, link: &Path) {
+        std::os::unix::fs::symlink(target, link).unwrap();
+    }
+
+    #[test]
+    fn a_failed_upload_leaves_no_partial_file() {
+        let dir = scratch();
+        let path = dir.path().join("new");
+        let err = upload(
+            &upload_req(&path),
+            &mut Broken {
+                good: 5 * COPY_BUFFER,
+            },
+        )
+        .unwrap_err();
+        assert!(err.message.contains("cancelled"), "{err:?}");
+        assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+
+        let old = dir.path().join("old");
+        fs::write(&old, "before").unwrap();
+        upload(&upload_req(&old), &mut Broken { good: 10 }).unwrap_err();
+        assert_eq!(fs::read_to_string(&old).unwrap(), "before");
+        assert_eq!(names(dir.path()), ["old"]);
+    }
+
+    #[test]
+    fn upload_errors() {
+        let dir = scratch();
+        let fails = |req: &UploadRequest| upload(req, &mut &b"x"[..]).unwrap_err().kind;
+        assert_eq!(fails(&upload_req(dir.path())), ErrorKind::Conflict);
+        assert_eq!(
+            fails(&upload_req(&dir.path().join("no/such"))),
+            ErrorKind::NotFound
+        );
+        assert_eq!(fails(&upload_req(Path::new("rel"))), ErrorKind::Invalid);
+        let mut req = upload_req(&dir.path().join("f"));
+        req.mode = Some(0o10000);
+        assert_eq!(fails(&req), ErrorKind::Invalid);
+
+        // Nobody may not write into root's directory, but into its own.
+        let mut req = upload_req(&dir.path().join("f"));
+        req.user = Some(NOBODY.into());
+        assert_eq!(fails(&req), ErrorKind::PermissionDenied);
+        assert!(names(dir.path()).is_empty());
+        let own = nobodys(dir.path(), "own");
+        let mut req = upload_req(&own.join("f"));
+        req.user = Some(NOBODY.into());
+        upload(&req, &mut &b"mine"[..]).unwrap();
+        assert_eq!(fs::metadata(own.join("f")).unwrap().uid(), NOBODY_ID);
+    }
+
+    fn download_req(path: &Path, offset: u64, length: Option<u64>) -> DownloadRequest {
+        DownloadRequest {
+            path: path.to_str().unwrap().into(),
+            offset,
+            length,
+            user: None,
+        }
+    }
+
+    fn download(req: &DownloadRequest) -> Result<(u64, u64, Vec<u8>), ErrorKind> {
+        let (size, length, mut reader) = open_download(req).map_err(|f| f.kind)?;
+        let mut out = Vec::new();
+        copy_exact(&mut reader, &mut out, length).unwrap();
+        assert_eq!(
+            reader.read(&mut [0u8; 1]).unwrap(),
+            0,
+            "no more than the range"
+        );
+        Ok((size, length, out))
+    }
+
+    #[test]
+    fn downloads_read_ranges() {
+        let dir = scratch();
+        let path = dir.path().join("d");
+        let data: Vec<u8> = (0..=255u8).cycle().take(COPY_BUFFER * 2 + 3).collect();
+        fs::write(&path, &data).unwrap();
+        let size = data.len() as u64;
+        assert_eq!(
+            download(&download_req(&path, 0, None)),
+            Ok((size, size, data.clone()))
+        );
+        assert_eq!(
+            download(&download_req(&path, 10, Some(5))),
+            Ok((size, 5, data[10..15].to_vec()))
+        );
+        assert_eq!(
+            download(&download_req(&path, size - 2, Some(100))),
+            Ok((size, 2, data[data.len() - 2..].to_vec()))
+        );
+        assert_eq!(
+            download(&download_req(&path, size, None)),
+            Ok((size, 0, vec![]))
+        );
+        assert_eq!(
+            download(&download_req(&path, size + 1, None)),
+            Err(ErrorKind::Invalid)
+        );
+        assert_eq!(
+            download(&download_req(dir.path(), 0, None)),
+            Err(ErrorKind::Conflict)
+        );
+        assert_eq!(
+            download(&download_req(&dir.path().join("x"), 0, None)),
+            Err(ErrorKind::NotFound)
+        );
+        fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
+        let mut req = download_req(&path, 0, None);
+        req.user = Some(NOBODY.into());
+        assert_eq!(download(&req), Err(ErrorKind::PermissionDenied));
+    }
+
+    #[test]
+    fn a_file_that_shrinks_fails_the_copy() {
+        let mut out = Vec::new();
+        let err = copy_exact(&mut &b"abc"[..], &mut out, 5).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}

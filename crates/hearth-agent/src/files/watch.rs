@@ -273,3 +273,191 @@ impl Watcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::testing::*;
+    use hearth_proto::ErrorKind;
+    use std::fs::Permissions;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    /// Collects the lines of a watch stream as events.
+    struct Lines(Sender<WatchEvent>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            for line in buf.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let event = serde_json::from_slice(line).expect("a JSON line per write");
+                let _ = self.0.send(event);
+            }
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Running {
+        events: Receiver<WatchEvent>,
+        cancel: Arc<AtomicBool>,
+        thread: JoinHandle<Result<(), Failure>>,
+        /// Everything received so far, for messages.
+        seen: Vec<WatchEvent>,
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn start(path: &Path, recursive: bool) -> Running {
+        let req = WatchRequest {
+            path: path.to_str().unwrap().into(),
+            recursive,
+            user: None,
+        };
+        let (tx, events) = channel();
+        let (started_tx, started) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = cancel.clone();
+        let thread = std::thread::spawn(move || {
+            let out = watch(
+                &req,
+                || {
+                    let _ = started_tx.send(());
+                    Lines(tx)
+                },
+                move |_| flag.load(Ordering::SeqCst),
+            )?;
+            drop(out);
+            Ok(())
+        });
+        started.recv_timeout(PATIENCE).expect("the watch started");
+        Running {
+            events,
+            cancel,
+            thread,
+            seen: Vec::new(),
+        }
+    }
+
+    impl Running {
+        /// Waits for an event of `kind` on `path`, passing over others.
+        fn expect(&mut self, kind: WatchEventKind, path: &Path) -> WatchEvent {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.events.recv_timeout(left) {
+                    Ok(event) => {
+                        self.seen.push(event.clone());
+                        if event.kind == kind && Path::new(&event.path) == path {
+                            return event;
+                        }
+                    }
+                    Err(_) => panic!("no {kind:?} of {} among {:#?}", path.display(), self.seen),
+                }
+            }
+        }
+
+        /// Waits for the watch to end by itself or, with `cancel`, once cancelled.
+        fn end(self, cancel: bool) {
+            if cancel {
+                self.cancel.store(true, Ordering::SeqCst);
+            }
+            let deadline = Instant::now() + PATIENCE;
+            while !self.thread.is_finished() {
+                assert!(Instant::now() < deadline, "the watch did not end");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.thread.join().unwrap().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_recursive_watch_follows_new_directories() {
+        let dir = scratch();
+        let root = dir.path();
+        let mut w = start(root, true);
+
+        let sub = root.join("sub");
+        fs::create_dir(&sub).unwrap();
+        assert!(w.expect(WatchEventKind::Create, &sub).directory);
+        let file = sub.join("f");
+        fs::write(&file, "one").unwrap();
+        assert!(!w.expect(WatchEventKind::Create, &file).directory);
+        w.expect(WatchEventKind::Write, &file);
+        fs::set_permissions(&file, Permissions::from_mode(0o600)).unwrap();
+        w.expect(WatchEventKind::Chmod, &file);
+        let moved = sub.join("g");
+        fs::rename(&file, &moved).unwrap();
+        w.expect(WatchEventKind::Rename, &file);
+        w.expect(WatchEventKind::Rename, &moved);
+        fs::remove_file(&moved).unwrap();
+        w.expect(WatchEventKind::Remove, &moved);
+
+        // A tree made at once: what its directories held before they were watched is reported
+        // as created, and what comes after is seen.
+        fs::create_dir_all(sub.join("a/b/c")).unwrap();
+        let c = sub.join("a/b/c");
+        w.expect(WatchEventKind::Create, &c);
+        fs::write(c.join("deep"), "x").unwrap();
+        w.expect(WatchEventKind::Create, &c.join("deep"));
+
+        // A directory moved away is no longer watched under its old name.
+        let away = root.join("away");
+        fs::rename(&sub, &away).unwrap();
+        w.expect(WatchEventKind::Rename, &away);
+        fs::write(away.join("a/after"), "x").unwrap();
+        w.expect(WatchEventKind::Create, &away.join("a/after"));
+        w.end(true);
+    }
+
+    #[test]
+    fn a_plain_watch_sees_only_its_directory_and_ends_with_it() {
+        let dir = scratch();
+        let root = dir.path().join("watched");
+        fs::create_dir(&root).unwrap();
+        let mut w = start(&root, false);
+        fs::create_dir(root.join("sub")).unwrap();
+        fs::write(root.join("sub/inner"), "x").unwrap();
+        fs::write(root.join("marker"), "x").unwrap();
+        w.expect(WatchEventKind::Create, &root.join("marker"));
+        let inner = root.join("sub/inner");
+        assert!(
+            !w.seen.iter().any(|e| Path::new(&e.path) == inner),
+            "{:?}",
+            w.seen
+        );
+
+        fs::remove_dir_all(&root).unwrap();
+        w.expect(WatchEventKind::Remove, &root);
+        w.end(false);
+    }
+
+    #[test]
+    fn a_watch_fails_before_its_stream_on_a_bad_path() {
+        let req = |path: &str| WatchRequest {
+            path: path.into(),
+            recursive: true,
+            user: None,
+        };
+        let never = || -> Vec<u8> { panic!("started") };
+        let dir = scratch();
+        let missing = dir.path().join("missing");
+        let err = watch(&req(missing.to_str().unwrap()), never, |_| false).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        let err = watch(&req("relative"), never, |_| false).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Invalid);
+        let closed = dir.path().join("closed");
+        fs::create_dir(&closed).unwrap();
+        fs::set_permissions(&closed, Permissions::from_mode(0o700)).unwrap();
+        let mut nobody = req(closed.to_str().unwrap());
+        nobody.user = Some(NOBODY.into());
+        let err = watch(&nobody, never, |_| false).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::PermissionDenied);
+    }
+}
