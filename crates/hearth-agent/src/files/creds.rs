@@ -192,3 +192,42 @@ fn user_name(user: &str, uid: u32) -> Option<String> {
         (f.len() >= 3 && (f[0] == user || f[2] == uid)).then(|| f[0].to_string())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::testing::{NOBODY, NOBODY_ID};
+    use std::sync::mpsc::channel;
+
+    #[test]
+    fn the_switch_is_the_threads_own_and_is_undone() {
+        // A thread started before the switch; one started during it would inherit it.
+        let (ask, asked) = channel::<()>();
+        let (tell, told) = channel();
+        let other = std::thread::spawn(move || {
+            while asked.recv().is_ok() {
+                tell.send((current_fsuid(), get_groups().unwrap())).unwrap();
+            }
+        });
+        let before = get_groups().unwrap();
+
+        let guard = as_user(Some(NOBODY)).unwrap();
+        assert!(!guard.is_root());
+        assert_eq!(current_fsuid(), NOBODY_ID);
+        assert_eq!(set_fsgid_raw(u32::MAX), NOBODY_ID);
+        assert_eq!(get_groups().unwrap(), [NOBODY_ID]);
+        ask.send(()).unwrap();
+        assert_eq!(told.recv().unwrap(), (0, before.clone()));
+
+        drop(guard);
+        assert_eq!(current_fsuid(), 0);
+        assert_eq!(set_fsgid_raw(u32::MAX), 0);
+        assert_eq!(get_groups().unwrap(), before);
+        drop(ask);
+        other.join().unwrap();
+
+        assert!(as_user(None).unwrap().is_root());
+        assert!(as_user(Some("root")).unwrap().is_root());
+        assert_eq!(current_fsuid(), 0);
+    }
+}

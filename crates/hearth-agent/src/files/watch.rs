@@ -42,6 +42,7 @@ pub fn watch<W: Write>(
         dirs: HashMap::new(),
         root: root.to_path_buf(),
         root_wd: None,
+        root_is_dir: meta.is_dir(),
         recursive: req.recursive && meta.is_dir(),
         full: false,
     };
@@ -72,6 +73,7 @@ struct Watcher {
     dirs: HashMap<WatchDescriptor, PathBuf>,
     root: PathBuf,
     root_wd: Option<WatchDescriptor>,
+    root_is_dir: bool,
     recursive: bool,
     /// [`MAX_WATCHES`] was reached (said once).
     full: bool,
@@ -215,7 +217,7 @@ impl Watcher {
                     WatchEventKind::Rename
                 };
                 send(WatchEvent {
-                    directory: self.recursive,
+                    directory: self.root_is_dir,
                     ..event_of(kind)
                 })?;
             }
@@ -434,7 +436,7 @@ mod tests {
         );
 
         fs::remove_dir_all(&root).unwrap();
-        w.expect(WatchEventKind::Remove, &root);
+        assert!(w.expect(WatchEventKind::Remove, &root).directory);
         w.end(false);
     }
 
