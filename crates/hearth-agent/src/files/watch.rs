@@ -75,7 +75,7 @@ struct Watcher {
     root_wd: Option<WatchDescriptor>,
     root_is_dir: bool,
     recursive: bool,
-    /// [`MAX_WATCHES`] was reached (said once).
+    /// A directory went unwatched at [`MAX_WATCHES`] since the last overflow event said so.
     full: bool,
 }
 
