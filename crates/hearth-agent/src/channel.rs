@@ -333,6 +333,12 @@ pub struct Content {
 }
 
 impl Content {
+    /// Whether the host cancelled the stream or went away: a writer with nothing to write can
+    /// stop.
+    pub fn cancelled(&self) -> bool {
+        self.stream.lock().aborted
+    }
+
     pub fn finish(mut self) -> io::Result<()> {
         self.finished = true;
         self.port.streams().outbound.remove(&self.id);

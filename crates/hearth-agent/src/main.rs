@@ -7,6 +7,7 @@
 mod channel;
 mod exec;
 mod failure;
+mod files;
 mod net;
 mod process;
 mod reaper;
@@ -95,6 +96,17 @@ fn handle(op: Op, id: u64, port: &Arc<Port>) -> Result<Option<Reply>, Failure> {
             channel::send_raw(port, id, bytes).map_err(|e| Failure::io("raw transfer", &e))?;
             return Ok(None);
         }
+        Op::Files(req) => Reply::Files(files::op(&req)?),
+        Op::Upload(req) => Reply::Written {
+            bytes: files::upload(&req, &mut port.body(id))?,
+        },
+        Op::Download(req) => return files::serve_download(&req, id, port),
+        Op::TarCreate(req) => return files::serve_tar_create(&req, id, port),
+        Op::TarExtract(req) => {
+            files::tar_extract(&req, &mut port.body(id))?;
+            Reply::Done
+        }
+        Op::Watch(req) => return files::serve_watch(&req, id, port),
         // The channel's reader consumes these itself.
         Op::RawSink { .. } => Reply::Done,
         other => {
