@@ -120,6 +120,12 @@ impl Port {
         });
     }
 
+    /// Answers a request that will not be served, forgetting its body.
+    pub fn refuse(&self, id: u64, failure: crate::failure::Failure) {
+        self.streams().inbound.remove(&id);
+        self.reply(id, failure.into_reply());
+    }
+
     /// Replies and opens the reply's content stream, which the caller writes and finishes.
     pub fn reply_streaming(self: &Arc<Self>, id: u64, body: Reply) -> Content {
         let stream = Arc::new(Stream::<OutState>::default());
@@ -231,6 +237,11 @@ impl Port {
     }
 
     fn on_data(&self, id: u64, payload: Bytes) {
+        // An empty frame carries nothing and costs no credit: queueing it would cost memory
+        // for free, and a reader could take it for the end.
+        if payload.is_empty() {
+            return;
+        }
         let Some(s) = self.streams().inbound.get(&id).cloned() else {
             return;
         };
@@ -244,7 +255,8 @@ impl Port {
             let _ = self.write(&[&frame::encode_abort(id)]);
             return;
         }
-        st.queue.push_back(payload);
+        // A copy: a slice would keep the whole read buffer it came from alive.
+        st.queue.push_back(Bytes::copy_from_slice(&payload));
         drop(st);
         s.changed.notify_all();
     }

@@ -29,7 +29,14 @@ fn main() {
     port.send(&GuestMessage::Ready(identity()));
     port.serve(|req: Request, port: Arc<Port>| {
         // Each request runs on its own thread so a long exec never holds up a hello or a sync.
-        std::thread::spawn(move || serve(req, &port, pid1));
+        // PID 1 must not die when the guest is out of threads: the request fails instead.
+        let (id, spare) = (req.id, port.clone());
+        if let Err(e) = std::thread::Builder::new().spawn(move || serve(req, &port, pid1)) {
+            spare.refuse(
+                id,
+                Failure::from(format!("the agent cannot start a thread: {e}")),
+            );
+        }
     });
 }
 

@@ -201,6 +201,8 @@ pub enum ErrorKind {
     /// Exists, not a directory, is a directory, not empty, a tag in use.
     Conflict,
     TooLarge,
+    /// The guest's disk is full or over quota.
+    NoSpace,
 }
 
 impl ErrorKind {
@@ -214,7 +216,11 @@ impl ErrorKind {
             | K::NotADirectory
             | K::IsADirectory
             | K::DirectoryNotEmpty
-            | K::CrossesDevices => ErrorKind::Conflict,
+            | K::CrossesDevices
+            | K::ReadOnlyFilesystem
+            | K::ResourceBusy
+            | K::ExecutableFileBusy => ErrorKind::Conflict,
+            K::StorageFull | K::QuotaExceeded => ErrorKind::NoSpace,
             K::InvalidInput | K::InvalidFilename => ErrorKind::Invalid,
             K::FileTooLarge => ErrorKind::TooLarge,
             // EPERM (chown, chmod of another's file) and ELOOP (a symlink where none may be).

@@ -54,6 +54,11 @@ struct Shared {
     tables: Mutex<Tables>,
     closed: AtomicBool,
     ready: Notify,
+    /// Streams to cancel towards the guest, written by one task; bounded, so a guest that
+    /// floods us with replies nobody waits for cannot pile up work.
+    aborts: mpsc::Sender<u64>,
+    /// Benchmark calls whose reply is followed by raw bytes.
+    raw: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Shared {
@@ -70,19 +75,18 @@ impl Shared {
     }
 
     /// Cancels stream `id` towards the guest without waiting (for `Drop`).
-    fn abort_later(self: &Arc<Self>, id: u64) {
-        if self.closed.load(Ordering::SeqCst) {
-            return;
+    fn abort_later(&self, id: u64) {
+        if !self.closed.load(Ordering::SeqCst) {
+            let _ = self.aborts.try_send(id);
         }
-        let shared = self.clone();
-        tokio::spawn(async move {
-            let _ = shared.write(&[&frame::encode_abort(id)]).await;
-        });
     }
 
     fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        let tables = std::mem::take(&mut *self.tables());
+        let tables = {
+            let mut t = self.tables();
+            self.closed.store(true, Ordering::SeqCst);
+            std::mem::take(&mut *t)
+        };
         // Dropping the senders fails every waiting call and every open content stream at once.
         drop(tables.pending);
         drop(tables.inbound);
@@ -98,6 +102,16 @@ pub struct AgentClient {
     shared: Arc<Shared>,
     next_id: AtomicU64,
     identity: Mutex<Option<Identity>>,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for AgentClient {
+    /// The connection ends with its client: the VMM's socket takes one host at a time, and the
+    /// next client must find it free.
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.shared.close();
+    }
 }
 
 impl AgentClient {
@@ -108,17 +122,30 @@ impl AgentClient {
         let (reader, mut writer) = stream.into_split();
         // Puts the guest's reader back in step and voids whatever a previous connection left.
         writer.write_all(&frame::resync_preamble()).await?;
+        let (aborts, mut abort_rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(writer),
             tables: Mutex::default(),
             closed: AtomicBool::new(false),
             ready: Notify::new(),
+            aborts,
+            raw: Mutex::default(),
         });
-        tokio::spawn(read_loop(reader, shared.clone()));
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            while let Some(id) = abort_rx.recv().await {
+                let Some(shared) = weak.upgrade() else { break };
+                let _ = shared.write(&[&frame::encode_abort(id)]).await;
+            }
+        });
+        let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
         Ok(AgentClient {
             shared,
-            next_id: AtomicU64::new(1),
+            // Ids of a new connection must not meet the replies of an old one still on their
+            // way out of the guest (a daemon restart, a restored snapshot).
+            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             identity: Mutex::new(None),
+            reader,
         })
     }
 
@@ -134,29 +161,36 @@ impl AgentClient {
         self.shared.closed.load(Ordering::SeqCst)
     }
 
-    /// Sends `op`; with `body`, the caller then sends the request's body through the [`Call`].
-    pub async fn request(&self, op: Op, body: bool) -> Result<Call> {
-        if self.is_closed() {
-            return Err(Error::unavailable("agent connection closed"));
-        }
+    /// A new request id with its answer awaited (and its body's credit tracked, with `body`).
+    fn register(&self, body: bool) -> Result<Call> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         let outbound = body.then(|| Arc::new(Outbound::default()));
-        {
-            let mut t = self.shared.tables();
-            t.pending.insert(id, tx);
-            if let Some(out) = &outbound {
-                t.outbound.insert(id, out.clone());
-            }
+        let mut t = self.shared.tables();
+        if self.is_closed() {
+            return Err(Error::unavailable("agent connection closed"));
         }
-        let call = Call {
+        t.pending.insert(id, tx);
+        if let Some(out) = &outbound {
+            t.outbound.insert(id, out.clone());
+        }
+        Ok(Call {
             shared: self.shared.clone(),
             id,
             answer: Some(rx),
             outbound,
             finished: !body,
-        };
-        let wire = encode(&Request { id, op, body });
+        })
+    }
+
+    /// Sends `op`; with `body`, the caller then sends the request's body through the [`Call`].
+    pub async fn request(&self, op: Op, body: bool) -> Result<Call> {
+        let call = self.register(body)?;
+        let wire = encode(&Request {
+            id: call.id,
+            op,
+            body,
+        });
         self.shared
             .write(&[&wire])
             .await
@@ -165,27 +199,44 @@ impl AgentClient {
     }
 
     /// Sends `op` and waits for its reply, up to `timeout` when given.
+    /// The timeout covers sending too: a guest that stops reading holds the channel's writes.
     pub async fn call(&self, op: Op, timeout: Option<Duration>) -> Result<Reply> {
-        let mut call = self.request(op, false).await?;
-        let (reply, _) = call.answer(timeout).await?;
-        Ok(reply)
+        let exchange = async {
+            let mut call = self.request(op, false).await?;
+            call.answer(None).await.map(|(reply, _)| reply)
+        };
+        match timeout {
+            Some(t) => tokio::time::timeout(t, exchange).await.map_err(|_| {
+                Error::unavailable(format!("the guest agent did not answer within {t:?}"))
+            })?,
+            None => exchange.await,
+        }
+    }
+
+    /// Benchmark only: asks the agent for `bytes` raw bytes, which follow its reply outside any
+    /// framing; returns once they were read.
+    pub async fn raw_source(&self, bytes: u64) -> Result<()> {
+        let mut call = self.register(false)?;
+        self.shared
+            .raw
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(call.id);
+        let wire = encode(&Request {
+            id: call.id,
+            op: Op::RawSource { bytes },
+            body: false,
+        });
+        self.shared.write(&[&wire]).await?;
+        call.answer(None).await.map(|_| ())
     }
 
     /// Benchmark only: sends `bytes` raw bytes right after a [`Op::RawSink`], outside any framing
     /// (holding the channel meanwhile), and waits for the agent to have read them.
     pub async fn raw_sink(&self, bytes: u64) -> Result<()> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.shared.tables().pending.insert(id, tx);
-        let mut call = Call {
-            shared: self.shared.clone(),
-            id,
-            answer: Some(rx),
-            outbound: None,
-            finished: true,
-        };
+        let mut call = self.register(false)?;
         let wire = encode(&Request {
-            id,
+            id: call.id,
             op: Op::RawSink { bytes },
             body: false,
         });
@@ -408,6 +459,7 @@ fn agent_error(kind: ErrorKind, message: String) -> Error {
         ErrorKind::PermissionDenied => Error::forbidden(message),
         ErrorKind::Conflict => Error::conflict(message),
         ErrorKind::TooLarge => Error::too_large(message),
+        ErrorKind::NoSpace => Error::insufficient_storage(message),
         ErrorKind::Invalid | ErrorKind::Failed => Error::invalid(message),
     }
 }
@@ -441,10 +493,23 @@ async fn on_event(
         Event::Message(json) => match serde_json::from_slice::<GuestMessage>(&json) {
             Ok(GuestMessage::Reply { id, body, stream }) => {
                 if let Reply::Raw { bytes } = body {
-                    if !drain_raw(decoder, reader, bytes).await {
+                    let expected = shared
+                        .raw
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    // Raw bytes nobody asked for: the channel cannot be trusted any more.
+                    if !expected || !drain_raw(decoder, reader, bytes).await {
                         return false;
                     }
                 }
+                let Some(tx) = shared.tables().pending.remove(&id) else {
+                    // Nobody waits (the call timed out or went away): stop its content.
+                    if stream {
+                        shared.abort_later(id);
+                    }
+                    return true;
+                };
                 let content = stream.then(|| {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let window = Arc::new(Mutex::new(RecvWindow::default()));
@@ -463,12 +528,8 @@ async fn on_event(
                         ended: false,
                     }
                 });
-                let tx = shared.tables().pending.remove(&id);
-                match tx {
-                    // A content nobody waits for is cancelled when the answer is dropped.
-                    Some(tx) => drop(tx.send((body, content))),
-                    None => drop(content),
-                }
+                // A content whose caller left meanwhile is cancelled when the answer is dropped.
+                let _ = tx.send((body, content));
             }
             Ok(GuestMessage::Ready(identity)) => {
                 tracing::debug!(?identity, "agent ready");
@@ -476,6 +537,8 @@ async fn on_event(
             }
             Err(e) => tracing::debug!("bad agent message: {e}"),
         },
+        // An empty frame carries nothing and costs no credit: nothing to queue.
+        Event::Data { payload, .. } if payload.is_empty() => {}
         Event::Data { stream, payload } => {
             let mut t = shared.tables();
             if let Some(inb) = t.inbound.get(&stream) {
@@ -486,7 +549,8 @@ async fn on_event(
                     .received(payload.len())
                     .is_ok();
                 if ok {
-                    let _ = inb.tx.send(Chunk::Data(payload));
+                    // A copy: a slice would keep the whole read buffer it came from alive.
+                    let _ = inb.tx.send(Chunk::Data(Bytes::copy_from_slice(&payload)));
                 } else {
                     // Past its credit: the guest broke the stream; it ends in an error.
                     tracing::warn!(stream, "the guest agent sent past its credit");

@@ -62,11 +62,11 @@ pub async fn output(
     q: std::result::Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response> {
     let Query(q) = query(q)?;
-    let mut events = Box::pin(svc.process_output(&id, &process, q.offset, q.follow));
-    let first = events.next().await.transpose()?;
-    let lines = futures_util::stream::iter(first.map(Ok))
-        .chain(events)
-        .map(|ev| ev.map(ndjson_line).map_err(std::io::Error::other));
+    // A missing process or machine is an error status; after the headers, the events (which
+    // may be long in coming) carry the rest.
+    svc.get_process(&id, &process).await?;
+    let events = svc.process_output(&id, &process, q.offset, q.follow);
+    let lines = events.map(|ev| ev.map(ndjson_line).map_err(std::io::Error::other));
     Ok(ndjson(lines))
 }
 
@@ -198,10 +198,26 @@ async fn session(svc: Arc<Service>, id: String, pid: String, offset: u64, socket
         }
         let _ = tx.send(Message::Close(None)).await;
     };
+    // Stdin is written in order by one task; controls (a resize, a signal) do not wait behind a
+    // write that a process is slow to read.
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<(Bytes, bool)>(64);
+    let stdin = async {
+        while let Some((data, close)) = stdin_rx.recv().await {
+            if let Err(e) = svc.process_stdin(&id, &pid, &data, close).await {
+                tracing::debug!(machine = %id, pid, "attach stdin: {}", e.message);
+            }
+        }
+        std::future::pending::<()>().await
+    };
     let input = async {
         while let Some(Ok(msg)) = rx.next().await {
             let done = match msg {
-                Message::Binary(data) => svc.process_stdin(&id, &pid, &data, false).await,
+                Message::Binary(data) => {
+                    if stdin_tx.send((data, false)).await.is_err() {
+                        break;
+                    }
+                    Ok(())
+                }
                 Message::Text(text) => match serde_json::from_str::<AttachControl>(&text) {
                     Ok(AttachControl::Resize { cols, rows }) => {
                         svc.resize_process(&id, &pid, cols, rows).await
@@ -225,5 +241,6 @@ async fn session(svc: Arc<Service>, id: String, pid: String, offset: u64, socket
     tokio::select! {
         _ = output => {}
         _ = input => {}
+        _ = stdin => {}
     }
 }

@@ -45,6 +45,38 @@ fn content_stream(content: Content) -> ByteStream {
     }))
 }
 
+/// A content of exactly `length` bytes: a guest that sends more or less breaks the stream (the
+/// HTTP answer promised that length).
+fn exact_stream(content: Content, length: u64) -> ByteStream {
+    Box::pin(futures_util::stream::unfold(
+        (content, length, false),
+        |(mut c, left, done)| async move {
+            if done {
+                return None;
+            }
+            match c.next().await {
+                Some(Ok(chunk)) => match left.checked_sub(chunk.len() as u64) {
+                    Some(rest) => Some((Ok(chunk), (c, rest, false))),
+                    None => Some((
+                        Err(Error::upstream(
+                            "the guest agent sent more than the file's length",
+                        )),
+                        (c, 0, true),
+                    )),
+                },
+                Some(Err(e)) => Some((Err(e), (c, left, true))),
+                None if left > 0 => Some((
+                    Err(Error::upstream(format!(
+                        "the guest agent's content ended {left} bytes short"
+                    ))),
+                    (c, left, true),
+                )),
+                None => None,
+            }
+        },
+    ))
+}
+
 impl Service {
     pub async fn file_op(&self, id: &str, op: FileOp) -> Result<FileResult> {
         for p in [&op.path, &op.to].into_iter().flatten() {
@@ -82,8 +114,7 @@ impl Service {
         absolute(&req.path)?;
         let agent = self.running_agent(id).await?;
         let mut call = agent.request(Op::Upload(req), true).await?;
-        send_body(&mut call, body).await?;
-        match call.answer(None).await?.0 {
+        match send_body(&mut call, body).await? {
             Reply::Written { bytes } => Ok(bytes),
             other => Err(unexpected(other)),
         }
@@ -91,14 +122,25 @@ impl Service {
 
     pub async fn download_file(&self, id: &str, req: DownloadRequest) -> Result<Download> {
         absolute(&req.path)?;
+        let (offset, asked) = (req.offset, req.length);
         let agent = self.running_agent(id).await?;
         let mut call = agent.request(Op::Download(req), false).await?;
         match call.answer(Some(FILE_OP_TIMEOUT)).await? {
-            (Reply::Download { size, length }, Some(content)) => Ok(Download {
-                size,
-                length,
-                body: content_stream(content),
-            }),
+            (Reply::Download { size, length }, Some(content)) => {
+                // The guest's numbers go into HTTP headers: they must make sense.
+                let fits = offset.checked_add(length).is_some_and(|end| end <= size)
+                    && asked.is_none_or(|a| length <= a);
+                if !fits {
+                    return Err(Error::upstream(format!(
+                        "the guest agent offered {length} bytes at {offset} of a {size}-byte file"
+                    )));
+                }
+                Ok(Download {
+                    size,
+                    length,
+                    body: exact_stream(content, length),
+                })
+            }
             (other, _) => Err(unexpected(other)),
         }
     }
@@ -124,8 +166,7 @@ impl Service {
         absolute(&req.path)?;
         let agent = self.running_agent(id).await?;
         let mut call = agent.request(Op::TarExtract(req), true).await?;
-        send_body(&mut call, body).await?;
-        call.answer(None).await.map(|_| ())
+        send_body(&mut call, body).await.map(|_| ())
     }
 
     /// File system events under a directory of the guest, one JSON line each.
@@ -140,28 +181,30 @@ impl Service {
     }
 }
 
-/// Sends a request body. A client that goes away returns at once (dropping the call cancels the
-/// body); when the agent stops reading early, its answer says why.
+/// Sends a request body and returns the answer. A client that goes away returns at once
+/// (dropping the call cancels the body); when the agent stops reading early, its answer says why.
 async fn send_body(
     call: &mut Call,
     mut body: impl Stream<Item = std::result::Result<Bytes, impl std::fmt::Display>> + Unpin,
-) -> Result<()> {
+) -> Result<Reply> {
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| Error::invalid(format!("reading the request body: {e}")))?;
         if let Err(e) = call.send(&chunk).await {
-            return Err(agent_reason(call, e).await);
+            return agent_reason(call, e).await;
         }
     }
     if let Err(e) = call.finish().await {
-        return Err(agent_reason(call, e).await);
+        return agent_reason(call, e).await;
     }
-    Ok(())
+    call.answer(None).await.map(|(reply, _)| reply)
 }
 
-/// The agent's own reason for refusing a body (a permission denied, a full disk), else `e`.
-async fn agent_reason(call: &mut Call, e: Error) -> Error {
+/// The agent stopped reading the body: its answer says why (a permission denied, a full disk),
+/// or that it had all it needed (a tar archive's end comes before the stream's).
+async fn agent_reason(call: &mut Call, e: Error) -> Result<Reply> {
     match tokio::time::timeout(ANSWER_AFTER_ABORT, call.answer(None)).await {
-        Ok(Err(reason)) => reason,
-        _ => e,
+        Ok(Ok((reply, _))) => Ok(reply),
+        Ok(Err(reason)) => Err(reason),
+        Err(_) => Err(e),
     }
 }

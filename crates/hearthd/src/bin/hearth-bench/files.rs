@@ -7,7 +7,6 @@ use super::{image_artifact, median, ms, Daemon};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use hearth_api::{CreateMachineRequest, ExecRequest, OutputEvent, StartProcess};
-use hearth_proto::{Op, Reply};
 use hearthd::agent::AgentClient;
 use hearthd::service::machine_paths;
 use std::path::Path;
@@ -118,11 +117,10 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         raw_up.push(t.elapsed());
         let t = Instant::now();
-        let reply = agent
-            .call(Op::RawSource { bytes }, None)
+        agent
+            .raw_source(bytes)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        anyhow::ensure!(matches!(reply, Reply::Raw { .. }), "{reply:?}");
         raw_down.push(t.elapsed());
     }
     drop(agent);
