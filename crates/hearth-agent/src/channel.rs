@@ -290,7 +290,7 @@ impl Read for Body {
             if let Some(front) = st.queue.front_mut() {
                 let n = out.len().min(front.len());
                 out[..n].copy_from_slice(&front[..n]);
-                let _ = bytes::Buf::advance(front, n);
+                bytes::Buf::advance(front, n);
                 if front.is_empty() {
                     st.queue.pop_front();
                 }
@@ -333,6 +333,12 @@ pub struct Content {
 }
 
 impl Content {
+    /// Whether the host cancelled the stream or went away: a writer with nothing to write can
+    /// stop.
+    pub fn cancelled(&self) -> bool {
+        self.stream.lock().aborted
+    }
+
     pub fn finish(mut self) -> io::Result<()> {
         self.finished = true;
         self.port.streams().outbound.remove(&self.id);

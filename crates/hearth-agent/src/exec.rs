@@ -14,9 +14,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+/// The PATH commands start with, unless the request sets one.
+pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// After the command exits, how long its output pipes may stay open (held by a background
 /// process it left behind) before the agent replies with what it has.
-const DRAIN_GRACE: Duration = Duration::from_millis(200);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_millis(200);
 
 pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
     let Some((program, args)) = req.command.split_first() else {
@@ -29,10 +32,7 @@ pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", PATH)
         .env("HOME", "/root")
         .envs(&req.env)
         .stdin(if stdin.is_some() {

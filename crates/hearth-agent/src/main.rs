@@ -7,7 +7,9 @@
 mod channel;
 mod exec;
 mod failure;
+mod files;
 mod net;
+mod process;
 mod reaper;
 mod system;
 mod users;
@@ -73,10 +75,38 @@ fn handle(op: Op, id: u64, port: &Arc<Port>) -> Result<Option<Reply>, Failure> {
             system::prepare_power_off();
             Reply::Done
         }
+        Op::ProcessStart(req) => Reply::Process(process::start(req)?),
+        Op::ProcessList => Reply::Processes {
+            processes: process::list(),
+        },
+        Op::ProcessOutput(req) => Reply::Output(process::output(req)?),
+        Op::ProcessStdin(req) => {
+            process::stdin(req)?;
+            Reply::Done
+        }
+        Op::ProcessSignal(req) => {
+            process::signal(req)?;
+            Reply::Done
+        }
+        Op::ProcessResize(req) => {
+            process::resize(req)?;
+            Reply::Done
+        }
         Op::RawSource { bytes } => {
             channel::send_raw(port, id, bytes).map_err(|e| Failure::io("raw transfer", &e))?;
             return Ok(None);
         }
+        Op::Files(req) => Reply::Files(files::op(&req)?),
+        Op::Upload(req) => Reply::Written {
+            bytes: files::upload(&req, &mut port.body(id))?,
+        },
+        Op::Download(req) => return files::serve_download(&req, id, port),
+        Op::TarCreate(req) => return files::serve_tar_create(&req, id, port),
+        Op::TarExtract(req) => {
+            files::tar_extract(&req, &mut port.body(id))?;
+            Reply::Done
+        }
+        Op::Watch(req) => return files::serve_watch(&req, id, port),
         // The channel's reader consumes these itself.
         Op::RawSink { .. } => Reply::Done,
         other => {

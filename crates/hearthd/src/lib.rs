@@ -101,24 +101,53 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let app = api::router(svc.clone());
     let mut servers = tokio::task::JoinSet::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown().await;
+        let _ = stop_tx.send(true);
+    });
     if let Some((listener, token)) = tcp {
         tracing::info!(addr = %listener.local_addr()?, "hearthd listening on TCP (bearer token required)");
         let app = app.clone().layer(axum::middleware::from_fn_with_state(
             Arc::new(token),
             api::require_bearer,
         ));
-        let tcp_server = axum::serve(listener, app).with_graceful_shutdown(shutdown());
+        let tcp_server =
+            axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
         servers.spawn(std::future::IntoFuture::into_future(tcp_server));
     }
     tracing::info!(socket = %socket.display(), root = %cfg.root.display(), "hearthd listening");
-    let unix_server = axum::serve(unix, app).with_graceful_shutdown(shutdown());
+    let unix_server = axum::serve(unix, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     servers.spawn(std::future::IntoFuture::into_future(unix_server));
-    while let Some(res) = servers.join_next().await {
-        res??;
+    // Followed output, watches and attached terminals never end by themselves: they get a
+    // moment to finish, then the daemon exits under them (the processes run on in the guests).
+    let deadline = async {
+        stopped(stop_rx).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            res = servers.join_next() => match res {
+                Some(res) => res??,
+                None => break,
+            },
+            _ = &mut deadline => {
+                tracing::info!("closing the connections still open");
+                break;
+            }
+        }
     }
     svc.release_host_network();
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// How long open connections may run on after a shutdown signal.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 async fn shutdown() {

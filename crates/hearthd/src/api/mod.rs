@@ -1,7 +1,9 @@
-//! HTTP routes and the mapping of requests and errors (the API is described in README.md).
+//! HTTP routes and the mapping of requests and errors (the API is described in docs/api.md).
 
+mod files;
 mod json;
 mod machines;
+mod processes;
 mod snapshots;
 
 use crate::service::Service;
@@ -14,6 +16,13 @@ use axum::Router;
 use std::sync::Arc;
 
 pub use json::ApiJson;
+
+/// A query string that did not parse is 400 in the API's error model.
+fn query<T>(
+    q: std::result::Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> crate::error::Result<axum::extract::Query<T>> {
+    q.map_err(|e| crate::error::Error::invalid(format!("bad query string: {}", e.body_text())))
+}
 
 pub fn router(svc: Arc<Service>) -> Router {
     Router::new()
@@ -30,6 +39,41 @@ pub fn router(svc: Arc<Service>) -> Router {
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/exec", post(machines::exec))
         .route("/machines/{id}/fork", post(machines::fork))
+        .route(
+            "/machines/{id}/processes",
+            post(processes::start).get(processes::list),
+        )
+        .route("/machines/{id}/processes/{process}", get(processes::get))
+        .route(
+            "/machines/{id}/processes/{process}/output",
+            get(processes::output),
+        )
+        .route(
+            "/machines/{id}/processes/{process}/stdin",
+            post(processes::stdin),
+        )
+        .route(
+            "/machines/{id}/processes/{process}/signal",
+            post(processes::signal),
+        )
+        .route(
+            "/machines/{id}/processes/{process}/resize",
+            post(processes::resize),
+        )
+        .route(
+            "/machines/{id}/processes/{process}/attach",
+            get(processes::attach),
+        )
+        .route("/machines/{id}/files/ops", post(files::ops))
+        .route(
+            "/machines/{id}/files/content",
+            get(files::download).put(files::upload),
+        )
+        .route(
+            "/machines/{id}/files/archive",
+            get(files::get_archive).put(files::put_archive),
+        )
+        .route("/machines/{id}/files/watch", get(files::watch))
         .route("/machines/{id}/network", patch(machines::set_network))
         .route(
             "/machines/{id}/published-ports",
@@ -59,6 +103,9 @@ pub fn router(svc: Arc<Service>) -> Router {
             post(|State(svc): State<Arc<Service>>| async move { svc.gc().await.map(axum::Json) }),
         )
         .fallback(|| async { crate::error::Error::not_found("no such endpoint") })
+        // Bodies are limited where they are read: JSON in `ApiJson`, stdin per call, and
+        // uploads stream through without a limit.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(svc)
 }
 

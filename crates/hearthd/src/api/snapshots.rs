@@ -101,19 +101,7 @@ pub async fn artifact(
         None => (0, size),
         Some(spec) => match parse_range(spec, size) {
             Some(r) => r,
-            None => {
-                let mut resp = Error {
-                    code: hearth_api::ErrorCode::Invalid,
-                    message: format!("unsatisfiable range {spec:?} for {size} bytes"),
-                }
-                .into_response();
-                *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                resp.headers_mut().insert(
-                    "content-range",
-                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-                );
-                return Ok(resp);
-            }
+            None => return Ok(unsatisfiable(spec, size)),
         },
     };
     let mut file = tokio::fs::File::open(&path).await?;
@@ -135,8 +123,23 @@ pub async fn artifact(
     Ok(resp)
 }
 
+/// 416 for a range outside `size` bytes.
+pub(super) fn unsatisfiable(spec: &str, size: u64) -> Response {
+    let mut resp = Error {
+        code: hearth_api::ErrorCode::Invalid,
+        message: format!("unsatisfiable range {spec:?} for {size} bytes"),
+    }
+    .into_response();
+    *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+    resp.headers_mut().insert(
+        "content-range",
+        HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+    );
+    resp
+}
+
 /// `bytes=a-b`, `bytes=a-` or `bytes=-n` as a half-open range within `size`.
-fn parse_range(spec: &str, size: u64) -> Option<(u64, u64)> {
+pub(super) fn parse_range(spec: &str, size: u64) -> Option<(u64, u64)> {
     let spec = spec.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;

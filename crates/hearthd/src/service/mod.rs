@@ -5,6 +5,10 @@
 
 mod compat;
 mod exec;
+mod files;
+pub use files::{ByteStream, Download};
+mod processes;
+pub use processes::MAX_STDIN;
 mod fork;
 mod gc;
 mod machines;
