@@ -112,7 +112,10 @@ async fn processes_live_in_the_guest() {
     assert_eq!(all.exit, Some((7, None)));
     // Reading again from an offset gives the rest, and the exit.
     let tail = read(&c, "m1", &p.pid.to_string(), 100, false).await;
-    assert_eq!(tail.stdout.len() + tail.stderr.len() + 100, all.stdout.len() + all.stderr.len());
+    assert_eq!(
+        tail.stdout.len() + tail.stderr.len() + 100,
+        all.stdout.len() + all.stderr.len()
+    );
     assert_eq!(tail.exit, Some((7, None)));
 
     // Stdin: echoed by cat, closed for its end.
@@ -124,7 +127,10 @@ async fn processes_live_in_the_guest() {
     let r = read(&c, "m1", &cat, 0, true).await;
     assert_eq!(r.stdout, b"hello\nworld\n");
     assert_eq!(r.exit, Some((0, None)));
-    let e = c.process_stdin("m1", &cat, "late", false).await.unwrap_err();
+    let e = c
+        .process_stdin("m1", &cat, "late", false)
+        .await
+        .unwrap_err();
     assert_eq!(code(e), ErrorCode::Conflict);
 
     // Signals go to the process group; the exit says which.
@@ -145,26 +151,43 @@ async fn processes_live_in_the_guest() {
     // A pty: its size is what the start and the resize said.
     let mut shell = start(&["sh"]);
     shell.stdin = true;
-    shell.pty = Some(PtySize { cols: 100, rows: 30 });
+    shell.pty = Some(PtySize {
+        cols: 100,
+        rows: 30,
+    });
     let shell = c.start_process("m1", &shell).await.unwrap().pid.to_string();
-    c.process_stdin("m1", &shell, "stty size\n", false).await.unwrap();
+    c.process_stdin("m1", &shell, "stty size\n", false)
+        .await
+        .unwrap();
     let at = follow_until(&c, "m1", &shell, 0, "30 100").await;
     c.resize_process("m1", &shell, 120, 40).await.unwrap();
-    c.process_stdin("m1", &shell, "stty size\n", false).await.unwrap();
+    c.process_stdin("m1", &shell, "stty size\n", false)
+        .await
+        .unwrap();
     follow_until(&c, "m1", &shell, at, "40 120").await;
-    c.process_stdin("m1", &shell, "exit 3\n", false).await.unwrap();
+    c.process_stdin("m1", &shell, "exit 3\n", false)
+        .await
+        .unwrap();
     let r = read(&c, "m1", &shell, 0, true).await;
     assert_eq!(r.exit, Some((3, None)));
     assert!(r.stdout.is_empty() && r.stderr.is_empty() && !r.pty.is_empty());
 
     // 10 MB nobody reads: the agent drains it, other calls answer meanwhile, and a late reader
     // learns what was dropped.
-    let mut flood = start(&["sh", "-c", "head -c 10000000 /dev/zero | tr '\\0' a; sleep 1"]);
+    let mut flood = start(&[
+        "sh",
+        "-c",
+        "head -c 10000000 /dev/zero | tr '\\0' a; sleep 1",
+    ]);
     flood.tag = Some("flood".into());
     c.start_process("m1", &flood).await.unwrap();
     let t = Instant::now();
     assert_eq!(sh(&c, "m1", "echo ok").await.stdout, "ok\n");
-    assert!(t.elapsed() < Duration::from_secs(5), "exec took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "exec took {:?}",
+        t.elapsed()
+    );
     let r = read(&c, "m1", "flood", 0, true).await;
     assert_eq!(r.exit, Some((0, None)));
     // A reader slower than the writer loses what the buffer no longer holds, and is told.
@@ -194,7 +217,11 @@ async fn processes_live_in_the_guest() {
     assert_eq!(code(e), ErrorCode::NotFound);
 
     // A process outlives a daemon killed without warning, and is attachable after.
-    let mut ticker = start(&["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"]);
+    let mut ticker = start(&[
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done",
+    ]);
     ticker.tag = Some("ticker".into());
     ticker.stdin = false;
     c.start_process("m1", &ticker).await.unwrap();
@@ -237,6 +264,9 @@ async fn processes_live_in_the_guest() {
         c.signal_process(m, "ticker", SignalName::Number(9))
             .await
             .unwrap();
-        assert_eq!(read(&c, m, "ticker", 0, true).await.exit, Some((137, Some(9))));
+        assert_eq!(
+            read(&c, m, "ticker", 0, true).await.exit,
+            Some((137, Some(9)))
+        );
     }
 }
