@@ -109,11 +109,6 @@ fn handle(op: Op, id: u64, port: &Arc<Port>) -> Result<Option<Reply>, Failure> {
         Op::Watch(req) => return files::serve_watch(&req, id, port),
         // The channel's reader consumes these itself.
         Op::RawSink { .. } => Reply::Done,
-        other => {
-            return Err(Failure::invalid(format!(
-                "this agent does not support {other:?}"
-            )))
-        }
     };
     Ok(Some(reply))
 }

@@ -171,6 +171,38 @@ impl AgentClient {
         Ok(reply)
     }
 
+    /// Benchmark only: sends `bytes` raw bytes right after a [`Op::RawSink`], outside any framing
+    /// (holding the channel meanwhile), and waits for the agent to have read them.
+    pub async fn raw_sink(&self, bytes: u64) -> Result<()> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared.tables().pending.insert(id, tx);
+        let mut call = Call {
+            shared: self.shared.clone(),
+            id,
+            answer: Some(rx),
+            outbound: None,
+            finished: true,
+        };
+        let wire = encode(&Request {
+            id,
+            op: Op::RawSink { bytes },
+            body: false,
+        });
+        let chunk = vec![0u8; 256 * 1024];
+        {
+            let mut w = self.shared.writer.lock().await;
+            w.write_all(&wire).await?;
+            let mut left = bytes;
+            while left > 0 {
+                let n = chunk.len().min(left as usize);
+                w.write_all(&chunk[..n]).await?;
+                left -= n as u64;
+            }
+        }
+        call.answer(None).await.map(|_| ())
+    }
+
     /// Says hello until the agent echoes `nonce`, the connection closes, `alive` reports the
     /// VMM gone, or `deadline` passes.
     pub async fn handshake(

@@ -26,7 +26,7 @@ fn assert_disk_full(err: &hearth_api::client::ClientError) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_is_507_and_leaves_nothing() {
-    let fs = LoopFs::mount(200 << 20);
+    let fs = LoopFs::mount(256 << 20);
     let d = Daemon::start_in(&fs.path(), &[]).await;
     let blobs = d.path().join("images/blobs");
     let mut req = create_req("m");

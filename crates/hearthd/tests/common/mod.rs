@@ -188,6 +188,11 @@ impl Daemon {
     }
 
     /// SIGKILLs the daemon, as a crash would.
+    /// The running daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon runs").id()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
@@ -390,6 +395,22 @@ pub async fn counter_passes(client: &Client, id: &str, mark: u64) -> bool {
 }
 
 /// The `hearth` CLI built beside `hearthd`.
+/// Resident memory of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    rss_in(&status)
+}
+
+/// `VmRSS` of a /proc/*/status text, in bytes.
+pub fn rss_in(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in the status")
+        * 1024
+}
+
 pub fn hearth_cli() -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_hearthd")).with_file_name("hearth");
     assert!(

@@ -5,6 +5,9 @@
 //! spawn to the agent's first byte, against hearthd's create → running, alternating; plus the
 //! exec round trip.
 //!
+//! `hearth-bench files`: file upload and download through the API against the raw agent channel;
+//! exec round trip; process start → first output byte.
+//!
 //! `hearth-bench snapshot`: on guests with half their memory dirtied, hearth's snapshot and
 //! restore against plain QEMU save/restore with RAM in the migration stream (what `virsh save`
 //! does) on the same guest; and the memory (PSS) of clones sharing one snapshot.
@@ -22,6 +25,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
+mod files;
 mod net;
 mod snapshot;
 mod transfer;
@@ -67,6 +71,15 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Files: upload and download through the API vs the raw agent channel; exec round trip;
+    /// process start → first output byte.
+    Files {
+        /// MiB per transfer.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
     Snapshot {
         /// Guest sizes in MiB.
@@ -96,6 +109,7 @@ async fn main() -> Result<()> {
         Bench::Boot { rounds, memory_mib } => boot(&args.image, rounds, memory_mib).await,
         Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
         Bench::Net { mib, rounds } => net::run(&args.image, mib, rounds).await,
+        Bench::Files { mib, rounds } => files::run(&args.image, mib, rounds).await,
         Bench::Snapshot {
             sizes,
             clones,
@@ -286,6 +300,7 @@ struct Daemon {
     child: std::process::Child,
     client: Client,
     root: PathBuf,
+    args: Vec<String>,
 }
 
 impl Daemon {
@@ -307,6 +322,17 @@ impl Daemon {
     }
 
     async fn start_with(root: &Path, args: &[&str]) -> Result<Daemon> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = Daemon::spawn(root, &args).await?;
+        Ok(Daemon {
+            child,
+            client: Client::new(root.join("hearthd.sock")),
+            root: root.to_path_buf(),
+            args,
+        })
+    }
+
+    async fn spawn(root: &Path, args: &[String]) -> Result<std::process::Child> {
         let exe = std::env::current_exe()?;
         let hearthd = exe.with_file_name("hearthd");
         let child = std::process::Command::new(&hearthd)
@@ -324,11 +350,18 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Daemon {
-            child,
-            client,
-            root: root.to_path_buf(),
-        })
+        Ok(child)
+    }
+
+    /// Stops the daemon; its machines run on.
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn restart(&mut self) -> Result<()> {
+        self.child = Daemon::spawn(&self.root, &self.args).await?;
+        Ok(())
     }
 }
 
