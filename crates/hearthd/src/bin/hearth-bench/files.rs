@@ -6,6 +6,7 @@
 use super::{image_artifact, median, ms, Daemon};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
+use hearth_api::client::UploadOptions;
 use hearth_api::{CreateMachineRequest, ExecRequest, OutputEvent, StartProcess};
 use hearth_proto::{Op, Reply};
 use hearthd::agent::AgentClient;
@@ -42,8 +43,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         c.upload(
             id,
             "/var/tmp/bench.bin",
-            None,
-            None,
+            UploadOptions::default(),
             std::io::Cursor::new(data.clone()),
             bytes,
             |_, _| {},
