@@ -227,6 +227,15 @@ fn parse_server_timing(v: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// How an upload writes its file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UploadOptions<'a> {
+    /// Permission bits; by default 0644, or the replaced file's.
+    pub mode: Option<u32>,
+    /// Written as this user (name or uid); root by default.
+    pub user: Option<&'a str>,
+}
+
 /// What an attached client receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachEvent {
@@ -857,16 +866,15 @@ impl Client {
         &self,
         machine: &str,
         path: &str,
-        mode: Option<u32>,
-        user: Option<&str>,
+        opts: UploadOptions<'_>,
         reader: impl AsyncRead + Send + 'static,
         len: u64,
         progress: impl Progress,
     ) -> Result<FileUploadResponse, ClientError> {
-        let mode = mode.map(|m| format!("{m:04o}"));
+        let mode = opts.mode.map(|m| format!("{m:04o}"));
         let req = Self::request(
             Method::PUT,
-            &files_path(machine, "content", path, user, &[("mode", mode)]),
+            &files_path(machine, "content", path, opts.user, &[("mode", mode)]),
         )
         .header("content-type", "application/octet-stream")
         .header(hyper::header::CONTENT_LENGTH, len);

@@ -4,14 +4,10 @@ use crate::image::{default_image_dir, Manifest};
 use crate::network::NetworkArgs;
 use crate::{output, size, Ctx};
 use anyhow::{bail, Context, Result};
-use base64::Engine;
 use clap::Args;
-use hearth_api::{ArtifactRef, CreateMachineRequest, ExecRequest, GuestConfig};
+use hearth_api::{ArtifactRef, CreateMachineRequest, GuestConfig};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Args)]
@@ -43,26 +39,6 @@ pub struct CreateArgs {
     pub no_network: bool,
     #[command(flatten)]
     pub net: NetworkArgs,
-}
-
-#[derive(Args)]
-pub struct ExecArgs {
-    pub name: String,
-    /// Kill the command after this many seconds.
-    #[arg(long)]
-    pub timeout: Option<f64>,
-    #[arg(long)]
-    pub cwd: Option<String>,
-    /// KEY=VALUE, repeatable.
-    #[arg(long = "env", short = 'e')]
-    pub env: Vec<String>,
-    #[arg(long, short = 'u')]
-    pub user: Option<String>,
-    /// Pass this command's standard input to the guest command.
-    #[arg(long, short = 'i')]
-    pub stdin: bool,
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
 }
 
 /// The artifact URLs of the image built under `root`.
@@ -155,46 +131,6 @@ pub async fn get(ctx: &Ctx, name: &str) -> Result<()> {
         output::machine(&m);
     }
     Ok(())
-}
-
-pub async fn exec(ctx: &Ctx, args: ExecArgs) -> Result<ExitCode> {
-    let mut env = BTreeMap::new();
-    for kv in &args.env {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--env {kv:?}: want KEY=VALUE"))?;
-        env.insert(k.to_string(), v.to_string());
-    }
-    let stdin_base64 = if args.stdin {
-        let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf)?;
-        Some(base64::engine::general_purpose::STANDARD.encode(buf))
-    } else {
-        None
-    };
-    let req = ExecRequest {
-        command: args.command,
-        cwd: args.cwd,
-        env: (!env.is_empty()).then_some(env),
-        timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
-        user: args.user,
-        stdin_base64,
-        max_output_bytes: None,
-    };
-    let r = ctx.client.exec(&args.name, &req).await?;
-    if ctx.json {
-        output::print_json(&r);
-    } else {
-        std::io::stdout().write_all(r.stdout.as_bytes())?;
-        std::io::stderr().write_all(r.stderr.as_bytes())?;
-        if r.stdout_truncated || r.stderr_truncated {
-            eprintln!("hearth: output was truncated");
-        }
-        if r.timed_out {
-            eprintln!("hearth: command timed out and was killed");
-        }
-    }
-    Ok(ExitCode::from(r.exit_code.clamp(0, 255) as u8))
 }
 
 pub async fn stop(ctx: &Ctx, name: &str) -> Result<()> {

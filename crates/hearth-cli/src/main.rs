@@ -1,13 +1,16 @@
 //! `hearth`: the command-line client of hearthd, and the guest image builder.
 
+mod cp;
 mod demo;
 mod image;
 mod machines;
 mod network;
 mod output;
+mod processes;
 mod remote;
 mod size;
 mod snapshots;
+mod terminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -53,8 +56,32 @@ enum Cmd {
     Ls,
     /// Show one machine.
     Get { name: String },
-    /// Run a command in a machine; its output and exit status are passed through.
-    Exec(machines::ExecArgs),
+    /// Run a command in a machine: its output streams as it comes, its exit status is passed
+    /// through (`-d` in the background, `-it` attached to a terminal; `--json` or `--timeout`:
+    /// buffered, all output at the end).
+    Exec(processes::ExecArgs),
+    /// Processes started in a machine: running ones and recently exited ones.
+    Ps { name: String },
+    /// A process's output from its start (stdout and stderr kept apart).
+    Logs {
+        name: String,
+        /// A pid or a tag.
+        process: String,
+        /// Go on printing output as it comes, until the process exits.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Send a signal to a process (and its process group).
+    Kill {
+        name: String,
+        /// A pid or a tag.
+        process: String,
+        /// A signal name (TERM, SIGKILL) or number.
+        #[arg(long, short = 's', default_value = "TERM")]
+        signal: String,
+    },
+    /// Copy files or directories between this host and a machine, as `docker cp` does.
+    Cp(cp::CpArgs),
     /// Stop a machine (the guest powers off; killed after a timeout).
     Stop { name: String },
     /// Start a stopped or failed machine.
@@ -156,7 +183,19 @@ async fn run(cmd: Cmd, ctx: &Ctx) -> Result<ExitCode> {
         Cmd::Create(args) => machines::create(ctx, args).await?,
         Cmd::Ls => machines::list(ctx).await?,
         Cmd::Get { name } => machines::get(ctx, &name).await?,
-        Cmd::Exec(args) => return machines::exec(ctx, args).await,
+        Cmd::Exec(args) => return processes::exec(ctx, args).await,
+        Cmd::Ps { name } => processes::ps(ctx, &name).await?,
+        Cmd::Logs {
+            name,
+            process,
+            follow,
+        } => processes::logs(ctx, &name, &process, follow).await?,
+        Cmd::Kill {
+            name,
+            process,
+            signal,
+        } => processes::kill(ctx, &name, &process, &signal).await?,
+        Cmd::Cp(args) => cp::cp(ctx, args).await?,
         Cmd::Stop { name } => machines::stop(ctx, &name).await?,
         Cmd::Start { name } => machines::start(ctx, &name).await?,
         Cmd::Rm { names } => machines::remove(ctx, &names).await?,

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use futures_util::StreamExt;
-use hearth_api::client::{Client, ClientError};
+use hearth_api::client::{Client, ClientError, UploadOptions};
 use hearth_api::{
     Edit, EntryType, ErrorCode, FileOp, FileOperation as Op, FileResult, WatchEventKind,
 };
@@ -436,8 +436,18 @@ async fn large_transfers(d: &Daemon, c: &Client) {
                 left: GIB,
                 state: 7,
             };
-            c.upload(M, "/srv/big.bin", Some(0o640), None, body, GIB, |_, _| {})
-                .await
+            c.upload(
+                M,
+                "/srv/big.bin",
+                UploadOptions {
+                    mode: Some(0o640),
+                    user: None,
+                },
+                body,
+                GIB,
+                |_, _| {},
+            )
+            .await
         })
     };
     let (mut daemon_peak, mut agent_peak, mut slowest) = (0, 0, Duration::ZERO);
@@ -526,7 +536,14 @@ async fn large_transfers(d: &Daemon, c: &Client) {
         state: 1,
     };
     let e = c
-        .upload(M, "/srv/cut.bin", None, None, cut, 128 << 20, |_, _| {})
+        .upload(
+            M,
+            "/srv/cut.bin",
+            UploadOptions::default(),
+            cut,
+            128 << 20,
+            |_, _| {},
+        )
         .await
         .unwrap_err();
     eprintln!("cut upload: {e}");

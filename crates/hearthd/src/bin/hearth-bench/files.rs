@@ -6,6 +6,7 @@
 use super::{image_artifact, median, ms, Daemon};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
+use hearth_api::client::UploadOptions;
 use hearth_api::{CreateMachineRequest, ExecRequest, OutputEvent, StartProcess};
 use hearthd::agent::AgentClient;
 use hearthd::service::machine_paths;
@@ -41,8 +42,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         c.upload(
             id,
             "/var/tmp/bench.bin",
-            None,
-            None,
+            UploadOptions::default(),
             std::io::Cursor::new(data.clone()),
             bytes,
             |_, _| {},
