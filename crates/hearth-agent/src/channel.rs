@@ -5,6 +5,7 @@
 //! host cannot queue more than a window of it. Handlers run on their own threads and read bodies
 //! ([`Body`]) or write contents ([`Content`]) at their own pace.
 
+use crate::failure::Failure;
 use bytes::Bytes;
 use hearth_proto::credit::{RecvWindow, SendWindow};
 use hearth_proto::frame::{self, Decoder, Event, MAX_PAYLOAD};
@@ -87,8 +88,16 @@ impl Port {
     /// Writes bytes as one unit; what is lost because no host is listening the host retries.
     fn write(&self, parts: &[&[u8]]) -> io::Result<()> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        for part in parts {
-            w.write_all(part)?;
+        // One writev per frame: every write is a round through the virtqueue.
+        let mut slices: Vec<io::IoSlice> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut bufs = &mut slices[..];
+        while !bufs.is_empty() {
+            match w.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -169,7 +178,7 @@ impl Port {
     /// Reads requests forever, handing each to `handle`.
     pub fn serve(self: Arc<Self>, handle: impl Fn(Request, Arc<Port>)) -> ! {
         let mut decoder = Decoder::new(MAX_MESSAGE);
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; 1 << 20];
         let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             match reader.read(&mut buf) {
@@ -191,9 +200,13 @@ impl Port {
                 match event {
                     Event::Message(json) => match serde_json::from_slice::<Request>(&json) {
                         Ok(req) => {
-                            if let hearth_proto::Op::RawSink { bytes } = req.op {
-                                drain_raw(&mut decoder, &mut reader, bytes);
-                                self.reply(req.id, Reply::Done);
+                            if let hearth_proto::Op::RawSink { bytes, path } = &req.op {
+                                let reply = match drain_raw(&mut decoder, &mut reader, *bytes, path)
+                                {
+                                    Ok(()) => Reply::Done,
+                                    Err(e) => Failure::io("raw transfer", &e).into_reply(),
+                                };
+                                self.reply(req.id, reply);
                                 continue;
                             }
                             if req.body {
@@ -255,24 +268,47 @@ impl Port {
             let _ = self.write(&[&frame::encode_abort(id)]);
             return;
         }
-        // A copy: a slice would keep the whole read buffer it came from alive.
-        st.queue.push_back(Bytes::copy_from_slice(&payload));
+        st.queue.push_back(payload);
         drop(st);
         s.changed.notify_all();
     }
 }
 
-/// Reads and discards `bytes` raw bytes that follow a benchmark's message.
-fn drain_raw(decoder: &mut Decoder, reader: &mut File, bytes: u64) {
-    let mut left = bytes;
-    left -= decoder.take_raw(left as usize).len() as u64;
-    let mut buf = vec![0u8; 256 * 1024];
+/// Reads the `bytes` raw bytes that follow a benchmark's message, into `path` when given. All
+/// of them are read even when the file fails, so the channel stays in step.
+fn drain_raw(
+    decoder: &mut Decoder,
+    reader: &mut File,
+    bytes: u64,
+    path: &Option<String>,
+) -> io::Result<()> {
+    let mut out = match path {
+        Some(p) => Some(File::create(p)),
+        None => None,
+    };
+    let mut sink = |data: &[u8]| {
+        if let Some(Ok(f)) = &mut out {
+            if let Err(e) = f.write_all(data) {
+                out = Some(Err(e));
+            }
+        }
+    };
+    let first = decoder.take_raw(bytes as usize);
+    sink(&first);
+    let mut left = bytes - first.len() as u64;
+    let mut buf = vec![0u8; 1 << 20];
     while left > 0 {
         let want = buf.len().min(left as usize);
-        match reader.read(&mut buf[..want]) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => left -= n as u64,
+        let n = reader.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        sink(&buf[..n]);
+        left -= n as u64;
+    }
+    match out {
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -402,19 +438,26 @@ impl Drop for Content {
     }
 }
 
-/// Writes a benchmark's raw bytes right after its reply, holding the channel meanwhile.
-pub fn send_raw(port: &Port, id: u64, bytes: u64) -> io::Result<()> {
+/// Writes a benchmark's raw bytes right after its reply, holding the channel meanwhile: read
+/// from `path` when given, else zeros.
+pub fn send_raw(port: &Port, id: u64, bytes: u64, path: &Option<String>) -> io::Result<()> {
+    let mut file = path.as_ref().map(File::open).transpose()?;
     let reply = encode(&GuestMessage::Reply {
         id,
         body: Reply::Raw { bytes },
         stream: false,
     });
-    let chunk = vec![0u8; 256 * 1024];
+    let mut chunk = vec![0u8; 1 << 20];
     let mut w = port.writer.lock().unwrap_or_else(|e| e.into_inner());
     w.write_all(&reply)?;
     let mut left = bytes;
     while left > 0 {
-        let n = chunk.len().min(left as usize);
+        let want = chunk.len().min(left as usize);
+        let n = match &mut file {
+            // A short file is padded with what the buffer holds: the host counts bytes.
+            Some(f) => f.read(&mut chunk[..want])?.max(1).min(want),
+            None => want,
+        };
         w.write_all(&chunk[..n])?;
         left -= n as u64;
     }

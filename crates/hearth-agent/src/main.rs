@@ -99,8 +99,9 @@ fn handle(op: Op, id: u64, port: &Arc<Port>) -> Result<Option<Reply>, Failure> {
             process::resize(req)?;
             Reply::Done
         }
-        Op::RawSource { bytes } => {
-            channel::send_raw(port, id, bytes).map_err(|e| Failure::io("raw transfer", &e))?;
+        Op::RawSource { bytes, path } => {
+            channel::send_raw(port, id, bytes, &path)
+                .map_err(|e| Failure::io("raw transfer", &e))?;
             return Ok(None);
         }
         Op::Files(req) => Reply::Files(files::op(&req)?),

@@ -4,7 +4,7 @@
 //! receiver never buffers more than a window per stream.
 
 /// Bytes of one stream a sender may have in flight before it waits for credit.
-pub const WINDOW: u32 = 1 << 20;
+pub const WINDOW: u32 = 4 << 20;
 
 /// The receiver returns credit in batches of at least this many bytes.
 const GRANT_BATCH: u32 = WINDOW / 4;

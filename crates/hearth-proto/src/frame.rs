@@ -13,8 +13,9 @@ use bytes::{Buf, Bytes, BytesMut};
 
 pub const MAGIC: [u8; 4] = *b"HRTH";
 pub const HEADER_LEN: usize = 24;
-/// Largest payload of one frame; messages above it are split into parts.
-pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// Largest payload of one frame; messages above it are split into parts. Large enough that a
+/// transfer's per-frame costs (a virtqueue round, a wake-up) stay small next to its bytes.
+pub const MAX_PAYLOAD: usize = 256 * 1024;
 /// Zero bytes a new host connection starts with: completes any frame the peer was reading.
 pub const RESYNC_PADDING: usize = HEADER_LEN + MAX_PAYLOAD;
 

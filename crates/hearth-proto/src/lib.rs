@@ -77,13 +77,18 @@ pub enum Op {
     /// [`Reply::Streaming`].
     Watch(files::WatchRequest),
     /// Benchmark only: the agent reads this many raw bytes off the channel, outside any framing,
-    /// then replies [`Reply::Done`].
+    /// into `path` when given (else nowhere), then replies [`Reply::Done`].
     RawSink {
         bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
     },
-    /// Benchmark only: the agent replies [`Reply::Raw`] and then writes this many raw bytes.
+    /// Benchmark only: the agent replies [`Reply::Raw`] and then writes this many raw bytes
+    /// (read from `path` when given, else zeros).
     RawSource {
         bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
     },
 }
 

@@ -68,8 +68,14 @@ impl Shared {
 
     async fn write(&self, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut w = self.writer.lock().await;
-        for part in parts {
-            w.write_all(part).await?;
+        let mut slices: Vec<std::io::IoSlice> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut bufs = &mut slices[..];
+        while !bufs.is_empty() {
+            match w.write_vectored(bufs).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => std::io::IoSlice::advance_slices(&mut bufs, n),
+            }
         }
         Ok(())
     }
@@ -213,9 +219,9 @@ impl AgentClient {
         }
     }
 
-    /// Benchmark only: asks the agent for `bytes` raw bytes, which follow its reply outside any
-    /// framing; returns once they were read.
-    pub async fn raw_source(&self, bytes: u64) -> Result<()> {
+    /// Benchmark only: asks the agent for `bytes` raw bytes (of the guest's file `path`, when
+    /// given), which follow its reply outside any framing; returns once they were read.
+    pub async fn raw_source(&self, bytes: u64, path: Option<String>) -> Result<()> {
         let mut call = self.register(false)?;
         self.shared
             .raw
@@ -224,7 +230,7 @@ impl AgentClient {
             .insert(call.id);
         let wire = encode(&Request {
             id: call.id,
-            op: Op::RawSource { bytes },
+            op: Op::RawSource { bytes, path },
             body: false,
         });
         self.shared.write(&[&wire]).await?;
@@ -232,12 +238,13 @@ impl AgentClient {
     }
 
     /// Benchmark only: sends `bytes` raw bytes right after a [`Op::RawSink`], outside any framing
-    /// (holding the channel meanwhile), and waits for the agent to have read them.
-    pub async fn raw_sink(&self, bytes: u64) -> Result<()> {
+    /// (holding the channel meanwhile), and waits for the agent to have read them (into the
+    /// guest's file `path`, when given).
+    pub async fn raw_sink(&self, bytes: u64, path: Option<String>) -> Result<()> {
         let mut call = self.register(false)?;
         let wire = encode(&Request {
             id: call.id,
-            op: Op::RawSink { bytes },
+            op: Op::RawSink { bytes, path },
             body: false,
         });
         let chunk = vec![0u8; 256 * 1024];
@@ -467,7 +474,7 @@ fn agent_error(kind: ErrorKind, message: String) -> Error {
 async fn read_loop(mut reader: OwnedReadHalf, shared: Arc<Shared>) {
     let mut decoder = Decoder::new(MAX_MESSAGE);
     loop {
-        decoder.buf_mut().reserve(256 * 1024);
+        decoder.buf_mut().reserve(1 << 20);
         match reader.read_buf(decoder.buf_mut()).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use hearth_api::{FileOp, FileResult};
 use hearth_proto::files::{DownloadRequest, TarRequest, UploadRequest, WatchRequest, MAX_BUFFERED};
+use hearth_proto::frame::MAX_PAYLOAD;
 use hearth_proto::{Op, Reply};
 use std::time::Duration;
 
@@ -187,10 +188,25 @@ async fn send_body(
     call: &mut Call,
     mut body: impl Stream<Item = std::result::Result<Bytes, impl std::fmt::Display>> + Unpin,
 ) -> Result<Reply> {
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Error::invalid(format!("reading the request body: {e}")))?;
-        if let Err(e) = call.send(&chunk).await {
-            return agent_reason(call, e).await;
+    // HTTP hands over small chunks; the channel carries full frames.
+    let mut pending = bytes::BytesMut::new();
+    loop {
+        let chunk = body
+            .next()
+            .await
+            .transpose()
+            .map_err(|e| Error::invalid(format!("reading the request body: {e}")))?;
+        if let Some(chunk) = &chunk {
+            pending.extend_from_slice(chunk);
+        }
+        if pending.len() >= MAX_PAYLOAD || (chunk.is_none() && !pending.is_empty()) {
+            if let Err(e) = call.send(&pending).await {
+                return agent_reason(call, e).await;
+            }
+            pending.clear();
+        }
+        if chunk.is_none() {
+            break;
         }
     }
     if let Err(e) = call.finish().await {

@@ -1,17 +1,22 @@
 //! `hearth-bench files`: moving file contents through the API (upload and download of a file)
 //! against the raw throughput of the same agent channel (bytes written straight onto it, no
-//! framing, no daemon in between, measured on the same machine in the same run); the exec round
-//! trip; a process's start → its first output byte.
+//! framing, no daemon in between, into and out of the same guest file, measured on the same
+//! machine in the same run); the exec round trip; a process's start → its first output byte.
 
 use super::{image_artifact, median, ms, Daemon};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use hearth_api::client::UploadOptions;
-use hearth_api::{CreateMachineRequest, ExecRequest, OutputEvent, StartProcess};
+use hearth_api::{
+    CreateMachineRequest, ExecRequest, FileOp, FileOperation, OutputEvent, StartProcess,
+};
 use hearthd::agent::AgentClient;
 use hearthd::service::machine_paths;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// In the guest's tmpfs: the benchmark measures the channel, not the guest's disk under TCG.
+const BENCH_FILE: &str = "/dev/shm/bench.bin";
 
 pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
     let work = tempfile::Builder::new()
@@ -24,7 +29,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
     c.create_machine(&CreateMachineRequest {
         machine_id: id.into(),
         artifact: image_artifact(image),
-        memory_mib: Some(512),
+        memory_mib: Some(1024),
         storage_bytes: Some(2 << 30),
         ..Default::default()
     })
@@ -41,7 +46,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         let t = Instant::now();
         c.upload(
             id,
-            "/var/tmp/bench.bin",
+            BENCH_FILE,
             UploadOptions::default(),
             std::io::Cursor::new(data.clone()),
             bytes,
@@ -53,7 +58,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         let n = c
             .download(
                 id,
-                "/var/tmp/bench.bin",
+                BENCH_FILE,
                 None,
                 None,
                 &mut tokio::io::sink(),
@@ -62,6 +67,8 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
             .await?;
         down.push(t.elapsed());
         anyhow::ensure!(n == bytes, "downloaded {n} of {bytes} bytes");
+        c.file_op(id, &FileOp::new(FileOperation::Remove, BENCH_FILE))
+            .await?;
     }
 
     let mut rtts = Vec::new();
@@ -112,13 +119,13 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
     for _ in 0..rounds {
         let t = Instant::now();
         agent
-            .raw_sink(bytes)
+            .raw_sink(bytes, Some(BENCH_FILE.into()))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         raw_up.push(t.elapsed());
         let t = Instant::now();
         agent
-            .raw_source(bytes)
+            .raw_source(bytes, Some(BENCH_FILE.into()))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         raw_down.push(t.elapsed());
