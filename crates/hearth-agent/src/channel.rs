@@ -282,10 +282,7 @@ fn drain_raw(
     bytes: u64,
     path: &Option<String>,
 ) -> io::Result<()> {
-    let mut out = match path {
-        Some(p) => Some(File::create(p)),
-        None => None,
-    };
+    let mut out = path.as_ref().map(File::create);
     let mut sink = |data: &[u8]| {
         if let Some(Ok(f)) = &mut out {
             if let Err(e) = f.write_all(data) {
