@@ -50,7 +50,7 @@ struct Tables {
 }
 
 struct Shared {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     tables: Mutex<Tables>,
     closed: AtomicBool,
     ready: Notify,
@@ -125,12 +125,18 @@ impl AgentClient {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|e| Error::unavailable(format!("agent socket {}: {e}", socket.display())))?;
-        let (reader, mut writer) = stream.into_split();
-        // Puts the guest's reader back in step and voids whatever a previous connection left.
-        writer.write_all(&frame::resync_preamble()).await?;
+        let (reader, writer) = stream.into_split();
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        // The preamble puts the guest's reader back in step and voids whatever a previous
+        // connection left. It goes first (the lock is taken here) but is not waited for: a
+        // guest that dies at boot never reads it, and that shows as a closed connection.
+        let mut first = writer
+            .clone()
+            .try_lock_owned()
+            .expect("a new connection's writer is free");
         let (aborts, mut abort_rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
-            writer: tokio::sync::Mutex::new(writer),
+            writer,
             tables: Mutex::default(),
             closed: AtomicBool::new(false),
             ready: Notify::new(),
@@ -142,6 +148,14 @@ impl AgentClient {
             while let Some(id) = abort_rx.recv().await {
                 let Some(shared) = weak.upgrade() else { break };
                 let _ = shared.write(&[&frame::encode_abort(id)]).await;
+            }
+        });
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            if first.write_all(&frame::resync_preamble()).await.is_err() {
+                if let Some(shared) = weak.upgrade() {
+                    shared.close();
+                }
             }
         });
         let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();

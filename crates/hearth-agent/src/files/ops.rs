@@ -1,6 +1,6 @@
 //! The buffered file operations of `POST /machines/{id}/files/ops`.
 
-use super::transfer::TempFile;
+use super::transfer::{TempFile, DEFAULT_MODE};
 use super::walk::{self, Errors, Sorted};
 use super::{absolute, conflict, creds, too_large, version, OnPath};
 use crate::failure::Failure;
@@ -168,10 +168,29 @@ fn open_for_write(path: &Path, mode: Option<u32>, truncate: bool) -> io::Result<
     }
 }
 
+/// Writes a whole file through a temporary one renamed into place, so a write that fails (a
+/// full disk) leaves the old content: an existing file keeps its owner and mode, a new one gets
+/// `mode`.
 fn write(req: &FileOp, path: &Path, kind: Payload) -> Result<FileResult, Failure> {
     let data = payload(req, path, kind)?;
-    let mut file = open_for_write(path, req.mode, true).on(path)?;
-    file.write_all(&data).on(path)?;
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            // Through a symlink to the file it names: the link stays.
+            let target = fs::canonicalize(path).on(path)?;
+            replace_contents(&target, &data, &meta)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut temp = TempFile::beside(path).on(path)?;
+            temp.file.write_all(&data).on(path)?;
+            temp.commit(path, req.mode.unwrap_or(DEFAULT_MODE))
+                .on(path)?;
+        }
+        // A directory or a device: opening it says what is wrong.
+        _ => {
+            let mut file = open_for_write(path, req.mode, true).on(path)?;
+            file.write_all(&data).on(path)?;
+        }
+    }
     Ok(FileResult {
         version: Some(version(&data)),
         ..FileResult::default()

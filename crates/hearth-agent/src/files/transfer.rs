@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Mode of an uploaded file that did not exist, when the request names none.
-const DEFAULT_MODE: u32 = 0o644;
+pub const DEFAULT_MODE: u32 = 0o644;
 
 /// Writes `body` to `req.path` atomically, as the request's user: into a temporary file beside
 /// it, flushed, then renamed over it. Whatever fails (the body too: a cancelled transfer), the
