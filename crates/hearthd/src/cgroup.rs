@@ -294,7 +294,6 @@ pub struct Cgroups {
 /// A machine's cgroup, made and limited; the VMM joins it before it execs.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
-    name: String,
     dirs: Vec<PathBuf>,
     /// Each hierarchy's `cgroup.procs` of this cgroup, ready for use between fork and exec.
     procs: Vec<CString>,
@@ -393,11 +392,7 @@ impl Cgroups {
             .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()))
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| CgroupError::Unavailable(format!("cgroup path: {e}")))?;
-        Ok(Cgroup {
-            name: machine.to_string(),
-            dirs,
-            procs,
-        })
+        Ok(Cgroup { dirs, procs })
     }
 
     /// Removes machine `machine`'s cgroup, which its VMM has left (it exited): a moment after
@@ -488,10 +483,6 @@ impl Cgroups {
 }
 
 impl Cgroup {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
@@ -791,12 +782,20 @@ mod tests {
                     read(&memory, "memory.limit_in_bytes"),
                     (128u64 << 20).to_string()
                 );
+                if memory.join("memory.memsw.limit_in_bytes").exists() {
+                    let memsw = read(&memory, "memory.memsw.limit_in_bytes");
+                    assert_eq!(memsw, (128u64 << 20).to_string());
+                }
                 assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "200000");
                 assert_eq!(read(&cpu, "cpu.cfs_period_us"), "100000");
                 assert_eq!(read(&pids, "pids.max"), "1024");
             }
         }
-        // Made again (a daemon restart): the same cgroup, the process still in it.
+        // Made again (a daemon restart, perhaps with another overhead: the limits rise, then
+        // fall): the same cgroup, the process still in it.
+        cgroups
+            .create("m.1", &Limits::for_machine(100, 2, 128))
+            .unwrap();
         cgroups.create("m.1", &limits).unwrap();
         assert_eq!(cgroups.procs("m.1"), [pid]);
         // A busy cgroup cannot go.
