@@ -395,23 +395,10 @@ impl Cgroups {
         Ok(Cgroup { dirs, procs })
     }
 
-    /// Removes machine `machine`'s cgroup, which its VMM has left (it exited): a moment after
-    /// a kill the kernel may still count it, so a busy cgroup is tried again for a second.
+    /// Removes machine `machine`'s cgroup, which its VMM has left (it exited).
     pub fn remove(&self, machine: &str) -> Result<()> {
         for dir in self.layout_of(machine).dirs() {
-            let deadline = Instant::now() + Duration::from_secs(1);
-            loop {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == ErrorKind::NotFound => break,
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(io("removing cgroup", dir)(e)),
-                }
-            }
+            rmdir(dir)?;
         }
         Ok(())
     }
@@ -463,8 +450,13 @@ impl Cgroups {
 
     /// Removes `hearth-<tag>` when no machine has a cgroup left in it.
     pub fn release(&self) {
+        if !self.machines().is_empty() {
+            return;
+        }
         for dir in self.parent.dirs() {
-            let _ = std::fs::remove_dir(dir);
+            if let Err(e) = rmdir(dir) {
+                tracing::warn!("{e}");
+            }
         }
     }
 
@@ -507,6 +499,23 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+}
+
+/// Removes a cgroup that has no process and no child left. The kernel lets go of a process
+/// that has just exited, or of a child just removed, a moment later (asynchronously): until
+/// then the cgroup is busy, so it is tried again for a second.
+fn rmdir(dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io("removing cgroup", dir)(e)),
+        }
     }
 }
 
