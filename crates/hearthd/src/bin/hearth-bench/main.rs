@@ -8,6 +8,9 @@
 //! `hearth-bench files`: file upload and download through the API against the raw agent channel;
 //! exec round trip; process start → first output byte.
 //!
+//! `hearth-bench hostile`: one machine attacks (console flood, memory hog, fork bomb, disk
+//! filler) while the host's memory, the API's latency and a quiet machine's exec are sampled.
+//!
 //! `hearth-bench snapshot`: on guests with half their memory dirtied, hearth's snapshot and
 //! restore against plain QEMU save/restore with RAM in the migration stream (what `virsh save`
 //! does) on the same guest; and the memory (PSS) of clones sharing one snapshot.
@@ -26,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 mod files;
+mod hostile;
 mod net;
 mod snapshot;
 mod transfer;
@@ -80,6 +84,13 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Hostile guest: console flood, memory hog, fork bomb, disk filler in one machine; the
+    /// host's memory, the API's and a quiet machine's latency meanwhile.
+    Hostile {
+        /// Seconds each attack runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+    },
     /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
     Snapshot {
         /// Guest sizes in MiB.
@@ -110,6 +121,7 @@ async fn main() -> Result<()> {
         Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
         Bench::Net { mib, rounds } => net::run(&args.image, mib, rounds).await,
         Bench::Files { mib, rounds } => files::run(&args.image, mib, rounds).await,
+        Bench::Hostile { seconds } => hostile::run(&args.image, seconds).await,
         Bench::Snapshot {
             sizes,
             clones,
@@ -351,6 +363,10 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the daemon; its machines run on.
