@@ -33,6 +33,9 @@ pub enum ArtifactSource {
 pub struct UrlPolicy {
     /// Where `file://` artifacts may be, resolved.
     dirs: Vec<PathBuf>,
+    /// The same, resolved and as configured (when absolute): a URL's path is resolved only
+    /// when it lies under one of these.
+    named: Vec<PathBuf>,
     /// The blob store's own directories, resolved: its files are not artifacts.
     internal: Vec<PathBuf>,
     file_urls_over_tcp: bool,
@@ -49,7 +52,8 @@ impl UrlPolicy {
             std::fs::canonicalize(d)
                 .map_err(|e| Error::invalid(format!("artifact directory {}: {e}", d.display())))
         };
-        let dirs = dirs
+        let named = dirs.iter().filter(|d| d.is_absolute()).cloned();
+        let dirs: Vec<PathBuf> = dirs
             .iter()
             .map(|d| {
                 let dir = resolve(d)?;
@@ -65,14 +69,11 @@ impl UrlPolicy {
             .collect::<Result<_>>()?;
         let internal = internal.iter().map(|d| resolve(d)).collect::<Result<_>>()?;
         Ok(UrlPolicy {
+            named: dirs.iter().cloned().chain(named).collect(),
             dirs,
             internal,
             file_urls_over_tcp,
         })
-    }
-
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
     }
 
     /// Checks an artifact URL (`http`, `https` or `file`) that `caller` gave in `field`, touching
@@ -120,16 +121,13 @@ impl UrlPolicy {
         if path.components().any(|c| c == Component::ParentDir) {
             return Err(format!("{}: `..` is not allowed", path.display()));
         }
-        let outside = || {
-            format!(
+        // Nothing is resolved outside the directories: no answer tells what exists elsewhere.
+        if !self.named.iter().any(|d| path.starts_with(d)) {
+            return Err(format!(
                 "{} is not under an artifact directory ({})",
                 path.display(),
                 self.dirs_list()
-            )
-        };
-        // Nothing is resolved outside the directories: no answer tells what exists elsewhere.
-        if !self.dirs.iter().any(|d| path.starts_with(d)) {
-            return Err(outside());
+            ));
         }
         let resolved =
             std::fs::canonicalize(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -254,8 +252,12 @@ mod tests {
         std::fs::write(root.join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(root.join("secret"), art.join("out")).unwrap();
         std::os::unix::fs::symlink(art.join("kernel"), art.join("sub/in")).unwrap();
-        let policy =
-            UrlPolicy::new(&[art.clone()], &[art.join("blobs").as_path()], over_tcp).unwrap();
+        let policy = UrlPolicy::new(
+            std::slice::from_ref(&art),
+            &[art.join("blobs").as_path()],
+            over_tcp,
+        )
+        .unwrap();
         Fixture {
             _dir: dir,
             root,
@@ -361,6 +363,27 @@ mod tests {
             f.policy.artifact("k", http, Caller::Remote).unwrap(),
             ArtifactSource::Http(_)
         ));
+    }
+
+    #[test]
+    fn a_directory_configured_through_a_symlink_takes_either_name() {
+        let f = fixture(false);
+        let alias = f.root.join("alias");
+        std::os::unix::fs::symlink(f.root.join("art"), &alias).unwrap();
+        let policy = UrlPolicy::new(std::slice::from_ref(&alias), &[], false).unwrap();
+        let kernel = f.root.join("art/kernel");
+        for name in [alias.join("kernel"), kernel.clone()] {
+            assert_eq!(
+                policy.artifact("k", &url(&name), Caller::Local).unwrap(),
+                ArtifactSource::File(kernel.clone()),
+                "{}",
+                name.display()
+            );
+        }
+        let err = policy
+            .artifact("k", &url(&alias.join("out")), Caller::Local)
+            .unwrap_err();
+        assert!(err.message.contains("leads outside"), "{err}");
     }
 
     #[test]

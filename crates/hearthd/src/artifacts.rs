@@ -110,9 +110,9 @@ impl ArtifactCache {
                     meta.len(),
                     meta.mtime_nsec() + meta.mtime() * 1_000_000_000
                 );
-                (validator, Ok(file))
+                (validator, Opened::File(file))
             }
-            ArtifactSource::Http(url) => (String::new(), Err(url)),
+            ArtifactSource::Http(url) => (String::new(), Opened::Http(url)),
         };
         if let Some(hit) = self.store.cached_artifact(url, &validator)? {
             let lease = self.blobs.lease(&hit.sha256);
@@ -123,7 +123,7 @@ impl ArtifactCache {
         }
         let staged = self.blobs.staging()?;
         let (sha256, size_bytes) = match opened {
-            Ok(file) => {
+            Opened::File(file) => {
                 let dst = staged.reopen()?;
                 tokio::task::spawn_blocking(move || import_sparse(file, dst))
                     .await
@@ -133,7 +133,7 @@ impl ArtifactCache {
                         Copy::Write(e) => self.blobs.write_error(e),
                     })?
             }
-            Err(url) => self.download(field, &url, staged.reopen()?).await?,
+            Opened::Http(url) => self.download(field, &url, staged.reopen()?).await?,
         };
         let mut lease = self.blobs.lease(&sha256);
         // The same content may be in the store already, fetched from another source.
@@ -180,6 +180,12 @@ impl ArtifactCache {
             .map_err(|e| self.blobs.write_error(e))?;
         Ok((hex::encode(hasher.finalize()), size))
     }
+}
+
+/// A source ready to be read.
+enum Opened {
+    File(std::fs::File),
+    Http(url::Url),
 }
 
 /// reqwest's top-level message hides the cause ("error sending request"); the chain has it.

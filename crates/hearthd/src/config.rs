@@ -36,7 +36,7 @@ pub struct Config {
     #[arg(long, env = "HEARTH_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// TLS certificate chain for the TCP listener (PEM).
-    #[arg(long, env = "HEARTH_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "HEARTH_TLS_CERT", requires_all = ["tls_key", "listen"])]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key for the TCP listener (PEM).
     #[arg(long, env = "HEARTH_TLS_KEY", requires = "tls_cert")]

@@ -22,7 +22,8 @@ use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// TLS handshakes in flight at once; further connections wait in the kernel's backlog.
+/// Connections in their TLS handshake or waiting to be served; further ones wait in the
+/// kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,7 +68,7 @@ impl TcpApi {
         Ok(TcpApi { listener, token })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match &self.listener {
             Listener::Plain(l) => l.local_addr(),
             Listener::Tls(l) => Ok(l.local),
@@ -192,10 +193,10 @@ impl TlsListener {
                 tokio::spawn(async move {
                     let handshake =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                    drop(permit);
                     match handshake {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, remote)).await;
+                            drop(permit);
                         }
                         Ok(Err(e)) => tracing::info!(%remote, "TLS handshake failed: {e}"),
                         Err(_) => tracing::info!(%remote, "TLS handshake timed out"),

@@ -207,8 +207,12 @@ async fn the_tcp_listener_speaks_tls_behind_the_token_and_logs_refusals() {
         .unwrap();
     let url = format!("https://{listen}/machines");
 
+    // A client that connects and never starts its handshake holds up nobody.
+    let _stalled = tokio::net::TcpStream::connect(&listen).await.unwrap();
+    let t = Instant::now();
     let resp = https.get(&url).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["machines"], serde_json::json!([]));
     let resp = https.get(&url).send().await.unwrap();
