@@ -2,7 +2,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Where a machine's kernel, root filesystem and initrd come from: `http(s)://` or `file://`.
+/// Where a machine's kernel, root filesystem and initrd come from: `http(s)://`, or `file://`
+/// under one of the daemon's artifact directories.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ArtifactRef {

@@ -65,6 +65,11 @@ impl Blobs {
         &self.dir
     }
 
+    /// Where blobs are written before they are committed.
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
     pub fn path(&self, sha256: &str) -> PathBuf {
         self.dir.join(sha256)
     }

@@ -32,9 +32,30 @@ pub struct Config {
     /// Also serve the API on this TCP address; every request must then carry the bearer token.
     #[arg(long, env = "HEARTH_LISTEN")]
     pub listen: Option<std::net::SocketAddr>,
-    /// File holding the bearer token for the TCP listener.
+    /// File holding the bearer token for the TCP listener (readable by its owner only).
     #[arg(long, env = "HEARTH_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS certificate chain for the TCP listener (PEM).
+    #[arg(long, env = "HEARTH_TLS_CERT", requires_all = ["tls_key", "listen"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key for the TCP listener (PEM).
+    #[arg(long, env = "HEARTH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on a TCP address that is not loopback (the token then crosses the
+    /// network in the clear): for networks that are encrypted already.
+    #[arg(long, env = "HEARTH_INSECURE_TCP")]
+    pub insecure_tcp: bool,
+    /// Where `file://` artifact URLs may point (repeatable; `:`-separated in the environment).
+    /// Default: <root>/images.
+    #[arg(
+        long = "artifact-dir",
+        env = "HEARTH_ARTIFACT_DIRS",
+        value_delimiter = ':'
+    )]
+    pub artifact_dirs: Vec<PathBuf>,
+    /// Accept `file://` artifact URLs from callers on the TCP listener too.
+    #[arg(long, env = "HEARTH_ALLOW_FILE_URLS_OVER_TCP")]
+    pub allow_file_urls_over_tcp: bool,
     #[arg(long, env = "HEARTH_ACCEL", value_enum, default_value = "auto")]
     pub accel: AccelChoice,
     #[arg(long, env = "HEARTH_CLONE", value_enum, default_value = "auto")]
@@ -92,6 +113,19 @@ impl Config {
         self.socket
             .clone()
             .unwrap_or_else(|| self.root.join("hearthd.sock"))
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// The directories `file://` artifact URLs may point into.
+    pub fn artifact_dirs(&self) -> Vec<PathBuf> {
+        if self.artifact_dirs.is_empty() {
+            vec![self.images_dir()]
+        } else {
+            self.artifact_dirs.clone()
+        }
     }
 
     pub fn boot_timeout(&self) -> Duration {

@@ -1,4 +1,5 @@
 use super::ApiJson;
+use crate::access::Caller;
 use crate::error::Error;
 use crate::error::Result;
 use crate::service::snapshots::Timings;
@@ -7,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use hearth_api::{
     CreateSnapshotRequest, CreateSnapshotResponse, MachineEnvelope, RestoreRequest,
     SnapshotEnvelope, SnapshotList, UploadRequest, UploadResponse,
@@ -68,10 +69,11 @@ pub async fn delete(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCod
 
 pub async fn restore(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<MachineEnvelope>)> {
-    let (machine, timings) = svc.restore(&id, req).await?;
+    let (machine, timings) = svc.restore(&id, req, caller).await?;
     Ok((
         StatusCode::CREATED,
         server_timing(&timings),

@@ -2,6 +2,7 @@
 
 use super::network::check_port;
 use super::{nonce, Operation, Service};
+use crate::access::Caller;
 use crate::agent::AgentClient;
 use crate::blobs::Leases;
 use crate::error::{Error, Result};
@@ -48,17 +49,22 @@ impl Service {
 
     /// Creates and boots a machine; returns once its agent answered. On any failure nothing is
     /// left: no process, file, socket or record.
-    pub async fn create_machine(self: &Arc<Self>, req: CreateMachineRequest) -> Result<Machine> {
+    pub async fn create_machine(
+        self: &Arc<Self>,
+        req: CreateMachineRequest,
+        caller: Caller,
+    ) -> Result<Machine> {
         let spec = self.validate_create(&req)?;
+        self.artifacts.check(&req.artifact, caller)?;
         let ports = req.ports.unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
         self.operation(
             Operation::on(OpKind::Create, &req.machine_id),
-            |svc, id, _| async move {
+            move |svc, id, _| async move {
                 let mut rec = MachineRecord::starting(&id, spec, true);
                 svc.store.insert_machine(&rec)?;
                 let leases = Leases::default();
-                let mut result = svc.provision_and_boot(&mut rec, &leases).await;
+                let mut result = svc.provision_and_boot(&mut rec, caller, &leases).await;
                 if result.is_ok() {
                     result = svc.publish_all(&rec, &ports).await;
                 }
@@ -123,18 +129,32 @@ impl Service {
 
     /// Fetches the artifacts, makes the system disk and boots.
     /// What it fetches stays leased to the create until it ends.
-    async fn provision_and_boot(&self, rec: &mut MachineRecord, leases: &Leases) -> Result<()> {
+    async fn provision_and_boot(
+        &self,
+        rec: &mut MachineRecord,
+        caller: Caller,
+        leases: &Leases,
+    ) -> Result<()> {
         let artifact = rec.spec.artifact.clone();
         let kernel = self
             .artifacts
-            .fetch("kernel_image_url", &artifact.kernel_image_url, leases)
+            .fetch(
+                "kernel_image_url",
+                &artifact.kernel_image_url,
+                caller,
+                leases,
+            )
             .await?;
         let rootfs = self
             .artifacts
-            .fetch("rootfs_url", &artifact.rootfs_url, leases)
+            .fetch("rootfs_url", &artifact.rootfs_url, caller, leases)
             .await?;
         let initrd = match &artifact.initrd_url {
-            Some(url) => Some(self.artifacts.fetch("initrd_url", url, leases).await?),
+            Some(url) => Some(
+                self.artifacts
+                    .fetch("initrd_url", url, caller, leases)
+                    .await?,
+            ),
             None => None,
         };
         rec.spec.kernel_sha256 = kernel.sha256;

@@ -136,8 +136,13 @@ impl Service {
             std::fs::create_dir_all(root.join(dir))?;
         }
         let store = Arc::new(Store::open(&root.join("state").join("hearth.db"))?);
-        let artifacts =
-            ArtifactCache::new(&root.join("images"), store.clone(), cfg.cache_max_bytes)?;
+        let artifacts = ArtifactCache::new(
+            &cfg.images_dir(),
+            store.clone(),
+            cfg.cache_max_bytes,
+            &cfg.artifact_dirs(),
+            cfg.allow_file_urls_over_tcp,
+        )?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))

@@ -7,6 +7,7 @@
 use super::network::check_port;
 use super::snapshots::{Timings, MEMORY, SYSTEM_DISK, VMSTATE};
 use super::{compat, machines::guest_hostname, nonce, Operation, Service};
+use crate::access::{self, Caller};
 use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -37,6 +38,7 @@ impl Service {
         self: &Arc<Self>,
         snapshot_id: &str,
         req: RestoreRequest,
+        caller: Caller,
     ) -> Result<(Machine, Timings)> {
         validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
         validate_id("snapshot", snapshot_id).map_err(Error::invalid)?;
@@ -61,6 +63,13 @@ impl Service {
                 ))
             }
         }
+        // Every URL is checked before anything is fetched.
+        self.artifacts.check(&req.artifact, caller)?;
+        for a in req.snapshot.iter().flat_map(|d| &d.artifacts) {
+            if let Some(url) = &a.download_url {
+                access::object_url(&format!("artifact {}: download_url", a.name), url)?;
+            }
+        }
         let ports = req.ports.clone().unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
         let op = Operation::on(OpKind::Restore, &req.machine_id).snapshot(snapshot_id);
@@ -71,7 +80,7 @@ impl Service {
             let leases = Leases::default();
             let (source, _in_use) = match &req.snapshot {
                 Some(durable) => (
-                    svc.download_source(durable, &req.artifact, &leases)
+                    svc.download_source(durable, &req.artifact, caller, &leases)
                         .await
                         .inspect_err(|_| leases.discard())?,
                     None,
@@ -130,6 +139,7 @@ impl Service {
         &self,
         d: &DurableSnapshotRef,
         artifact: &ArtifactRef,
+        caller: Caller,
         leases: &Leases,
     ) -> Result<Source> {
         let find = |kind: ArtifactKind| d.artifacts.iter().find(|a| a.kind == kind);
@@ -171,12 +181,17 @@ impl Service {
         }
         let kernel = self
             .artifacts
-            .fetch("kernel_image_url", &artifact.kernel_image_url, leases)
+            .fetch(
+                "kernel_image_url",
+                &artifact.kernel_image_url,
+                caller,
+                leases,
+            )
             .await?;
         let initrd = match &artifact.initrd_url {
             Some(url) => Some(
                 self.artifacts
-                    .fetch("initrd_url", url, leases)
+                    .fetch("initrd_url", url, caller, leases)
                     .await?
                     .sha256,
             ),

@@ -142,7 +142,7 @@ fn qemu() -> Qemu {
 
 /// The image's files as `file://` artifact URLs.
 fn image_artifact(image: &Path) -> ArtifactRef {
-    let url = |f: &str| format!("file://{}", image.join(f).display());
+    let url = |f: &str| String::from(url::Url::from_file_path(image.join(f)).expect("absolute"));
     ArtifactRef {
         kernel_image_url: url("vmlinux"),
         rootfs_url: url("rootfs.ext4"),
@@ -164,7 +164,7 @@ async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
         .prefix("hbench")
         .tempdir_in("/tmp")?;
     let qemu = qemu();
-    let daemon = Daemon::start(&work.path().join("root")).await?;
+    let daemon = Daemon::start(&work.path().join("root"), image).await?;
     let artifact = image_artifact(image);
     let create = |id: String| CreateMachineRequest {
         machine_id: id,
@@ -318,9 +318,10 @@ struct Daemon {
 impl Daemon {
     /// A daemon whose machines' networks reach nothing beyond their namespaces, on a pool of
     /// its own (not the default one a daemon of this host may guard).
-    async fn start(root: &Path) -> Result<Daemon> {
+    async fn start(root: &Path, image: &Path) -> Result<Daemon> {
         Daemon::start_with(
             root,
+            image,
             &[
                 "--egress-interface",
                 "hearth-noegress",
@@ -333,8 +334,14 @@ impl Daemon {
         .await
     }
 
-    async fn start_with(root: &Path, args: &[&str]) -> Result<Daemon> {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    /// A daemon that takes `file://` artifacts from `image`.
+    async fn start_with(root: &Path, image: &Path, args: &[&str]) -> Result<Daemon> {
+        let image = image.to_str().context("the image directory is not UTF-8")?;
+        let args: Vec<String> = ["--artifact-dir", image]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
         let child = Daemon::spawn(root, &args).await?;
         Ok(Daemon {
             child,
