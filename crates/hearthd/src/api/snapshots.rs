@@ -62,7 +62,7 @@ pub async fn get(State(svc): Svc, Path(id): Path<String>) -> Result<Json<Snapsho
 }
 
 pub async fn delete(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode> {
-    svc.delete_snapshot(&id)?;
+    svc.delete_snapshot(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
