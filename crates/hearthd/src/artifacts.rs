@@ -17,6 +17,8 @@ pub struct ArtifactCache {
     blobs: Arc<Blobs>,
     store: Arc<Store>,
     http: reqwest::Client,
+    /// The largest artifact fetched: a server that sends without end fills no disk.
+    max_bytes: u64,
 }
 
 /// Chunk size for local imports; an all-zero chunk becomes a hole.
@@ -27,6 +29,7 @@ impl ArtifactCache {
         images_dir: &Path,
         store: Arc<Store>,
         max_cache_bytes: Option<u64>,
+        max_bytes: u64,
     ) -> Result<ArtifactCache> {
         let blobs = Blobs::open(images_dir, store.clone(), max_cache_bytes)?;
         let http = reqwest::Client::builder()
@@ -34,7 +37,12 @@ impl ArtifactCache {
             .read_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
-        Ok(ArtifactCache { blobs, store, http })
+        Ok(ArtifactCache {
+            blobs,
+            store,
+            http,
+            max_bytes,
+        })
     }
 
     pub fn blobs(&self) -> &Arc<Blobs> {
@@ -72,6 +80,9 @@ impl ArtifactCache {
                         "{field}: {} is not a file",
                         path.display()
                     )));
+                }
+                if meta.len() > self.max_bytes {
+                    return Err(self.too_large(field));
                 }
                 format!(
                     "{}:{}:{}:{}",
@@ -116,6 +127,14 @@ impl ArtifactCache {
         Ok(blob)
     }
 
+    fn too_large(&self, field: &str) -> Error {
+        Error::too_large(format!(
+            "{field}: the artifact is larger than {} bytes, the most a machine's disk may have \
+             here (--max-storage-bytes)",
+            self.max_bytes
+        ))
+    }
+
     async fn download(
         &self,
         field: &str,
@@ -132,6 +151,9 @@ impl ArtifactCache {
         if !resp.status().is_success() {
             return Err(fail(format!("HTTP {}", resp.status())));
         }
+        if resp.content_length().is_some_and(|n| n > self.max_bytes) {
+            return Err(self.too_large(field));
+        }
         let mut file = tokio::fs::File::from_std(file);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -140,6 +162,9 @@ impl ArtifactCache {
             let chunk = chunk.map_err(|e| fail(error_chain(&e)))?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
+            if size > self.max_bytes {
+                return Err(self.too_large(field));
+            }
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
                 .await
                 .map_err(|e| self.blobs.write_error(e))?;
@@ -239,7 +264,7 @@ mod tests {
 
     fn cache(dir: &Path) -> ArtifactCache {
         let store = Arc::new(Store::open(&dir.join("s.db")).unwrap());
-        ArtifactCache::new(&dir.join("images"), store, None).unwrap()
+        ArtifactCache::new(&dir.join("images"), store, None, u64::MAX).unwrap()
     }
 
     #[tokio::test]
@@ -276,7 +301,8 @@ mod tests {
     }
 
     /// A loopback HTTP server: `/blob` serves `body` slowly (so fetches overlap), `/cut`
-    /// promises more than it sends, anything else is 404. Returns its address and a hit count.
+    /// promises more than it sends, `/unannounced` sends it 100 times without a length,
+    /// anything else is 404. Returns its address and a hit count.
     async fn serve(body: Vec<u8>) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -302,6 +328,16 @@ mod tests {
                             .await
                             .unwrap();
                         conn.write_all(&body).await.unwrap();
+                    } else if line.starts_with("GET /unannounced ") {
+                        // No length: the body runs until the connection closes.
+                        conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                            .await
+                            .unwrap();
+                        for _ in 0..100 {
+                            if conn.write_all(&body).await.is_err() {
+                                return;
+                            }
+                        }
                     } else if line.starts_with("GET /cut ") {
                         conn.write_all(head(body.len() * 2, "200 OK").as_bytes())
                             .await
@@ -386,6 +422,32 @@ mod tests {
             assert!(err.message.contains("kernel_image_url"), "{}", err.message);
         }
         assert_nothing_stored(dir.path());
+    }
+
+    #[tokio::test]
+    async fn artifacts_past_the_largest_disk_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("s.db")).unwrap());
+        let cache = ArtifactCache::new(&dir.path().join("images"), store, None, 150_000).unwrap();
+        let leases = Leases::default();
+        let (addr, _) = serve(vec![1u8; 100_000]).await;
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![1u8; 150_001]).unwrap();
+        for url in [
+            format!("http://{addr}/cut"),
+            format!("http://{addr}/unannounced"),
+            format!("file://{}", big.display()),
+        ] {
+            let err = cache.fetch("rootfs_url", &url, &leases).await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::TooLarge, "{url}: {}", err.message);
+            assert!(err.message.contains("150000 bytes"), "{}", err.message);
+        }
+        assert_nothing_stored(dir.path());
+        // Up to the limit is fine.
+        cache
+            .fetch("rootfs_url", &format!("http://{addr}/blob"), &leases)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

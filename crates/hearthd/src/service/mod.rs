@@ -141,8 +141,12 @@ impl Service {
             std::fs::create_dir_all(root.join(dir))?;
         }
         let store = Arc::new(Store::open(&root.join("state").join("hearth.db"))?);
-        let artifacts =
-            ArtifactCache::new(&root.join("images"), store.clone(), cfg.cache_max_bytes)?;
+        let artifacts = ArtifactCache::new(
+            &root.join("images"),
+            store.clone(),
+            cfg.cache_max_bytes,
+            cfg.max_storage_bytes,
+        )?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
