@@ -241,7 +241,7 @@ pub struct ExecRequest {
     /// Bytes fed to the command's stdin (ext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin_base64: Option<String>,
-    /// Cap on captured stdout and on captured stderr, each (ext; default 1 MiB, at most 16 MiB).
+    /// Cap on captured stdout and on captured stderr, each (ext; default 1 MiB, at most 8 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<usize>,
 }

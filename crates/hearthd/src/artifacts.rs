@@ -20,6 +20,8 @@ pub struct ArtifactCache {
     store: Arc<Store>,
     http: reqwest::Client,
     policy: UrlPolicy,
+    /// The largest artifact fetched: a server that sends without end fills no disk.
+    max_bytes: u64,
 }
 
 /// Chunk size for local imports; an all-zero chunk becomes a hole.
@@ -34,6 +36,7 @@ impl ArtifactCache {
         max_cache_bytes: Option<u64>,
         artifact_dirs: &[PathBuf],
         file_urls_over_tcp: bool,
+        max_bytes: u64,
     ) -> Result<ArtifactCache> {
         let blobs = Blobs::open(images_dir, store.clone(), max_cache_bytes)?;
         let policy = UrlPolicy::new(
@@ -51,6 +54,7 @@ impl ArtifactCache {
             store,
             http,
             policy,
+            max_bytes,
         })
     }
 
@@ -103,6 +107,9 @@ impl ArtifactCache {
         let (validator, opened) = match source {
             ArtifactSource::File(path) => {
                 let (file, meta) = self.policy.open(field, &path)?;
+                if meta.len() > self.max_bytes {
+                    return Err(self.too_large(field));
+                }
                 let validator = format!(
                     "{}:{}:{}:{}",
                     meta.dev(),
@@ -147,6 +154,14 @@ impl ArtifactCache {
         Ok(blob)
     }
 
+    fn too_large(&self, field: &str) -> Error {
+        Error::too_large(format!(
+            "{field}: the artifact is larger than {} bytes, the most a machine's disk may have \
+             here (--max-storage-bytes)",
+            self.max_bytes
+        ))
+    }
+
     async fn download(
         &self,
         field: &str,
@@ -163,6 +178,9 @@ impl ArtifactCache {
         if !resp.status().is_success() {
             return Err(fail(format!("HTTP {}", resp.status())));
         }
+        if resp.content_length().is_some_and(|n| n > self.max_bytes) {
+            return Err(self.too_large(field));
+        }
         let mut file = tokio::fs::File::from_std(file);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -171,6 +189,9 @@ impl ArtifactCache {
             let chunk = chunk.map_err(|e| fail(error_chain(&e)))?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
+            if size > self.max_bytes {
+                return Err(self.too_large(field));
+            }
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
                 .await
                 .map_err(|e| self.blobs.write_error(e))?;
@@ -263,6 +284,7 @@ mod tests {
             None,
             &[dir.to_path_buf()],
             false,
+            u64::MAX,
         )
         .unwrap()
     }
@@ -301,7 +323,8 @@ mod tests {
     }
 
     /// A loopback HTTP server: `/blob` serves `body` slowly (so fetches overlap), `/cut`
-    /// promises more than it sends, anything else is 404. Returns its address and a hit count.
+    /// promises more than it sends, `/unannounced` sends it 100 times without a length,
+    /// anything else is 404. Returns its address and a hit count.
     async fn serve(body: Vec<u8>) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -327,6 +350,16 @@ mod tests {
                             .await
                             .unwrap();
                         conn.write_all(&body).await.unwrap();
+                    } else if line.starts_with("GET /unannounced ") {
+                        // No length: the body runs until the connection closes.
+                        conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                            .await
+                            .unwrap();
+                        for _ in 0..100 {
+                            if conn.write_all(&body).await.is_err() {
+                                return;
+                            }
+                        }
                     } else if line.starts_with("GET /cut ") {
                         conn.write_all(head(body.len() * 2, "200 OK").as_bytes())
                             .await
@@ -421,6 +454,48 @@ mod tests {
             assert!(err.message.contains("kernel_image_url"), "{}", err.message);
         }
         assert_nothing_stored(dir.path());
+    }
+
+    #[tokio::test]
+    async fn artifacts_past_the_largest_disk_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("s.db")).unwrap());
+        let cache = ArtifactCache::new(
+            &dir.path().join("images"),
+            store,
+            None,
+            &[dir.path().to_path_buf()],
+            false,
+            150_000,
+        )
+        .unwrap();
+        let leases = Leases::default();
+        let (addr, _) = serve(vec![1u8; 100_000]).await;
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![1u8; 150_001]).unwrap();
+        for url in [
+            format!("http://{addr}/cut"),
+            format!("http://{addr}/unannounced"),
+            format!("file://{}", big.display()),
+        ] {
+            let err = cache
+                .fetch("rootfs_url", &url, Caller::Local, &leases)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code, ErrorCode::TooLarge, "{url}: {}", err.message);
+            assert!(err.message.contains("150000 bytes"), "{}", err.message);
+        }
+        assert_nothing_stored(dir.path());
+        // Up to the limit is fine.
+        cache
+            .fetch(
+                "rootfs_url",
+                &format!("http://{addr}/blob"),
+                Caller::Local,
+                &leases,
+            )
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -394,14 +394,21 @@ impl Leases {
     /// The operation failed: removes the blobs it fetched fresh unless a machine or snapshot
     /// references them or another operation pins them, and releases every lease. Call it once
     /// the operation's own records are gone.
-    pub fn discard(&self) {
+    /// Removing large files blocks: it runs off the async threads.
+    pub async fn discard(&self) {
         let leases = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut done = HashSet::new();
-        for lease in leases.iter().filter(|l| l.fresh) {
-            if done.insert(&lease.sha256) {
-                let own = leases.iter().filter(|l| l.sha256 == lease.sha256).count();
-                lease.blobs.discard(&lease.sha256, own);
+        let removed = storage::blocking(move || {
+            let mut done = HashSet::new();
+            for lease in leases.iter().filter(|l| l.fresh) {
+                if done.insert(&lease.sha256) {
+                    let own = leases.iter().filter(|l| l.sha256 == lease.sha256).count();
+                    lease.blobs.discard(&lease.sha256, own);
+                }
             }
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!("discarding blobs: {}", e.message);
         }
     }
 }
@@ -616,7 +623,7 @@ mod tests {
             ))
             .unwrap();
 
-        op.discard();
+        op.discard().await;
         let want: HashSet<String> = [&found, &shared, &referenced].map(|x| sha(x)).into();
         assert_eq!(files(&blobs), want);
         assert_eq!(store.blob(&sha(&fresh)).unwrap(), None);

@@ -34,6 +34,7 @@ pub fn make_vmm(cfg: &Config) -> Arc<dyn vmm::Vmm> {
         binary: cfg.qemu.clone(),
         accel,
         tsc_khz,
+        console_log_bytes: cfg.console_log_bytes,
     })
 }
 

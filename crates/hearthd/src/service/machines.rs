@@ -19,10 +19,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const MIN_MEMORY_MIB: u32 = 64;
-const MAX_MEMORY_MIB: u32 = 256 * 1024;
-const MAX_VCPUS: u32 = 64;
-
 /// How long a guest gets to power off after the agent was asked to.
 const AGENT_CALL: Duration = Duration::from_secs(5);
 
@@ -58,11 +54,14 @@ impl Service {
         self.artifacts.check(&req.artifact, caller)?;
         let ports = req.ports.unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
+        let boot = self.boot_permit()?;
+        self.check_room()?;
         self.operation(
             Operation::on(OpKind::Create, &req.machine_id),
             move |svc, id, _| async move {
+                let _boot = boot;
                 let mut rec = MachineRecord::starting(&id, spec, true);
-                svc.store.insert_machine(&rec)?;
+                svc.insert_new_machine(&rec)?;
                 let leases = Leases::default();
                 let mut result = svc.provision_and_boot(&mut rec, caller, &leases).await;
                 if result.is_ok() {
@@ -71,7 +70,7 @@ impl Service {
                 if let Err(e) = &result {
                     tracing::info!(machine = %id, "create failed: {}", e.message);
                     svc.destroy(&id, rec.process.as_ref()).await;
-                    leases.discard();
+                    leases.discard().await;
                 }
                 result.map(|()| svc.machine_api(&rec))
             },
@@ -82,17 +81,9 @@ impl Service {
     fn validate_create(&self, req: &CreateMachineRequest) -> Result<MachineSpec> {
         validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
         let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
-            return Err(Error::invalid(format!(
-                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
-            )));
-        }
         let vcpus = req.vcpus.unwrap_or(self.cfg.default_vcpus);
-        if !(1..=MAX_VCPUS).contains(&vcpus) {
-            return Err(Error::invalid(format!(
-                "vcpus must be between 1 and {MAX_VCPUS}"
-            )));
-        }
+        let storage_bytes = req.storage_bytes.unwrap_or(self.cfg.default_storage_bytes);
+        self.check_size(memory_mib, vcpus, storage_bytes)?;
         if req.user_volume_ids.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(Error::invalid(
                 "user_volume_ids: this hearthd has no volume support yet",
@@ -103,7 +94,7 @@ impl Service {
             artifact: req.artifact.clone(),
             memory_mib,
             vcpus,
-            storage_bytes: req.storage_bytes.unwrap_or(self.cfg.default_storage_bytes),
+            storage_bytes,
             hostname,
             machine_uuid: nonce(),
             kernel_sha256: String::new(),
@@ -368,7 +359,9 @@ impl Service {
     /// Boots a stopped or failed machine again from its own disks.
     pub async fn start_machine(self: &Arc<Self>, id: &str) -> Result<Machine> {
         validate_id("machine", id).map_err(Error::invalid)?;
+        let boot = self.boot_permit()?;
         self.operation(Operation::on(OpKind::Start, id), |svc, id, _| async move {
+            let _boot = boot;
             let mut rec = svc.record(&id)?;
             if !matches!(rec.phase, Phase::Stopped | Phase::Failed) {
                 return Err(Error::conflict(format!(
@@ -422,11 +415,8 @@ impl Service {
         failpoint::stall("destroy-killed").await;
         self.clear_runtime_files(id).await;
         self.detach_network(id).await;
-        let paths = self.paths(id);
-        if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(machine = %id, "removing {}: {e}", paths.dir.display());
-            }
+        if let Err(e) = storage::remove_tree(&self.paths(id).dir).await {
+            tracing::warn!(machine = %id, "{}", e.message);
         }
         if let Err(e) = self.store.delete_machine(id) {
             tracing::warn!(machine = %id, "deleting record: {}", e.message);
@@ -451,8 +441,14 @@ impl Service {
         // A crash between the VMM's start and the record of its pid leaves only its pid file
         // to find it by.
         process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
-        let _ = std::fs::remove_dir_all(&paths.sock_dir);
-        let _ = std::fs::remove_file(paths.memory());
+        for removed in [
+            storage::remove_tree(&paths.sock_dir).await,
+            storage::remove_file(&paths.memory()).await,
+        ] {
+            if let Err(e) = removed {
+                tracing::warn!(machine = %id, "{}", e.message);
+            }
+        }
     }
 }
 
@@ -482,7 +478,8 @@ fn validate_hostname(h: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::invalid(format!(
-            "guest_config.hostname {h:?} is not a valid hostname"
+            "guest_config.hostname {} is not a valid hostname",
+            hearth_api::excerpt(h)
         )))
     }
 }

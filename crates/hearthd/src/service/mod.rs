@@ -11,6 +11,7 @@ mod processes;
 pub use processes::MAX_STDIN;
 mod fork;
 mod gc;
+mod limits;
 mod machines;
 mod network;
 mod reconcile;
@@ -56,6 +57,10 @@ pub struct Service {
     net: Option<Arc<Net>>,
     /// The relays of published ports.
     relays: Relays,
+    /// Boots under way, at most `--max-concurrent-boots`.
+    boots: Arc<tokio::sync::Semaphore>,
+    /// Held while a new machine's record is checked against `--max-machines` and inserted.
+    admit: Mutex<()>,
 }
 
 /// In-memory state of one machine: its operation lock and its agent connection.
@@ -142,6 +147,7 @@ impl Service {
             cfg.cache_max_bytes,
             &cfg.artifact_dirs(),
             cfg.allow_file_urls_over_tcp,
+            cfg.max_storage_bytes,
         )?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -149,7 +155,6 @@ impl Service {
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
         Ok(Arc::new(Service {
-            cfg,
             store,
             artifacts,
             vmm,
@@ -160,6 +165,9 @@ impl Service {
             http,
             net: net.map(Arc::new),
             relays: Relays::default(),
+            boots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_boots)),
+            admit: Mutex::new(()),
+            cfg,
         }))
     }
 

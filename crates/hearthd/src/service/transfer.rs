@@ -244,7 +244,7 @@ impl Service {
         staged
             .as_file()
             .set_len(size)
-            .map_err(|e| Error::io("sizing", staged.path(), e))?;
+            .map_err(|e| storage::too_large_for_a_file(staged.path(), size, e))?;
         // One descriptor shared by every chunk: positioned writes need no seek.
         let file = Arc::new(staged.reopen()?);
         download(

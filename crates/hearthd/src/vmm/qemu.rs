@@ -7,7 +7,7 @@
 //! milliseconds. A restore starts QEMU with `-incoming defer -S` on the snapshot's memory file
 //! mapped private, loads the device state and continues.
 
-use super::{process, qmp::Qmp, MachinePaths, MemoryBacking, VmSpec, Vmm};
+use super::{console, process, qmp::Qmp, MachinePaths, MemoryBacking, VmSpec, Vmm};
 use crate::error::{Error, Result};
 use crate::host::Accel;
 use crate::store::ProcessRecord;
@@ -26,6 +26,8 @@ pub struct Qemu {
     pub accel: Accel,
     pub tsc_khz: u64,
     pub version: String,
+    /// Bytes of serial console kept per file (`console.log`, then `console.log.1`).
+    pub console_log_bytes: u64,
 }
 
 /// Kernel flags for a fast, quiet microVM boot. Under TCG the guest is also told the TSC rate:
@@ -116,10 +118,12 @@ impl Qemu {
         if let Some(initrd) = &spec.initrd {
             cmd.arg("-initrd").arg(initrd);
         }
+        // The console goes into a FIFO that the daemon copies, capped, into console.log
+        // (see `console`); it must exist first ([`console::prepare`]).
         cmd.arg("-chardev")
             .arg(format!(
-                "file,id=console,path={},append=on",
-                p.console().display()
+                "pipe,id=console,path={}",
+                p.console_pipe().display()
             ))
             .args(["-serial", "chardev:console"]);
         for (i, disk) in spec.disks.iter().enumerate() {
@@ -189,6 +193,7 @@ impl Qemu {
         ] {
             let _ = std::fs::remove_file(stale);
         }
+        console::prepare(p)?;
         let mut cmd = self.command(spec, incoming);
         if let Some(net) = &spec.network {
             // QEMU opens the tap by name, so it must run in the machine's namespace.
@@ -229,6 +234,7 @@ impl Qemu {
                 reasons.join("\n")
             )));
         }
+        console::follow(p, self.console_log_bytes);
         let pid: i32 = std::fs::read_to_string(p.pidfile())
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -329,6 +335,7 @@ impl Vmm for Qemu {
             .await
             .map_err(Error::unavailable)?;
         tracing::debug!(?status, "reattached to QEMU");
+        console::follow(paths, self.console_log_bytes);
         Ok(())
     }
 

@@ -81,7 +81,7 @@ pub async fn run(image: &Path, seconds: u64) -> Result<()> {
         .prefix("hbench")
         .tempdir_in("/tmp")?;
     let root = work.path().join("root");
-    let daemon = Daemon::start(&root).await?;
+    let daemon = Daemon::start(&root, image).await?;
     let c = daemon.client.clone();
     for id in ["hostile", "quiet"] {
         c.create_machine(&CreateMachineRequest {

@@ -137,6 +137,7 @@ fn qemu() -> Qemu {
         binary: "qemu-system-x86_64".into(),
         accel: host::choose_accel(AccelChoice::Auto),
         tsc_khz: host::measure_tsc_khz(),
+        console_log_bytes: 1 << 20,
     }
 }
 
@@ -255,6 +256,8 @@ fn raw_spec(image: &Path, dir: &Path, memory_mib: u32) -> Result<VmSpec> {
         dir: dir.to_path_buf(),
         sock_dir: dir.to_path_buf(),
     };
+    // QEMU's console pipe; nobody reads it (a quiet guest writes less than it holds).
+    hearthd::vmm::console::prepare(&paths).map_err(|e| anyhow::anyhow!(e.message))?;
     Ok(VmSpec {
         kernel: image.join("vmlinux"),
         initrd: Some(image.join("initrd.img")),
