@@ -62,6 +62,17 @@ pub struct Config {
     pub clone: CloneMode,
     #[arg(long, env = "HEARTH_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// The unprivileged user VMMs run as (`root` keeps them root, with a warning).
+    #[arg(long, env = "HEARTH_VMM_USER", default_value = "hearth-vmm")]
+    pub vmm_user: String,
+    /// Which cgroups limit each VMM: v2 where its controllers are available, else v1; `off`
+    /// runs VMMs without limits.
+    #[arg(long, env = "HEARTH_CGROUPS", value_enum, default_value = "auto")]
+    pub cgroups: crate::cgroup::Mode,
+    /// Memory a VMM may use beyond its guest's RAM (MiB): QEMU itself, its device buffers and,
+    /// under TCG, its translated code.
+    #[arg(long, env = "HEARTH_VMM_MEMORY_OVERHEAD_MIB", default_value_t = 256)]
+    pub vmm_memory_overhead_mib: u64,
     #[arg(long, env = "HEARTH_DEFAULT_MEMORY_MIB", default_value_t = 256)]
     pub default_memory_mib: u32,
     #[arg(long, env = "HEARTH_DEFAULT_VCPUS", default_value_t = 1)]

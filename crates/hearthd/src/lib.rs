@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod artifacts;
 pub mod blobs;
+pub mod cgroup;
 pub mod config;
 pub mod error;
 pub mod failpoint;
@@ -20,22 +21,39 @@ use access::Caller;
 use anyhow::{Context, Result};
 use config::Config;
 use service::Service;
-use sha2::Digest;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-/// Builds the configured VMM backend.
-pub fn make_vmm(cfg: &Config) -> Arc<dyn vmm::Vmm> {
+/// Builds the configured VMM backend. QEMU runs as `--vmm-user`, which must exist and be able
+/// to reach the data root (and /dev/kvm under KVM).
+pub fn make_vmm(cfg: &Config) -> Result<Arc<dyn vmm::Vmm>> {
     let accel = host::choose_accel(cfg.accel);
     let tsc_khz = cfg.tsc_khz.unwrap_or_else(host::measure_tsc_khz);
-    tracing::info!(?accel, tsc_khz, "QEMU backend");
-    Arc::new(vmm::qemu::Qemu {
+    let user = vmm::user::VmmUser::lookup(&cfg.vmm_user).map_err(|e| anyhow::anyhow!(e.message))?;
+    match &user {
+        Some(user) => {
+            std::fs::create_dir_all(&cfg.root)
+                .with_context(|| format!("creating {}", cfg.root.display()))?;
+            user.check_reaches(&cfg.root)
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            if accel == host::Accel::Kvm {
+                user.check_kvm().map_err(|e| anyhow::anyhow!(e.message))?;
+            }
+        }
+        None => tracing::warn!(
+            "VMMs run as root (--vmm-user {}): a guest that escapes into QEMU owns the host",
+            cfg.vmm_user
+        ),
+    }
+    tracing::info!(?accel, tsc_khz, user = %cfg.vmm_user, "QEMU backend");
+    Ok(Arc::new(vmm::qemu::Qemu {
         version: vmm::qemu::version_of(&cfg.qemu),
         binary: cfg.qemu.clone(),
         accel,
         tsc_khz,
         console_log_bytes: cfg.console_log_bytes,
-    })
+        user,
+    }))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running after it exits.
@@ -46,7 +64,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         Some(addr) => Some(tcp::TcpApi::bind(&cfg, addr).await?),
         None => None,
     };
-    let vmm = make_vmm(&cfg);
+    let vmm = make_vmm(&cfg)?;
+    std::fs::create_dir_all(&cfg.root)
+        .with_context(|| format!("creating {}", cfg.root.display()))?;
+    let tag = net::tag_of(&cfg.root)?;
     let net = if cfg.no_network {
         None
     } else {
@@ -57,13 +78,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             .context("no default route to take egress from: give --egress-interface")?;
         let dns = cfg.dns.clone().unwrap_or_else(net::host_dns);
         tracing::info!(pool = %cfg.net_pool, %egress, ?dns, "machine networks");
-        std::fs::create_dir_all(&cfg.root)
-            .with_context(|| format!("creating {}", cfg.root.display()))?;
-        let root = std::fs::canonicalize(&cfg.root)?;
-        let tag =
-            hex::encode(sha2::Sha256::digest(root.as_os_str().as_encoded_bytes()))[..4].to_string();
         let cfg = net::NetConfig {
-            tag,
+            tag: tag.clone(),
             pool: cfg.net_pool,
             egress_interface: egress,
             dns,
@@ -74,7 +90,12 @@ pub async fn run(cfg: Config) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{} (or run with --no-network)", e.message))?,
         )
     };
-    let svc = Service::new(cfg.clone(), vmm, net).map_err(|e| anyhow::anyhow!(e.message))?;
+    let cgroups = cgroup::Cgroups::setup(cfg.cgroups, &tag)?;
+    if cgroups.is_none() {
+        tracing::warn!("--cgroups off: VMMs run without memory, CPU or pids limits");
+    }
+    let svc =
+        Service::new(cfg.clone(), vmm, net, cgroups).map_err(|e| anyhow::anyhow!(e.message))?;
     svc.recover().await;
     svc.spawn_reconciler();
 
@@ -121,6 +142,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     }
     svc.release_host_network();
+    svc.release_cgroups();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

@@ -7,6 +7,7 @@ use futures_util::TryStreamExt;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 
 fn nl(what: &str) -> impl FnOnce(rtnetlink::Error) -> Error + '_ {
     move |e| Error::internal(format!("{what}: {e}"))
@@ -200,6 +201,21 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 /// Creates a persistent tap named `name` in the calling thread's namespace. The kernel has no
 /// netlink request for this: it takes the tun device's ioctls.
 fn make_tap(name: &str) -> Result<()> {
+    let tun = attach_tap(name)?;
+    // SAFETY: TUNSETPERSIST takes an integer flag.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
+    if rc != 0 {
+        return Err(Error::internal(format!(
+            "TUNSETPERSIST {name}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Opens tap `name` in the calling thread's namespace (creating it unless it is persistent),
+/// with the flags a VMM asks for.
+fn attach_tap(name: &str) -> Result<std::fs::File> {
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -211,7 +227,7 @@ fn make_tap(name: &str) -> Result<()> {
         return Err(Error::internal(format!("tap name {name} is too long")));
     }
     ifreq[..name.len()].copy_from_slice(name.as_bytes());
-    // The VMM asks for the same flags when it attaches; vnet headers let it offload.
+    // Vnet headers let the VMM offload.
     let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
     ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifreq` is large enough for.
@@ -222,15 +238,14 @@ fn make_tap(name: &str) -> Result<()> {
             std::io::Error::last_os_error()
         )));
     }
-    // SAFETY: TUNSETPERSIST takes an integer flag.
-    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
-    if rc != 0 {
-        return Err(Error::internal(format!(
-            "TUNSETPERSIST {name}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    Ok(tun)
+}
+
+/// An open tap `name` of the namespace bound at `netns`, for a VMM that may not open it
+/// itself (an unprivileged one: a tap belongs to whoever has CAP_NET_ADMIN).
+pub fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd> {
+    let name = name.to_string();
+    netns::run_at(netns, move || attach_tap(&name).map(OwnedFd::from))
 }
 
 /// An fd for namespace `ns`, for a VMM to enter before it execs.

@@ -12,6 +12,7 @@
 //! ```
 
 mod links;
+pub use links::open_tap;
 mod netns;
 pub mod ports;
 mod rules;

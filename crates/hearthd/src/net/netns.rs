@@ -89,8 +89,16 @@ pub fn run_in<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let file = File::open(path(name))
-        .map_err(|e| Error::internal(format!("network namespace {name}: {e}")))?;
+    run_at(&path(name), f)
+}
+
+/// [`run_in`] for the namespace bound at `ns`.
+pub fn run_at<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let file = File::open(ns)
+        .map_err(|e| Error::internal(format!("network namespace {}: {e}", ns.display())))?;
     std::thread::spawn(move || {
         setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
             .map_err(|e| Error::internal(format!("entering a network namespace: {e}")))?;

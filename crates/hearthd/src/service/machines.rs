@@ -5,6 +5,7 @@ use super::{nonce, Operation, Service};
 use crate::access::Caller;
 use crate::agent::AgentClient;
 use crate::blobs::Leases;
+use crate::cgroup::{Cgroup, Limits};
 use crate::error::{Error, Result};
 use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
 use crate::vmm::{process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
@@ -200,7 +201,7 @@ impl Service {
         network: Option<NetAttach>,
     ) -> Result<()> {
         let paths = self.paths(&rec.id);
-        let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()), network);
+        let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()), network)?;
         let started = Instant::now();
         let proc = self.vmm.boot(&spec).await?;
         // A crash here leaves a VMM that only its pid file names.
@@ -211,16 +212,16 @@ impl Service {
         self.finish_start(rec, &paths, proc, false, started).await
     }
 
-    /// What the VMM needs to run this machine with the given RAM.
+    /// What the VMM needs to run this machine with the given RAM; its cgroup is made here.
     pub(super) fn vm_spec(
         &self,
         rec: &MachineRecord,
         memory: MemoryBacking,
         network: Option<NetAttach>,
-    ) -> VmSpec {
+    ) -> Result<VmSpec> {
         let paths = self.paths(&rec.id);
         let blob = |sha: &str| self.cfg.root.join("images").join("blobs").join(sha);
-        VmSpec {
+        Ok(VmSpec {
             kernel: blob(&rec.spec.kernel_sha256),
             initrd: rec.spec.initrd_sha256.as_deref().map(blob),
             memory_mib: rec.spec.memory_mib,
@@ -229,6 +230,49 @@ impl Service {
             memory,
             paths,
             network,
+            cgroup: self.machine_cgroup(rec)?,
+        })
+    }
+
+    /// Machine `rec`'s cgroup, made (again) with its limits: its RAM plus the VMM's overhead,
+    /// a CPU per vCPU, a pids limit. None with `--cgroups off`.
+    fn machine_cgroup(&self, rec: &MachineRecord) -> Result<Option<Cgroup>> {
+        let Some(cgroups) = &self.cgroups else {
+            return Ok(None);
+        };
+        let limits = Limits::for_machine(
+            rec.spec.memory_mib,
+            rec.spec.vcpus,
+            self.cfg.vmm_memory_overhead_mib,
+        );
+        cgroups
+            .create(&rec.id, &limits)
+            .map(Some)
+            .map_err(|e| Error::internal(format!("machine {}: {e}", rec.id)))
+    }
+
+    /// Puts the VMM of a running machine found again after a restart into its cgroup (made
+    /// again, should it be missing; a VMM started by an older daemon is confined from now on).
+    pub(super) fn confine_again(&self, rec: &MachineRecord, pid: i32) -> Result<()> {
+        if let (Some(cgroups), Some(_)) = (&self.cgroups, self.machine_cgroup(rec)?) {
+            cgroups
+                .attach(&rec.id, pid)
+                .map_err(|e| Error::internal(format!("machine {}: {e}", rec.id)))?;
+        }
+        Ok(())
+    }
+
+    /// Removes machine `id`'s cgroup, its VMM gone; one that cannot go now is a leftover for
+    /// reconcile.
+    async fn remove_cgroup(&self, id: &str) {
+        let Some(cgroups) = self.cgroups.clone() else {
+            return;
+        };
+        let machine = id.to_string();
+        match tokio::task::spawn_blocking(move || cgroups.remove(&machine)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(machine = %id, "{e}"),
+            Err(e) => tracing::warn!(machine = %id, "removing the cgroup: {e}"),
         }
     }
 
@@ -441,6 +485,7 @@ impl Service {
         // A crash between the VMM's start and the record of its pid leaves only its pid file
         // to find it by.
         process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
+        self.remove_cgroup(id).await;
         for removed in [
             storage::remove_tree(&paths.sock_dir).await,
             storage::remove_file(&paths.memory()).await,

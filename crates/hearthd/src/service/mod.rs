@@ -21,6 +21,7 @@ mod transfer;
 
 use crate::agent::AgentClient;
 use crate::artifacts::ArtifactCache;
+use crate::cgroup::Cgroups;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::net::ports::Relays;
@@ -55,6 +56,8 @@ pub struct Service {
     http: reqwest::Client,
     /// Machines' networks; none with `--no-network`.
     net: Option<Arc<Net>>,
+    /// Machines' cgroups; none with `--cgroups off`.
+    cgroups: Option<Arc<Cgroups>>,
     /// The relays of published ports.
     relays: Relays,
     /// Boots under way, at most `--max-concurrent-boots`.
@@ -129,7 +132,12 @@ impl Runtime {
 }
 
 impl Service {
-    pub fn new(cfg: Config, vmm: Arc<dyn Vmm>, net: Option<Net>) -> Result<Arc<Service>> {
+    pub fn new(
+        cfg: Config,
+        vmm: Arc<dyn Vmm>,
+        net: Option<Net>,
+        cgroups: Option<Cgroups>,
+    ) -> Result<Arc<Service>> {
         let root = &cfg.root;
         if root.as_os_str().len() > MAX_ROOT_LEN {
             return Err(Error::invalid(format!(
@@ -164,6 +172,7 @@ impl Service {
             snapshot_uses: Mutex::new(HashMap::new()),
             http,
             net: net.map(Arc::new),
+            cgroups: cgroups.map(Arc::new),
             relays: Relays::default(),
             boots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_boots)),
             admit: Mutex::new(()),
@@ -366,7 +375,7 @@ mod tests {
     async fn operations_on_missing_machines_leave_no_state_behind() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse_from(["hearthd", "--root", dir.path().to_str().unwrap()]);
-        let svc = Service::new(cfg, Arc::new(NoVmm), None).unwrap();
+        let svc = Service::new(cfg, Arc::new(NoVmm), None, None).unwrap();
         for i in 0..20 {
             let id = format!("ghost{i}");
             let snap = CreateSnapshotRequest {

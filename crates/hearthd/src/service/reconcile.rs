@@ -148,7 +148,12 @@ impl Service {
                 continue;
             };
             match self.vmm.reattach(&self.paths(&rec.id), &proc).await {
-                Ok(()) => tracing::info!(machine = %rec.id, pid = proc.pid, "reattached"),
+                Ok(()) => {
+                    tracing::info!(machine = %rec.id, pid = proc.pid, "reattached");
+                    if let Err(e) = self.confine_again(&rec, proc.pid) {
+                        tracing::warn!(machine = %rec.id, "{}", e.message);
+                    }
+                }
                 Err(e) => {
                     let reason = format!("lost the VMM across a daemon restart: {}", e.message);
                     self.mark_failed(rec, &reason).await;
@@ -237,6 +242,7 @@ impl Service {
             snapshots.extend(op.snapshot_id);
         }
         self.remove_network_leftovers(&known).await;
+        self.remove_cgroup_leftovers(&known).await;
         let sock_dirs: HashSet<_> = known.iter().map(|id| self.paths(id).sock_dir).collect();
         for entry in read_dir(&self.machines_dir()) {
             if !known.contains(entry.file_name().to_string_lossy().as_ref()) {
@@ -264,6 +270,39 @@ impl Service {
             tracing::info!("removing leftover runtime directory {}", dir.display());
             process::kill_vmm_of(&dir, &dir.join("vmm.pid")).await;
             let _ = storage::remove_tree(&dir).await;
+        }
+    }
+}
+
+impl Service {
+    /// The cgroups of machines that no record or operation owns, and any process in them (a
+    /// VMM whose machine is gone, say one a crash left before its pid was recorded).
+    async fn remove_cgroup_leftovers(&self, known: &HashSet<String>) {
+        let Some(cgroups) = self.cgroups.clone() else {
+            return;
+        };
+        for machine in cgroups.machines() {
+            if known.contains(&machine) {
+                continue;
+            }
+            tracing::info!(machine = %machine, "removing a leftover cgroup");
+            for pid in cgroups.procs(&machine) {
+                if let Some(p) = process::record(pid) {
+                    process::kill_and_wait(&p).await;
+                }
+            }
+            let cgroups = cgroups.clone();
+            let removed = tokio::task::spawn_blocking(move || cgroups.remove(&machine)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Removes the daemon's cgroup for machines once none is left in it.
+    pub fn release_cgroups(&self) {
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.release();
         }
     }
 }

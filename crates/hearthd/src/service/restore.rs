@@ -298,7 +298,7 @@ impl Service {
         network: Option<NetAttach>,
     ) -> Result<Timings> {
         let paths = self.paths(&rec.id);
-        let spec = self.vm_spec(rec, memory, network);
+        let spec = self.vm_spec(rec, memory, network)?;
         let t = Instant::now();
         let proc = self.vmm.restore(&spec, vmstate).await?;
         let mut timings = vec![("running", t.elapsed())];

@@ -30,7 +30,7 @@ impl MachinePaths {
         self.sock_dir.join("console")
     }
 
-    fn console_fifo(&self, end: &str) -> PathBuf {
+    pub(super) fn console_fifo(&self, end: &str) -> PathBuf {
         self.sock_dir.join(format!("console.{end}"))
     }
 

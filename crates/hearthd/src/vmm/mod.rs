@@ -4,6 +4,7 @@ pub mod console;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod user;
 
 use crate::error::Result;
 use crate::store::ProcessRecord;
@@ -36,6 +37,8 @@ pub struct VmSpec {
     pub paths: MachinePaths,
     /// The machine's network interface, if it has one.
     pub network: Option<NetAttach>,
+    /// The cgroup the VMM runs in, if any.
+    pub cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 /// A network interface for the VMM: a tap inside a network namespace the VMM runs in. The
@@ -71,10 +74,11 @@ impl MachinePaths {
     pub fn control_socket(&self) -> PathBuf {
         self.sock_dir.join("control.sock")
     }
+    /// The VMM's pid and start time, written as soon as it runs.
     pub fn pidfile(&self) -> PathBuf {
         self.sock_dir.join("vmm.pid")
     }
-    /// What the VMM itself reports once it runs in the background (QEMU's stderr).
+    /// What the VMM itself reports (QEMU's stderr).
     pub fn vmm_log(&self) -> PathBuf {
         self.sock_dir.join("vmm.log")
     }

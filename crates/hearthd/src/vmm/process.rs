@@ -1,5 +1,6 @@
-//! VMM processes are not the daemon's children (QEMU daemonizes), so they survive a daemon
-//! restart. They are tracked by pid plus start time: a pid alone could be reused.
+//! VMM processes run in sessions of their own and outlive the daemon that started them (and
+//! are not a restarted daemon's children). They are tracked by pid plus start time: a pid alone
+//! could be reused.
 
 use crate::store::ProcessRecord;
 use nix::sys::signal::{kill, Signal};
@@ -27,10 +28,20 @@ pub fn is_alive(p: &ProcessRecord) -> bool {
     matches!(stat(p.pid), Some((start, state)) if start == p.start_time && state != 'Z' && state != 'X')
 }
 
-/// The live process named by `pidfile` whose command line mentions `dir` (a VMM of ours, not a
-/// process that reused the pid).
+/// The live process named by `pidfile` (a pid and a start time), or, in a pid file of QEMU's
+/// own (a pid alone, as VMMs started by earlier daemons wrote), a live process whose command
+/// line mentions `dir`: a VMM of ours, not a process that reused the pid.
 pub fn vmm_of(dir: &Path, pidfile: &Path) -> Option<ProcessRecord> {
-    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let text = std::fs::read_to_string(pidfile).ok()?;
+    let mut fields = text.split_whitespace();
+    let pid: i32 = fields.next()?.parse().ok()?;
+    if let Some(start_time) = fields.next() {
+        let p = ProcessRecord {
+            pid,
+            start_time: start_time.parse().ok()?,
+        };
+        return is_alive(&p).then_some(p);
+    }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let needle = dir.as_os_str().as_encoded_bytes();
     let ours = !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle);
@@ -86,5 +97,26 @@ mod tests {
         kill_and_wait(&rec).await;
         assert!(!is_alive(&rec));
         waiter.join().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pid_file_names_its_process_by_pid_and_start_time() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let rec = record(child.id() as i32).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("vmm.pid");
+        std::fs::write(&pidfile, format!("{} {}\n", rec.pid, rec.start_time)).unwrap();
+        assert_eq!(vmm_of(dir.path(), &pidfile), Some(rec));
+        // The pid reused by another process: not ours.
+        std::fs::write(&pidfile, format!("{} {}\n", rec.pid, rec.start_time + 1)).unwrap();
+        assert_eq!(vmm_of(dir.path(), &pidfile), None);
+        // A pid alone names a process whose command line mentions the directory; sleep's does not.
+        std::fs::write(&pidfile, format!("{}\n", rec.pid)).unwrap();
+        assert_eq!(vmm_of(dir.path(), &pidfile), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -1,13 +1,16 @@
 //! The QEMU backend: `qemu-system-x86_64 -M microvm`, booting the uncompressed `vmlinux`
 //! through its PVH entry point, guest RAM in a file, virtio-mmio disks, the agent on a
-//! virtio-serial port, QMP for control. QEMU daemonizes, so it outlives a daemon restart.
+//! virtio-serial port, QMP for control. QEMU runs in a session of its own, so it outlives a
+//! daemon restart; confined: as an unprivileged user, under its seccomp sandbox, in the
+//! machine's cgroup and network namespace.
 //!
 //! Snapshots use migration with `x-ignore-shared`: guest RAM in a shared file stays out of the
 //! stream (the file itself is copied), so the device state is some 60 KB and is written in
 //! milliseconds. A restore starts QEMU with `-incoming defer -S` on the snapshot's memory file
-//! mapped private, loads the device state and continues.
+//! mapped private, loads the device state and continues. The device state travels through a
+//! descriptor the daemon opens (`fd:` migration), as the sandbox forbids `exec:`.
 
-use super::{console, process, qmp::Qmp, MachinePaths, MemoryBacking, VmSpec, Vmm};
+use super::{console, process, qmp::Qmp, user::VmmUser, MachinePaths, MemoryBacking, VmSpec, Vmm};
 use crate::error::{Error, Result};
 use crate::host::Accel;
 use crate::store::ProcessRecord;
@@ -15,7 +18,8 @@ use async_trait::async_trait;
 use hearth_api::{ErrorCode, VmmKind};
 use hearth_proto::AGENT_PORT_NAME;
 use serde_json::json;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -28,6 +32,8 @@ pub struct Qemu {
     pub version: String,
     /// Bytes of serial console kept per file (`console.log`, then `console.log.1`).
     pub console_log_bytes: u64,
+    /// Whom QEMU runs as; None keeps it root.
+    pub user: Option<VmmUser>,
 }
 
 /// Kernel flags for a fast, quiet microVM boot. Under TCG the guest is also told the TSC rate:
@@ -54,18 +60,49 @@ pub fn version_of(binary: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// A path for an `exec:` migration URI, which QEMU runs through /bin/sh.
-fn shell_quoted(path: &Path) -> Result<String> {
-    let s = path.to_string_lossy();
-    if s.contains('\'') {
-        return Err(Error::invalid(format!("path {s} holds a quote")));
-    }
-    Ok(format!("'{s}'"))
-}
-
 /// Guest RAM in a shared file stays out of the migration stream; both ends must agree on it.
 fn ignore_shared() -> serde_json::Value {
     json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })
+}
+
+/// QEMU's seccomp sandbox: no obsolete system calls, no privilege changes, no new processes,
+/// no scheduler or resource-limit changes. It is applied before QEMU sets up, so whatever it
+/// forbids must be done before QEMU starts: privileges are dropped and QEMU put in the
+/// background by the daemon, and migrations go to descriptors, not to commands.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// TCG with its translated-code buffer capped: by default it grows to 1 GiB (an eighth of the
+/// host's RAM at most), memory the VMM's cgroup would have to hold beyond the guest's RAM. A
+/// booted guest has translated some 50 MB, measured.
+const TCG: &str = "tcg,tb-size=128";
+
+/// How long QEMU may take to set up before it answers on its control socket.
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// The descriptors a VMM inherits: what it may not or cannot open itself.
+struct Inherited {
+    qmp: OwnedFd,
+    agent: OwnedFd,
+    tap: Option<OwnedFd>,
+}
+
+impl Inherited {
+    fn raw(&self) -> Vec<RawFd> {
+        [Some(&self.qmp), Some(&self.agent), self.tap.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|fd| fd.as_raw_fd())
+            .collect()
+    }
+}
+
+/// A listening Unix socket at `path` (none may be there) for QEMU to accept on; only root
+/// may connect to it.
+fn listen(path: &Path) -> Result<OwnedFd> {
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| Error::internal(format!("binding {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener.into())
 }
 
 impl Qemu {
@@ -76,9 +113,9 @@ impl Qemu {
         }
     }
 
-    /// The full command line for `spec`, daemonizing; `incoming` waits for device state.
-    /// Public so the benchmark can run the very same QEMU without the daemon.
-    pub fn command(&self, spec: &VmSpec, incoming: bool) -> Command {
+    /// The full command line for `spec`, given the descriptors it inherits; `incoming` waits
+    /// for device state.
+    fn command(&self, spec: &VmSpec, incoming: bool, fds: &Inherited) -> Command {
         let p = &spec.paths;
         let mem = spec.memory_mib;
         let memory = match &spec.memory {
@@ -97,7 +134,7 @@ impl Qemu {
             .arg("microvm,memory-backend=mem,isa-serial=on,rtc=on,acpi=on")
             .args(match self.accel {
                 Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
-                Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+                Accel::Tcg => ["-accel", TCG, "-cpu", "max"],
             })
             .arg("-smp")
             .arg(spec.vcpus.to_string())
@@ -109,6 +146,8 @@ impl Qemu {
                 "-display",
                 "none",
                 "-no-reboot",
+                "-sandbox",
+                SANDBOX,
             ])
             .args(["-object", &memory])
             .arg("-kernel")
@@ -135,13 +174,10 @@ impl Qemu {
                 .arg("-device")
                 .arg(format!("virtio-blk-device,drive=disk{i}"));
         }
-        if let Some(net) = &spec.network {
+        if let (Some(net), Some(tap)) = (&spec.network, &fds.tap) {
             // Userspace tap: no vhost here (`/dev/vhost-net` is absent on these hosts).
             cmd.arg("-netdev")
-                .arg(format!(
-                    "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
-                    net.tap
-                ))
+                .arg(format!("tap,id=net0,fd={},vhost=off", tap.as_raw_fd()))
                 .arg("-device")
                 .arg(format!("virtio-net-device,netdev=net0,mac={}", net.mac));
         }
@@ -153,27 +189,19 @@ impl Qemu {
         ])
         .arg("-chardev")
         .arg(format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            p.agent_socket().display()
+            "socket,id=agent,fd={},server=on,wait=off",
+            fds.agent.as_raw_fd()
         ))
         .arg("-device")
         .arg(format!(
             "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
         ))
-        .arg("-qmp")
+        .arg("-chardev")
         .arg(format!(
-            "unix:{},server=on,wait=off",
-            p.control_socket().display()
+            "socket,id=qmp,fd={},server=on,wait=off",
+            fds.qmp.as_raw_fd()
         ))
-        .arg("-daemonize")
-        .arg("-pidfile")
-        .arg(p.pidfile())
-        // Once daemonized, QEMU's stderr goes to the log file if one is open, and nowhere
-        // otherwise; its reasons (why a device state did not load, say) are kept there.
-        // `-d plugin` opens the file and logs nothing without TCG plugins.
-        .arg("-D")
-        .arg(p.vmm_log())
-        .args(["-d", "plugin"]);
+        .args(["-mon", "chardev=qmp,mode=control"]);
         if incoming {
             // Wait for the device state, and stay paused once it is loaded.
             cmd.args(["-incoming", "defer", "-S"]);
@@ -181,10 +209,52 @@ impl Qemu {
         cmd
     }
 
-    /// Starts QEMU daemonized and returns its process.
-    async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<ProcessRecord> {
+    /// Gives the VMM user the files QEMU opens by path: the kernel and initrd to read, and to
+    /// write the disks, the RAM file (made here for a cold boot; a restore's, the snapshot's,
+    /// is opened for writing too, though mapped private) and the console log. Their
+    /// directories stay root's, so the VMM cannot put a link where the daemon will read.
+    fn prepare_files(&self, spec: &VmSpec) -> Result<()> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        let create = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Error::io("creating", path, e))
+                .map(drop)
+        };
+        for file in std::iter::once(&spec.kernel).chain(&spec.initrd) {
+            user.let_read(file)?;
+        }
+        // The console's pipes, made by console::prepare: QEMU opens them.
+        for end in ["in", "out"] {
+            user.own(&spec.paths.console_fifo(end))?;
+        }
+        for disk in &spec.disks {
+            user.own(disk)?;
+        }
+        match &spec.memory {
+            MemoryBacking::SharedFile(path) => {
+                create(path)?;
+                user.own(path)?;
+            }
+            MemoryBacking::PrivateFile(path) => user.own(path)?,
+            MemoryBacking::Anonymous => {}
+        }
+        Ok(())
+    }
+
+    /// Starts QEMU for `spec` (waiting for device state when `incoming`) in the background:
+    /// in a session of its own, in the machine's network namespace and cgroup, as the VMM
+    /// user, sandboxed. Returns once it has set up and answers on its control socket; on
+    /// failure no process is left.
+    pub async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<ProcessRecord> {
         let p = &spec.paths;
         std::fs::create_dir_all(&p.sock_dir)?;
+        std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(0o700))?;
         for stale in [
             p.agent_socket(),
             p.control_socket(),
@@ -194,57 +264,113 @@ impl Qemu {
             let _ = std::fs::remove_file(stale);
         }
         console::prepare(p)?;
-        let mut cmd = self.command(spec, incoming);
-        if let Some(net) = &spec.network {
-            // QEMU opens the tap by name, so it must run in the machine's namespace.
-            let ns: OwnedFd = std::fs::File::open(&net.netns)
-                .map_err(|e| {
-                    Error::internal(format!("network namespace {}: {e}", net.netns.display()))
-                })?
-                .into();
-            // SAFETY: the closure runs in the forked child before exec and makes one system
-            // call.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)
-                });
+        self.prepare_files(spec)?;
+        let tap = match &spec.network {
+            Some(net) => {
+                let (ns, tap) = (net.netns.clone(), net.tap.clone());
+                let fd = tokio::task::spawn_blocking(move || crate::net::open_tap(&ns, &tap))
+                    .await
+                    .map_err(|e| Error::internal(e.to_string()))??;
+                Some(fd)
             }
+            None => None,
+        };
+        let fds = Inherited {
+            qmp: listen(&p.control_socket())?,
+            agent: listen(&p.agent_socket())?,
+            tap,
+        };
+        // Everything QEMU reports, from its first line: it has no terminal.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(p.vmm_log())?;
+        let mut cmd = self.command(spec, incoming, &fds);
+        let ns: Option<OwnedFd> = match &spec.network {
+            Some(net) => Some(
+                std::fs::File::open(&net.netns)
+                    .map_err(|e| {
+                        Error::internal(format!("network namespace {}: {e}", net.netns.display()))
+                    })?
+                    .into(),
+            ),
+            None => None,
+        };
+        let cgroup = spec.cgroup.clone();
+        let user = self.user.clone();
+        let inherit = fds.raw();
+        // SAFETY: the closure runs in the forked child before exec; it allocates nothing and
+        // makes only system calls.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session: no signal for the daemon's terminal or group reaches it,
+                // and it outlives the daemon.
+                nix::unistd::setsid()?;
+                if let Some(ns) = &ns {
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                }
+                if let Some(cgroup) = &cgroup {
+                    cgroup.join_self()?;
+                }
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(user) = &user {
+                    nix::unistd::setgroups(&user.groups)?;
+                    nix::unistd::setgid(user.gid)?;
+                    nix::unistd::setuid(user.uid)?;
+                }
+                Ok(())
+            });
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let child = cmd
+            .stderr(Stdio::from(log));
+        let mut child = cmd
             .spawn()
             .map_err(|e| Error::internal(format!("cannot run {}: {e}", self.binary.display())))?;
-        // The foreground QEMU exits once the daemonized one has set up (or failed to).
-        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .map_err(|_| Error::unavailable("QEMU did not finish starting within 60 s"))??;
-        if !out.status.success() {
-            // Errors after it forked are in its log, not on stderr.
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let reasons: Vec<String> = [stderr.trim().to_string(), p.vmm_log_tail(10)]
-                .into_iter()
-                .filter(|r| !r.is_empty())
-                .collect();
-            return Err(Error::invalid(format!(
-                "QEMU refused to start the machine: {}",
-                reasons.join("\n")
+        // QEMU holds the sockets and the tap now; when it exits, they close.
+        drop(fds);
+        let pid = child.id().map(|pid| pid as i32);
+        let proc = pid.and_then(process::record);
+        if let Some(proc) = proc {
+            // For the reconcile pass, should the daemon stop before the pid is recorded.
+            std::fs::write(p.pidfile(), format!("{} {}\n", proc.pid, proc.start_time))?;
+        }
+        let control = p.control_socket();
+        let ready = tokio::select! {
+            status = child.wait() => Err(status.map_or_else(|e| e.to_string(), |s| s.to_string())),
+            qmp = Qmp::connect_within(&control, START_LIMIT) => qmp.map(drop),
+        };
+        let failed = match (ready, proc) {
+            (Ok(()), Some(proc)) => {
+                console::follow(p, self.console_log_bytes);
+                // Reaps it when it exits, while this daemon runs.
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                return Ok(proc);
+            }
+            (Ok(()), None) => "no process".to_string(),
+            (Err(e), _) => e,
+        };
+        let exited = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        if exited.is_err() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(Error::unavailable(format!(
+                "QEMU did not finish starting within {} s ({failed})",
+                START_LIMIT.as_secs()
             )));
         }
-        console::follow(p, self.console_log_bytes);
-        let pid: i32 = std::fs::read_to_string(p.pidfile())
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Error::internal("QEMU started but wrote no pid file"))?;
-        process::record(pid).ok_or_else(|| {
-            Error::invalid(format!(
-                "QEMU exited right after starting; console:\n{}",
-                p.console_tail(20)
-            ))
-        })
+        Err(Error::invalid(format!(
+            "QEMU refused to start the machine: {}",
+            p.vmm_log_tail(10)
+        )))
     }
 
     async fn qmp(&self, paths: &MachinePaths) -> Result<Qmp> {
@@ -279,13 +405,14 @@ impl Qemu {
         }
     }
 
-    /// Runs `command` (`migrate` or `migrate-incoming`) on `uri` with `x-ignore-shared` set,
-    /// and waits for it; returns the QMP connection for what follows.
+    /// Runs `command` (`migrate` or `migrate-incoming`) to or from `file`, handed to QEMU as a
+    /// descriptor, with `x-ignore-shared` set, and waits for it; returns the QMP connection for
+    /// what follows.
     async fn migrate(
         &self,
         paths: &MachinePaths,
         command: &str,
-        uri: String,
+        file: std::fs::File,
         what: &str,
     ) -> Result<Qmp> {
         let mut qmp = self.qmp(paths).await?;
@@ -293,23 +420,35 @@ impl Qemu {
         qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
             .await
             .map_err(fail)?;
-        qmp.execute(command, Some(json!({ "uri": uri })))
+        qmp.pass_fd(MIGRATION_FD, file.as_fd())
             .await
             .map_err(fail)?;
+        // QEMU has its own copy now.
+        drop(file);
+        qmp.execute(
+            command,
+            Some(json!({ "uri": format!("fd:{MIGRATION_FD}") })),
+        )
+        .await
+        .map_err(fail)?;
         Self::await_migration(&mut qmp, what).await?;
         Ok(qmp)
     }
 
     async fn load_and_run(&self, paths: &MachinePaths, vmstate: &Path) -> Result<()> {
         let what = "loading the device state";
-        let uri = format!("exec:cat {}", shell_quoted(vmstate)?);
-        let mut qmp = self.migrate(paths, "migrate-incoming", uri, what).await?;
+        let file = std::fs::File::open(vmstate)
+            .map_err(|e| Error::internal(format!("{what}: {}: {e}", vmstate.display())))?;
+        let mut qmp = self.migrate(paths, "migrate-incoming", file, what).await?;
         qmp.execute("cont", None)
             .await
             .map(|_| ())
             .map_err(|e| Error::unavailable(format!("{what}: {e}")))
     }
 }
+
+/// The name a migration's descriptor has in QEMU.
+const MIGRATION_FD: &str = "migration";
 
 #[async_trait]
 impl Vmm for Qemu {
@@ -378,8 +517,14 @@ impl Vmm for Qemu {
     }
 
     async fn save_device_state(&self, paths: &MachinePaths, dest: &Path) -> Result<()> {
-        let uri = format!("exec:cat > {}", shell_quoted(dest)?);
-        self.migrate(paths, "migrate", uri, "saving the device state")
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dest)
+            .map_err(|e| Error::io("creating", dest, e))?;
+        self.migrate(paths, "migrate", file, "saving the device state")
             .await
             .map(|_| ())
     }

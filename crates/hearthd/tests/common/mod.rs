@@ -314,6 +314,7 @@ impl Drop for Daemon {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         self.remove_networks();
+        self.remove_cgroups();
     }
 }
 
@@ -323,11 +324,61 @@ impl Daemon {
         hearthd::net::tag_of(self.path()).unwrap()
     }
 
+    /// Removes the daemon's cgroups, and the processes in them: they outlive a daemon killed
+    /// with SIGKILL, as machines must; a test's must not outlive the test.
+    fn remove_cgroups(&self) {
+        if let Ok(Some(cgroups)) =
+            hearthd::cgroup::Cgroups::find(hearthd::cgroup::Mode::Auto, &self.net_tag())
+        {
+            cgroups.purge();
+        }
+    }
+
     /// Removes what the daemon made on the host's network (a machine's network outlives the
     /// daemon, as it must; a test's must not outlive the test).
     fn remove_networks(&self) {
         hearthd::net::remove_all(&self.net_tag());
     }
+}
+
+/// Runs hearthd on a new data root with `args`, expecting it to refuse to start; returns what
+/// it said.
+pub fn daemon_refuses(args: &[&str]) -> String {
+    let root = tempfile::Builder::new()
+        .prefix("hearth-t")
+        .tempdir_in("/tmp")
+        .unwrap();
+    daemon_refuses_at(root.path(), args)
+}
+
+/// [`daemon_refuses`] with data root `root`.
+pub fn daemon_refuses_at(root: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearthd"))
+        .arg("--root")
+        .arg(root)
+        .args(["--no-network"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("hearthd {args:?} did not refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "hearthd {args:?} exited 0: {stderr}");
+    stderr
 }
 
 /// Processes whose command line mentions `needle`, with that command line.

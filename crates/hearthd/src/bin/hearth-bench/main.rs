@@ -24,7 +24,6 @@ use hearthd::vmm::qemu::Qemu;
 use hearthd::vmm::{MachinePaths, MemoryBacking, VmSpec};
 use hearthd::{host, storage, vmm::process};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
@@ -138,6 +137,7 @@ fn qemu() -> Qemu {
         accel: host::choose_accel(AccelChoice::Auto),
         tsc_khz: host::measure_tsc_khz(),
         console_log_bytes: 1 << 20,
+        user: None,
     }
 }
 
@@ -267,6 +267,7 @@ fn raw_spec(image: &Path, dir: &Path, memory_mib: u32) -> Result<VmSpec> {
         memory: MemoryBacking::SharedFile(paths.memory()),
         paths,
         network: None,
+        cgroup: None,
     })
 }
 
@@ -288,24 +289,17 @@ async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Res
     let spec = raw_machine(image, dir, memory_mib)?;
     let paths = spec.paths.clone();
     let t = Instant::now();
-    let status = qemu
-        .command(&spec, false)
-        .stderr(Stdio::inherit())
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("raw QEMU failed: {status}");
-    }
+    let p = qemu
+        .spawn(&spec, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("raw QEMU failed: {}", e.message))?;
     let mut sock = tokio::net::UnixStream::connect(paths.agent_socket()).await?;
     let mut byte = [0u8; 1];
     tokio::time::timeout(Duration::from_secs(60), sock.read_exact(&mut byte))
         .await
         .context("raw boot timed out")??;
     let took = t.elapsed();
-    let pid: i32 = std::fs::read_to_string(paths.pidfile())?.trim().parse()?;
-    if let Some(p) = process::record(pid) {
-        process::kill_and_wait(&p).await;
-    }
+    process::kill_and_wait(&p).await;
     std::fs::remove_dir_all(dir)?;
     Ok(took)
 }

@@ -5,7 +5,7 @@
 //! to restore → running. All traffic stays on this host.
 
 use super::{image_artifact, median, ms, qemu, Daemon};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use hearth_api::{
     CreateMachineRequest, ExecRequest, NetworkRequest, PublishPortRequest, RestoreRequest,
     SnapshotKind,
@@ -359,12 +359,10 @@ async fn plain_tap(image: &Path, tap: &str, dir: &Path, mib: u64) -> Result<(f64
         mac: hearthd::net::GUEST_MAC.to_string(),
     });
     let paths = spec.paths.clone();
-    let status = qemu().command(&spec, false).status().await?;
-    if !status.success() {
-        bail!("plain QEMU failed: {status}");
-    }
-    let pid: i32 = std::fs::read_to_string(paths.pidfile())?.trim().parse()?;
-    let proc = process::record(pid).context("the plain QEMU is gone")?;
+    let proc = qemu()
+        .spawn(&spec, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("plain QEMU failed: {}", e.message))?;
     let result = async {
         let agent = AgentClient::connect(&paths.agent_socket())
             .await
