@@ -33,13 +33,14 @@ fn main() {
     let port = Port::open_when_present();
     port.send(&GuestMessage::Ready(identity()));
     // PID 1 must never end, or the kernel ends with it: a panic in the channel's reader starts
-    // it again (its decoder finds the next frame).
+    // it again (its decoder finds the next frame), after a pause should it fail at once again.
     loop {
         let port = port.clone();
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
             port.serve(move |req, port| dispatch(req, port, pid1));
         }));
         eprintln!("hearth-agent: the channel's reader failed; reading again");
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

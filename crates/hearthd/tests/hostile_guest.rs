@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 /// then becomes a `sleep` (no fork needed), so the exec lasts until its timeout kills the lot.
 const FORK_BOMB: &str = "b(){ b|b& }; b; exec sleep 600";
 const BOMB_MS: u64 = 15_000;
+/// What an exec may take while the bomb runs (about 1 s here, under TCG).
+const SLOWEST_EXEC: Duration = Duration::from_secs(10);
 /// `tail` keeps the last line, and /dev/zero has no end of line: it grows until killed.
 const MEMORY_HOG: &str = "cat /dev/zero | tail";
 /// Counts the guest's processes without forking (a glob, in the shell the agent starts).
@@ -54,6 +56,10 @@ async fn number(c: &Client, path: &str) -> u64 {
         .unwrap_or_else(|_| panic!("{path} is not a number: {text}"))
 }
 
+fn vmm_rss(d: &Daemon) -> u64 {
+    d.vmm_pids().iter().map(|&p| rss_of(p as u32)).sum()
+}
+
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -91,8 +97,7 @@ impl Load {
             let t = Instant::now();
             c.list_machines().await.unwrap();
             load.api.push(t.elapsed());
-            let rss = d.vmm_pids().iter().map(|&p| rss_of(p as u32)).sum();
-            load.vmm_rss = load.vmm_rss.max(rss);
+            load.vmm_rss = load.vmm_rss.max(vmm_rss(d));
         }
         load
     }
@@ -125,7 +130,11 @@ async fn the_agent_survives_its_guest() {
     c.create_machine(&create_req("m1")).await.unwrap();
     let (quiet, _) = count(c).await;
     let (_, quiet_exec) = count(c).await;
-    println!("quiet: {quiet} processes, exec {} ms", ms(quiet_exec));
+    println!(
+        "quiet: {quiet} processes, exec {} ms, VMM RSS {} MiB",
+        ms(quiet_exec),
+        vmm_rss(&d) >> 20
+    );
 
     // A process started before the bomb, in a cell of its own: neither the bomb's end (its
     // whole cell killed) nor the OOM killer touches it.
@@ -150,7 +159,14 @@ async fn the_agent_survives_its_guest() {
     // The bomb really went off: it filled the guest with shells.
     let most = load.most_processes;
     assert!(most > 300, "at most {most} processes during the bomb");
+    // And the agent kept starting commands, each in well under the bomb's lifetime (without
+    // the workload's limits one waited for the bomb's end, when the machine survived at all).
+    let slowest = load.execs.iter().max().copied().unwrap_or_default();
     load.print("fork bomb");
+    assert!(
+        slowest < SLOWEST_EXEC,
+        "an exec took {slowest:?} during the bomb"
+    );
     // The timeout killed every shell of it, wherever it had put itself.
     let settled = eventually(Duration::from_secs(30), async || {
         count(c).await.0 <= quiet + 5
@@ -184,6 +200,11 @@ async fn the_agent_survives_its_guest() {
     let pids_max = number(c, "/sys/fs/cgroup/workload/pids.max").await;
     let threads_max = number(c, "/proc/sys/kernel/threads-max").await;
     assert!(pids_max < threads_max, "{pids_max} of {threads_max}");
+    println!(
+        "workload: memory.max {} of {} MiB, pids.max {pids_max} of {threads_max} threads",
+        memory_max >> 20,
+        mem_total >> 10
+    );
     // The bomb and the hog met them: forks refused, a process OOM-killed, inside the workload.
     let log = sh(c, "m1", "dmesg").await.stdout;
     assert!(
