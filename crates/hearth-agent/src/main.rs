@@ -19,7 +19,6 @@ mod workload;
 use channel::Port;
 use failure::Failure;
 use hearth_proto::{GuestMessage, Identity, Op, Reply, Request};
-use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -62,15 +61,7 @@ fn dispatch(req: Request, port: Arc<Port>, pid1: bool) {
 fn serve(req: Request, port: &Arc<Port>, pid1: bool) {
     let id = req.id;
     let power_off = matches!(req.op, Op::PowerOff);
-    // A handler that panics fails its request, not the agent.
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| handle(req.op, id, port)))
-        .unwrap_or_else(|panic| {
-            Err(Failure::from(format!(
-                "the agent failed: {}",
-                message(&*panic)
-            )))
-        });
-    match outcome {
+    match guarded(|| handle(req.op, id, port)) {
         Ok(Some(body)) => port.reply(id, body),
         // The handler answered itself (a streaming reply).
         Ok(None) => {}
@@ -81,14 +72,17 @@ fn serve(req: Request, port: &Arc<Port>, pid1: bool) {
     }
 }
 
-/// A panic's message, when it has one.
-fn message(panic: &(dyn Any + Send)) -> &str {
-    match panic.downcast_ref::<&str>() {
-        Some(s) => s,
-        None => panic
-            .downcast_ref::<String>()
-            .map_or("a panic", String::as_str),
-    }
+/// Runs a handler: one that panics fails its request, not the agent.
+fn guarded<T>(handler: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    std::panic::catch_unwind(AssertUnwindSafe(handler)).unwrap_or_else(|panic| {
+        let message = match panic.downcast_ref::<&str>() {
+            Some(s) => s,
+            None => panic
+                .downcast_ref::<String>()
+                .map_or("a panic", String::as_str),
+        };
+        Err(Failure::from(format!("the agent failed: {message}")))
+    })
 }
 
 /// Runs one request; `None` when the handler already replied.
@@ -169,5 +163,19 @@ fn identity() -> Identity {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel_release: field(|u| u.release()),
         hostname: field(|u| u.nodename()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_that_panics_fails_its_request() {
+        let failed = guarded::<()>(|| panic!("out of {}", "luck")).unwrap_err();
+        assert_eq!(failed.message, "the agent failed: out of luck");
+        let failed = guarded::<()>(|| panic!("static")).unwrap_err();
+        assert_eq!(failed.message, "the agent failed: static");
+        assert_eq!(guarded(|| Ok(7)), Ok(7));
     }
 }

@@ -224,6 +224,10 @@ async fn the_agent_survives_its_guest() {
     assert!(cgroup.starts_with("0::/workload/"), "{cgroup}");
     assert_eq!(read(c, "/proc/self/oom_score_adj").await, "0");
     assert_eq!(read(c, "/proc/1/oom_score_adj").await, "-1000");
+    // The cells of the hundreds of commands run so far are gone: only the sleeper's and this
+    // command's are left.
+    let cells = sh(c, "m1", "echo /sys/fs/cgroup/workload/*/").await.stdout;
+    assert_eq!(cells.split_whitespace().count(), 2, "{cells}");
 
     // The process API: the sleeper lived through both, a new process runs, signals work.
     let p = c.get_process("m1", "sleeper").await.unwrap();
