@@ -4,9 +4,10 @@
 //! memory and the tasks it needs. A fork bomb meets the workload's `pids.max` and a memory hog its
 //! `memory.max` (the kernel OOM-kills inside it); the agent, which forks in the root cgroup and
 //! moves each child into its cell before it runs anything, can still start commands meanwhile.
-//! With the cpu controller each cell weighs as much as any other, so a command the host runs
-//! gets its share beside a thousand forks. A cell also makes a timeout complete: `cgroup.kill`
-//! ends everything the command started, even what left its process group.
+//! With the cpu controller the workload weighs as much as one of the agent's threads and each
+//! cell in it as much as another, so the agent and a command the host runs get their share
+//! beside a thousand forks. A cell also makes a timeout complete: `cgroup.kill` ends everything
+//! the command started, even what left its process group.
 
 use crate::users::User;
 use std::fs::{self, File};
@@ -21,7 +22,7 @@ use std::sync::{Mutex, OnceLock};
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Memory the workload leaves the agent and the kernel: the agent's threads, buffers and
 /// binary, the kernel's own allocations and enough page cache to keep running.
-pub const MEMORY_RESERVE: u64 = 48 << 20;
+const MEMORY_RESERVE: u64 = 48 << 20;
 /// The part of the tasks the kernel can make (threads-max, pid_max) kept out of the workload's
 /// reach, for the agent's threads and the kernel's.
 const TASKS_RESERVE_DIVISOR: u64 = 4;
