@@ -255,7 +255,7 @@ pub struct ExecResponse {
     pub duration_ms: u64,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
-    /// The command ran past `timeout_ms` and was killed with its process group (ext).
+    /// The command ran past `timeout_ms` and was killed with everything it started (ext).
     pub timed_out: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
