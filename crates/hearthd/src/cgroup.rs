@@ -740,7 +740,7 @@ mod tests {
         assert_eq!(read("cpu.max"), "100000 100000");
         assert_eq!(read("pids.max"), "1024");
         assert!(!dir.join("memory.swap.max").exists());
-        assert_eq!(cg.dirs(), [dir.clone()]);
+        assert_eq!(cg.dirs(), std::slice::from_ref(&dir));
         assert_eq!(cgroups.machines(), ["m1"]);
         // Not a machine's: ignored.
         std::fs::create_dir(parent.join("other")).unwrap();
