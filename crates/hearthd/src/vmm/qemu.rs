@@ -254,7 +254,10 @@ impl Qemu {
     pub async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<ProcessRecord> {
         let p = &spec.paths;
         std::fs::create_dir_all(&p.sock_dir)?;
-        std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(0o700))?;
+        // An unprivileged QEMU opens its console's pipes here by name (it gets its sockets as
+        // descriptors): it may pass through, not list or write.
+        let mode = if self.user.is_some() { 0o711 } else { 0o700 };
+        std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(mode))?;
         for stale in [
             p.agent_socket(),
             p.control_socket(),
