@@ -24,11 +24,12 @@ use service::Service;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-/// Builds the configured VMM backend. QEMU runs as `--vmm-user`, which must exist and be able
-/// to reach the data root (and /dev/kvm under KVM).
+/// Builds the configured VMM backend. QEMU must have its seccomp sandbox; it runs as
+/// `--vmm-user`, which must exist and be able to reach the data root (and /dev/kvm under KVM).
 pub fn make_vmm(cfg: &Config) -> Result<Arc<dyn vmm::Vmm>> {
     let accel = host::choose_accel(cfg.accel);
     let tsc_khz = cfg.tsc_khz.unwrap_or_else(host::measure_tsc_khz);
+    vmm::qemu::check_sandbox(&cfg.qemu).map_err(|e| anyhow::anyhow!(e.message))?;
     let user = vmm::user::VmmUser::lookup(&cfg.vmm_user).map_err(|e| anyhow::anyhow!(e.message))?;
     match &user {
         Some(user) => {

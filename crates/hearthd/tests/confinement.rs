@@ -326,6 +326,20 @@ async fn the_daemon_refuses_what_it_cannot_confine() {
             && missing.contains("--vmm-user root"),
         "{missing}"
     );
+    // A QEMU without the sandbox (here, a script that refuses `-sandbox` as such a QEMU does).
+    let bin = tempfile::tempdir().unwrap();
+    let fake = bin.path().join("qemu-without-seccomp");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"qemu: -sandbox $2: There is no option group 'sandbox'\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let refused = daemon_refuses(&["--qemu", fake.to_str().unwrap()]);
+    assert!(
+        refused.contains("has no seccomp sandbox") && refused.contains("no option group 'sandbox'"),
+        "{refused}"
+    );
     // cgroup v2 asked for where the unified hierarchy lacks the controllers (as on hosts with v1
     // controllers): refused, saying what there is.
     if let Err(e) = Cgroups::find(Mode::V2, "x") {

@@ -60,6 +60,23 @@ pub fn version_of(binary: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// A clear error unless `binary` has the seccomp sandbox (QEMU built with libseccomp): it
+/// refuses `-sandbox` then, before it would print its version.
+pub fn check_sandbox(binary: &Path) -> Result<()> {
+    let out = std::process::Command::new(binary)
+        .args(["-sandbox", SANDBOX, "-version"])
+        .output()
+        .map_err(|e| Error::invalid(format!("cannot run {}: {e}", binary.display())))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{} has no seccomp sandbox (a QEMU built without libseccomp?): {}",
+        binary.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
 /// Guest RAM in a shared file stays out of the migration stream; both ends must agree on it.
 fn ignore_shared() -> serde_json::Value {
     json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })
