@@ -239,12 +239,16 @@ impl Qemu {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| Error::internal("QEMU started but wrote no pid file"))?;
-        process::record(pid).ok_or_else(|| {
-            Error::invalid(format!(
-                "QEMU exited right after starting; console:\n{}",
-                p.console_tail(20)
-            ))
-        })
+        match process::record(pid) {
+            Some(proc) => Ok(proc),
+            None => {
+                console::drained(p).await;
+                Err(Error::invalid(format!(
+                    "QEMU exited right after starting; console:\n{}",
+                    p.console_tail(20)
+                )))
+            }
+        }
     }
 
     async fn qmp(&self, paths: &MachinePaths) -> Result<Qmp> {
