@@ -50,13 +50,30 @@ async fn a_console_flood_stays_within_its_cap() {
     let dir = d.path().join("machines/m");
     let before = rss_of(d.pid());
 
-    // A million bytes through the serial port (28-byte lines), as fast as the guest writes.
-    let r = sh(
-        &d.client,
-        "m",
-        "yes hostile-guest-console-flood | head -n 35715 > /dev/ttyS0; echo written",
-    )
+    // A million bytes through the serial port (28-byte lines), as fast as the guest writes;
+    // the API and the guest's agent answer meanwhile.
+    let client = d.client.clone();
+    let flood = tokio::spawn(async move {
+        sh(
+            &client,
+            "m",
+            "yes hostile-guest-console-flood | head -n 35715 > /dev/ttyS0; echo written",
+        )
+        .await
+    });
+    let rotating = eventually(Duration::from_secs(30), async || {
+        dir.join("console.log.1").exists()
+    })
     .await;
+    assert!(rotating, "the console never reached its cap");
+    let t = std::time::Instant::now();
+    d.client.list_machines().await.unwrap();
+    let api = t.elapsed();
+    let t = std::time::Instant::now();
+    assert_eq!(sh(&d.client, "m", "echo ok").await.stdout, "ok\n");
+    let exec = t.elapsed();
+    eprintln!("during the flood: list {api:?}, exec {exec:?}");
+    let r = flood.await.unwrap();
     assert_eq!(r.stdout, "written\n", "{r:?}");
     let size = |f: &str| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len());
     let flooded = eventually(Duration::from_secs(30), async || {
