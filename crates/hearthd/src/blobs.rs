@@ -148,6 +148,8 @@ impl Blobs {
                         blob = sha256,
                         "removing a blob whose content is not {sha256}"
                     );
+                    // The file off the async threads (it may be large), then its records.
+                    storage::remove_file(&path).await?;
                     self.remove(sha256);
                     return Ok(None);
                 }

@@ -131,6 +131,7 @@ async fn bad_artifacts_fail_cleanly() {
     let err = c.create_machine(&req).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
     assert!(err.to_string().contains("console"), "{err}");
+    assert!(err.to_string().contains("Kernel panic"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(45), "{:?}", t.elapsed());
     d.assert_nothing_left("panics").await;
 

@@ -8,7 +8,7 @@ use crate::blobs::Leases;
 use crate::cgroup::{Cgroup, Limits};
 use crate::error::{Error, Result};
 use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
-use crate::vmm::{process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
+use crate::vmm::{console, process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
 use crate::{failpoint, storage};
 use base64::Engine;
 use chrono::Utc;
@@ -318,6 +318,9 @@ impl Service {
         {
             // The agent socket closes when QEMU exits, a moment before the process is gone.
             let exited = agent.is_closed() || !process::is_alive(&proc);
+            if exited {
+                console::drained(paths).await;
+            }
             let console = paths.console_tail(15);
             let msg = if exited {
                 format!("the machine shut down during boot; console:\n{console}")

@@ -8,7 +8,7 @@ use super::Service;
 use crate::failpoint;
 use crate::storage;
 use crate::store::{MachineRecord, OpKind, OpRecord};
-use crate::vmm::process;
+use crate::vmm::{console, process};
 use hearth_api::Phase;
 use std::collections::HashSet;
 
@@ -185,7 +185,9 @@ impl Service {
             };
             let running = matches!(rec.phase, Phase::Running | Phase::Starting);
             if running && !rec.process.as_ref().is_some_and(process::is_alive) {
-                let console = self.paths(&rec.id).console_tail(5);
+                let paths = self.paths(&rec.id);
+                console::drained(&paths).await;
+                let console = paths.console_tail(5);
                 let reason = format!("the VMM process exited unexpectedly; console:\n{console}");
                 self.mark_failed(rec, &reason).await;
             }

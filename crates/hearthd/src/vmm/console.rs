@@ -14,10 +14,21 @@
 
 use super::MachinePaths;
 use crate::error::{Error, Result};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The copiers running, by the console file they write: each drops its sender when its VMM's
+/// pipe ends, so that [`drained`] can wait for the last words of a VMM that exited.
+static COPIERS: LazyLock<Mutex<HashMap<PathBuf, Copier>>> = LazyLock::new(Mutex::default);
+
+/// Ends (its sender is dropped) when its copier has copied the whole pipe.
+type Copier = Arc<watch::Receiver<()>>;
 
 /// The least a console file may be capped at.
 const MIN_CAP: u64 = 4096;
@@ -91,13 +102,44 @@ pub fn follow(paths: &MachinePaths, cap: u64) {
         file: None,
         size: 0,
     };
-    let name = format!("console {}", paths.dir.display());
+    let (running, done) = watch::channel(());
+    let done = Arc::new(done);
+    let key = paths.console();
+    copiers().insert(key.clone(), done.clone());
     let spawned = std::thread::Builder::new()
         .name("console".into())
         .stack_size(64 << 10)
-        .spawn(move || copy(pipe, log));
+        .spawn(move || {
+            copy(pipe, log);
+            drop(running);
+            let mut map = copiers();
+            if map.get(&key).is_some_and(|d| Arc::ptr_eq(d, &done)) {
+                map.remove(&key);
+            }
+        });
     if let Err(e) = spawned {
-        tracing::warn!("{name}: cannot start its copier: {e}");
+        tracing::warn!(
+            "the console of {} is not followed: {e}",
+            paths.dir.display()
+        );
+        copiers().remove(&paths.console());
+    }
+}
+
+fn copiers() -> MutexGuard<'static, HashMap<PathBuf, Copier>> {
+    COPIERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// For a VMM that exited: waits (a few seconds at most) until its console is copied to the
+/// end, so that its tail holds the last words.
+pub async fn drained(paths: &MachinePaths) {
+    let done = copiers().get(&paths.console()).cloned();
+    if let Some(done) = done {
+        let mut done = (*done).clone();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while done.changed().await.is_ok() {}
+        })
+        .await;
     }
 }
 
