@@ -1,7 +1,8 @@
-//! Running a command for the host: captured output with a cap, a timeout that kills the whole
-//! process group, and the exit status from the reaper.
+//! Running a command for the host: captured output with a cap, a timeout that kills everything
+//! the command started, and the exit status from the reaper.
 
-use crate::{reaper, users};
+use crate::workload::{self, Cell};
+use crate::{reaper, threads, users};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hearth_proto::{ExecReply, ExecRequest};
@@ -20,6 +21,18 @@ pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 /// After the command exits, how long its output pipes may stay open (held by a background
 /// process it left behind) before the agent replies with what it has.
 pub(crate) const DRAIN_GRACE: Duration = Duration::from_millis(200);
+/// When nothing the command started is left, its pipes end as soon as they are read: only a
+/// reader starved of CPU for this long (a guest flooded with work) gives up.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long, once a command has exited, to wait for the end of its output: the grace while
+/// what it left behind still runs (and may hold its pipes), else until the readers are done.
+pub(crate) fn drain_wait(cell: Option<&Cell>) -> Duration {
+    match cell.map(Cell::populated) {
+        Some(Ok(false)) => DRAIN_LIMIT,
+        _ => DRAIN_GRACE,
+    }
+}
 
 pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
     let Some((program, args)) = req.command.split_first() else {
@@ -47,10 +60,12 @@ pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
-    if let Some(user) = &req.user {
-        let user = users::lookup(user)?;
-        cmd.uid(user.uid).gid(user.gid).env("HOME", user.home);
+    let user = req.user.as_deref().map(users::lookup).transpose()?;
+    if let Some(user) = &user {
+        cmd.env("HOME", &user.home);
     }
+    let cell = workload::confine(&mut cmd, user.as_ref())
+        .map_err(|e| format!("cannot prepare the command: {e}"))?;
 
     let started = Instant::now();
     let mut spawned = match reaper::spawn(&mut cmd) {
@@ -66,13 +81,35 @@ pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
         }
     };
     let pgid = Pid::from_raw(spawned.child.id() as i32);
-    if let (Some(data), Some(mut pipe)) = (stdin, spawned.child.stdin.take()) {
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(&data);
-        });
-    }
-    let out = capture(spawned.child.stdout.take(), req.output_limit);
-    let err = capture(spawned.child.stderr.take(), req.output_limit);
+    let kill = || {
+        let _ = killpg(pgid, Signal::SIGKILL);
+        if let Some(cell) = &cell {
+            let _ = cell.kill();
+        }
+    };
+    let (stdout, stderr, stdin_pipe) = (
+        spawned.child.stdout.take(),
+        spawned.child.stderr.take(),
+        spawned.child.stdin.take(),
+    );
+    let helpers = (|| {
+        let out = capture(stdout, req.output_limit)?;
+        let err = capture(stderr, req.output_limit)?;
+        if let (Some(data), Some(mut pipe)) = (stdin, stdin_pipe) {
+            threads::helper("exec-stdin", move || {
+                let _ = pipe.write_all(&data);
+            })?;
+        }
+        Ok::<_, std::io::Error>((out, err))
+    })();
+    let (out, err) = match helpers {
+        Ok(receivers) => receivers,
+        Err(e) => {
+            kill();
+            let _ = spawned.status.recv();
+            return Err(format!("the agent cannot start a thread: {e}"));
+        }
+    };
 
     let mut timed_out = false;
     let status = match req.timeout_ms {
@@ -80,7 +117,7 @@ pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
             Ok(s) => Some(s),
             Err(RecvTimeoutError::Timeout) => {
                 timed_out = true;
-                let _ = killpg(pgid, Signal::SIGKILL);
+                kill();
                 spawned.status.recv().ok()
             }
             Err(RecvTimeoutError::Disconnected) => None,
@@ -92,7 +129,7 @@ pub fn run(req: ExecRequest) -> Result<ExecReply, String> {
         Some(WaitStatus::Signaled(_, sig, _)) => (128 + sig as i32, Some(sig as i32)),
         _ => return Err("lost the command's exit status".into()),
     };
-    let deadline = Instant::now() + DRAIN_GRACE;
+    let deadline = Instant::now() + drain_wait(cell.as_ref());
     let (stdout, stdout_truncated) = collect(&out, deadline);
     let (stderr, stderr_truncated) = collect(&err, deadline);
     Ok(ExecReply {
@@ -111,13 +148,16 @@ type Captured = (Vec<u8>, bool);
 
 /// Reads a pipe to its end on a thread, keeping at most `limit` bytes (and draining the rest so
 /// the writer never blocks).
-fn capture(pipe: Option<impl Read + Send + 'static>, limit: usize) -> Receiver<Captured> {
+fn capture(
+    pipe: Option<impl Read + Send + 'static>,
+    limit: usize,
+) -> std::io::Result<Receiver<Captured>> {
     let (tx, rx) = channel();
-    std::thread::spawn(move || {
+    threads::helper("exec-output", move || {
         let mut kept = Vec::new();
         let mut truncated = false;
         if let Some(mut pipe) = pipe {
-            let mut buf = [0u8; 64 * 1024];
+            let mut buf = vec![0u8; 64 * 1024];
             loop {
                 match pipe.read(&mut buf) {
                     Ok(0) | Err(_) => break,
@@ -130,8 +170,8 @@ fn capture(pipe: Option<impl Read + Send + 'static>, limit: usize) -> Receiver<C
             }
         }
         let _ = tx.send((kept, truncated));
-    });
-    rx
+    })?;
+    Ok(rx)
 }
 
 fn collect(rx: &Receiver<Captured>, deadline: Instant) -> Captured {

@@ -12,38 +12,56 @@ mod net;
 mod process;
 mod reaper;
 mod system;
+mod threads;
 mod users;
+mod workload;
 
 use channel::Port;
 use failure::Failure;
 use hearth_proto::{GuestMessage, Identity, Op, Reply, Request};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 fn main() {
     let pid1 = std::process::id() == 1;
     if pid1 {
         system::init();
+        workload::init();
         reaper::start();
     }
     let port = Port::open_when_present();
     port.send(&GuestMessage::Ready(identity()));
-    port.serve(|req: Request, port: Arc<Port>| {
-        // Each request runs on its own thread so a long exec never holds up a hello or a sync.
-        // PID 1 must not die when the guest is out of threads: the request fails instead.
-        let (id, spare) = (req.id, port.clone());
-        if let Err(e) = std::thread::Builder::new().spawn(move || serve(req, &port, pid1)) {
-            spare.refuse(
-                id,
-                Failure::from(format!("the agent cannot start a thread: {e}")),
-            );
-        }
-    });
+    // PID 1 must never end, or the kernel ends with it: a panic in the channel's reader starts
+    // it again (its decoder finds the next frame), after a pause should it fail at once again.
+    loop {
+        let port = port.clone();
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            port.serve(move |req, port| dispatch(req, port, pid1));
+        }));
+        eprintln!("hearth-agent: the channel's reader failed; reading again");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Each request runs on its own thread so a long exec never holds up a hello or a sync. PID 1
+/// must not die when the guest is out of threads: the request fails instead.
+fn dispatch(req: Request, port: Arc<Port>, pid1: bool) {
+    let (id, spare) = (req.id, port.clone());
+    if let Err(e) = std::thread::Builder::new()
+        .name("request".into())
+        .spawn(move || serve(req, &port, pid1))
+    {
+        spare.refuse(
+            id,
+            Failure::from(format!("the agent cannot start a thread: {e}")),
+        );
+    }
 }
 
 fn serve(req: Request, port: &Arc<Port>, pid1: bool) {
     let id = req.id;
     let power_off = matches!(req.op, Op::PowerOff);
-    match handle(req.op, id, port) {
+    match guarded(|| handle(req.op, id, port)) {
         Ok(Some(body)) => port.reply(id, body),
         // The handler answered itself (a streaming reply).
         Ok(None) => {}
@@ -52,6 +70,19 @@ fn serve(req: Request, port: &Arc<Port>, pid1: bool) {
     if power_off {
         system::power_off(pid1);
     }
+}
+
+/// Runs a handler: one that panics fails its request, not the agent.
+fn guarded<T>(handler: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    std::panic::catch_unwind(AssertUnwindSafe(handler)).unwrap_or_else(|panic| {
+        let message = match panic.downcast_ref::<&str>() {
+            Some(s) => s,
+            None => panic
+                .downcast_ref::<String>()
+                .map_or("a panic", String::as_str),
+        };
+        Err(Failure::from(format!("the agent failed: {message}")))
+    })
 }
 
 /// Runs one request; `None` when the handler already replied.
@@ -132,5 +163,19 @@ fn identity() -> Identity {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel_release: field(|u| u.release()),
         hostname: field(|u| u.nodename()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handler_that_panics_fails_its_request() {
+        let failed = guarded::<()>(|| panic!("out of {}", "luck")).unwrap_err();
+        assert_eq!(failed.message, "the agent failed: out of luck");
+        let failed = guarded::<()>(|| panic!("static")).unwrap_err();
+        assert_eq!(failed.message, "the agent failed: static");
+        assert_eq!(guarded(|| Ok(7)), Ok(7));
     }
 }

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 const DEFAULT_HOSTNAME: &str = "hearth";
 
 pub fn init() {
-    let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 7] = [
+    let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 8] = [
         (
             "proc",
             "/proc",
@@ -25,6 +25,14 @@ pub fn init() {
             "sysfs",
             "/sys",
             "sysfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None,
+        ),
+        // For the workload's cgroup (workload.rs).
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             None,
         ),

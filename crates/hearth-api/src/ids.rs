@@ -16,14 +16,38 @@ pub fn validate_id(kind: &str, id: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid {kind} id {id:?}: must match ^[a-z0-9][a-z0-9._-]{{0,62}}$"
+            "invalid {kind} id {}: must match ^[a-z0-9][a-z0-9._-]{{0,62}}$",
+            excerpt(id)
         ))
+    }
+}
+
+/// A value a client sent, quoted for an error message: whole when short, else its start and
+/// its length, so an error never echoes megabytes back.
+pub fn excerpt(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::validate_id;
+    use super::{excerpt, validate_id};
+
+    #[test]
+    fn errors_quote_only_the_start_of_a_long_value() {
+        assert_eq!(excerpt("m1"), "\"m1\"");
+        let long = "é".repeat(1 << 20);
+        let shown = excerpt(&long);
+        assert!(
+            shown.len() < 200 && shown.ends_with("(2097152 bytes)"),
+            "{shown}"
+        );
+        let err = validate_id("machine", &long).unwrap_err();
+        assert!(err.len() < 300, "{err}");
+    }
 
     #[test]
     fn accepts_the_documented_shape() {

@@ -9,5 +9,5 @@ mod types;
 
 pub use error::{ErrorBody, ErrorCode};
 pub use guest::*;
-pub use ids::validate_id;
+pub use ids::{excerpt, validate_id};
 pub use types::*;

@@ -2,7 +2,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Where a machine's kernel, root filesystem and initrd come from: `http(s)://` or `file://`.
+/// Where a machine's kernel, root filesystem and initrd come from: `http(s)://`, or `file://`
+/// under one of the daemon's artifact directories.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ArtifactRef {
@@ -240,7 +241,7 @@ pub struct ExecRequest {
     /// Bytes fed to the command's stdin (ext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin_base64: Option<String>,
-    /// Cap on captured stdout and on captured stderr, each (ext; default 1 MiB, at most 16 MiB).
+    /// Cap on captured stdout and on captured stderr, each (ext; default 1 MiB, at most 8 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<usize>,
 }
@@ -254,7 +255,7 @@ pub struct ExecResponse {
     pub duration_ms: u64,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
-    /// The command ran past `timeout_ms` and was killed with its process group (ext).
+    /// The command ran past `timeout_ms` and was killed with everything it started (ext).
     pub timed_out: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,

@@ -56,11 +56,16 @@ pub fn image_artifact(root: &Path, image: &str) -> Result<ArtifactRef> {
     Manifest::load(&dir).with_context(not_built)?;
     // The daemon resolves file:// URLs itself, from another working directory.
     let dir = std::fs::canonicalize(&dir).with_context(not_built)?;
-    let url = |f: &str| format!("file://{}", dir.join(f).display());
+    // Percent-encoded as hearthd takes file URLs (it refuses any it would have to repair).
+    let url = |f: &str| {
+        reqwest::Url::from_file_path(dir.join(f))
+            .map(String::from)
+            .map_err(|()| anyhow::anyhow!("{} is not an absolute path", dir.display()))
+    };
     Ok(ArtifactRef {
-        kernel_image_url: url("vmlinux"),
-        rootfs_url: url("rootfs.ext4"),
-        initrd_url: Some(url("initrd.img")),
+        kernel_image_url: url("vmlinux")?,
+        rootfs_url: url("rootfs.ext4")?,
+        initrd_url: Some(url("initrd.img")?),
     })
 }
 

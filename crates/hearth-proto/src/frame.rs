@@ -147,6 +147,13 @@ impl Decoder {
         self.skipped
     }
 
+    /// Memory the decoder holds: its read buffer and the message being assembled. At most
+    /// what was pushed and not yet decoded (a frame's worth when decoding keeps up) plus
+    /// `max_message`, whatever the peer sends.
+    pub fn held(&self) -> usize {
+        self.buf.capacity() + self.message.capacity()
+    }
+
     /// The buffer to read into directly (`tokio::io::AsyncReadExt::read_buf`), then decode.
     pub fn buf_mut(&mut self) -> &mut BytesMut {
         &mut self.buf
@@ -167,7 +174,7 @@ impl Decoder {
     pub fn reset(&mut self) {
         self.skipped += self.buf.len() as u64;
         self.buf.clear();
-        self.message.clear();
+        self.message = Vec::new();
         self.oversized = false;
     }
 
@@ -190,10 +197,18 @@ impl Decoder {
             match kind {
                 Kind::Part | Kind::Message => {
                     if !self.oversized {
-                        if self.message.len() + payload.len() > self.max_message {
+                        let len = self.message.len() + payload.len();
+                        if len > self.max_message {
+                            // Dropped to its end; the memory goes at once.
                             self.oversized = true;
-                            self.message.clear();
+                            self.message = Vec::new();
                         } else {
+                            if len > self.message.capacity() {
+                                // Doubling, but never past the largest message.
+                                let cap = (2 * self.message.capacity())
+                                    .clamp(len, self.max_message.max(len));
+                                self.message.reserve_exact(cap - self.message.len());
+                            }
                             self.message.extend_from_slice(&payload);
                         }
                     }
@@ -218,7 +233,7 @@ impl Decoder {
                     });
                 }
                 Kind::Reset => {
-                    self.message.clear();
+                    self.message = Vec::new();
                     self.oversized = false;
                     return Some(Event::Reset);
                 }
@@ -246,7 +261,7 @@ impl Decoder {
             self.buf.advance(n);
             self.skipped += n as u64;
             // A frame joined halfway poisons the message being assembled.
-            self.message.clear();
+            self.message = Vec::new();
             self.oversized = false;
         }
     }
@@ -403,5 +418,133 @@ mod tests {
             events(&mut dec),
             vec![Event::Reset, Event::Message(Bytes::from_static(b"{}"))]
         );
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Any bytes, split anywhere: the decoder never panics, holds no more than a frame and a
+    //! message, and finds its place again after garbage.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A small limit, so that cases exercise oversized messages without megabytes each.
+    const MAX_MESSAGE: usize = 3 * MAX_PAYLOAD;
+
+    /// An event a peer may send, and its bytes.
+    fn frame() -> impl Strategy<Value = (Option<Event>, Vec<u8>)> {
+        let payload = prop::collection::vec(any::<u8>(), 0..2048);
+        prop_oneof![
+            payload.clone().prop_map(|json| {
+                let mut wire = Vec::new();
+                encode_message(&json, &mut wire);
+                (Some(Event::Message(Bytes::from(json))), wire)
+            }),
+            // Messages of several parts, some past the limit (dropped).
+            (1..5usize, any::<u8>()).prop_map(|(parts, b)| {
+                let json = vec![b; parts * MAX_PAYLOAD - 1];
+                let mut wire = Vec::new();
+                encode_message(&json, &mut wire);
+                let event = (json.len() <= MAX_MESSAGE).then(|| Event::Message(Bytes::from(json)));
+                (event, wire)
+            }),
+            (any::<u64>(), payload).prop_map(|(stream, payload)| {
+                let mut wire = data_header(stream, payload.len()).to_vec();
+                wire.extend_from_slice(&payload);
+                let payload = Bytes::from(payload);
+                (Some(Event::Data { stream, payload }), wire)
+            }),
+            any::<u64>().prop_map(|s| (Some(Event::End { stream: s }), encode_end(s).to_vec())),
+            any::<u64>().prop_map(|s| (Some(Event::Abort { stream: s }), encode_abort(s).to_vec())),
+            (any::<u64>(), any::<u32>()).prop_map(|(stream, bytes)| (
+                Some(Event::Credit { stream, bytes }),
+                encode_credit(stream, bytes)
+            )),
+        ]
+    }
+
+    /// What a reader may find before it is in step: random bytes, forged magics, and frames
+    /// cut anywhere.
+    fn garbage() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..512),
+            prop::collection::vec(
+                prop_oneof![Just(b'H'), Just(b'R'), Just(b'T'), any::<u8>()],
+                0..64
+            ),
+            (frame(), any::<prop::sample::Index>())
+                .prop_map(|((_, wire), cut)| wire[..cut.index(wire.len())].to_vec()),
+        ];
+        prop::collection::vec(piece, 0..6).prop_map(|p| p.concat())
+    }
+
+    /// Feeds `wire` in pieces cut at `cuts`, decoding after each; checks the memory bound: a
+    /// message and, for the read buffer, twice a frame and the largest read (the buffer grows
+    /// by doubling and keeps its allocation), however much was fed.
+    fn decode(wire: &[u8], cuts: &[prop::sample::Index]) -> Vec<Event> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+        at.push(0);
+        at.push(wire.len());
+        at.sort_unstable();
+        let mut dec = Decoder::new(MAX_MESSAGE);
+        let mut events = Vec::new();
+        let mut largest = 0;
+        for w in at.windows(2) {
+            let piece = &wire[w[0]..w[1]];
+            largest = largest.max(piece.len());
+            dec.push(piece);
+            events.extend(std::iter::from_fn(|| dec.next_event()));
+            let read_bound = 2 * (2 * RESYNC_PADDING + largest);
+            assert!(
+                dec.buf.capacity() <= read_bound,
+                "{} > {read_bound}",
+                dec.buf.capacity()
+            );
+            assert!(
+                dec.message.capacity() <= MAX_MESSAGE,
+                "{}",
+                dec.message.capacity()
+            );
+            assert!(dec.held() <= MAX_MESSAGE + read_bound);
+        }
+        events
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_stay_bounded(
+            wire in prop::collection::vec(any::<u8>(), 0..(4 * MAX_PAYLOAD)),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            decode(&wire, &cuts);
+        }
+
+        #[test]
+        fn frames_decode_the_same_however_they_are_split(
+            frames in prop::collection::vec(frame(), 0..12),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        ) {
+            let wire: Vec<u8> = frames.iter().flat_map(|(_, w)| w.clone()).collect();
+            let want: Vec<Event> = frames.into_iter().filter_map(|(e, _)| e).collect();
+            prop_assert_eq!(decode(&wire, &cuts), want);
+        }
+
+        #[test]
+        fn the_preamble_resynchronises_after_any_garbage(
+            junk in garbage(),
+            frames in prop::collection::vec(frame(), 0..6),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let mut wire = junk;
+            wire.extend(resync_preamble());
+            wire.extend(frames.iter().flat_map(|(_, w)| w.clone()));
+            let got = decode(&wire, &cuts);
+            let reset = got.iter().rposition(|e| *e == Event::Reset).expect("the reset arrives");
+            let want: Vec<Event> = frames.into_iter().filter_map(|(e, _)| e).collect();
+            prop_assert_eq!(&got[reset + 1..], &want[..]);
+        }
     }
 }

@@ -252,8 +252,11 @@ pub struct ExecReply {
     pub duration_ms: u64,
 }
 
-/// Largest JSON message either side accepts; bigger content travels as a stream.
-pub const MAX_MESSAGE: usize = 32 << 20;
+/// Largest JSON message either side accepts; bigger content travels as a stream. It bounds
+/// what a peer can make the other buffer for one message, and holds the largest ones there
+/// are: a buffered file (16 MiB, as base64) or an exec's output (8 MiB of each stream, as
+/// base64). A multiple of [`frame::MAX_PAYLOAD`].
+pub const MAX_MESSAGE: usize = 24 << 20;
 
 /// Encodes a message as frames.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {

@@ -3,14 +3,19 @@
 //!
 //! The reader never waits on a consumer: a reply's content is queued per stream, and the guest
 //! may not have more than a credit window of it in flight (more breaks the stream), so a guest
-//! cannot grow the daemon's memory by sending. Request bodies go out as credit allows.
+//! cannot grow the daemon's memory by sending: a message past [`MAX_MESSAGE`] is dropped as it
+//! arrives, replies nobody waits for and data for streams nobody reads are dropped, and a
+//! stream exists only for a call the host made. Request bodies go out as credit allows. A guest
+//! that stops reading cannot hold the host either: a write that makes no progress for
+//! [`WRITE_STALL`] closes the connection, failing every call on it.
 
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use hearth_proto::credit::{RecvWindow, SendWindow};
-use hearth_proto::frame::{self, Decoder, Event, MAX_PAYLOAD};
+use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD};
 use hearth_proto::{encode, ErrorKind, GuestMessage, Identity, Op, Reply, Request, MAX_MESSAGE};
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +27,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 /// How often the host repeats its hello while the guest boots.
 const HELLO_RETRY: Duration = Duration::from_millis(250);
+
+/// How long a write to the guest may wait for it to read before the connection is given up.
+/// Generous: a guest under load, or paused for a snapshot, reads late.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// A reply and, when the reply has one, its content.
 type Answer = (Reply, Option<Content>);
@@ -51,6 +60,11 @@ struct Tables {
 
 struct Shared {
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    /// The connection's socket, to shut down both ways when it is given up: the reader then
+    /// ends, a write stuck on a guest that does not read fails, and the VMM sees the host gone.
+    /// Open as long as `writer` is, which `Shared` owns.
+    fd: std::os::fd::RawFd,
+    write_stall: Duration,
     tables: Mutex<Tables>,
     closed: AtomicBool,
     ready: Notify,
@@ -66,15 +80,34 @@ impl Shared {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Writes one frame (or message) whole. Waiting for the writer is not limited (the writer
+    /// ahead makes progress or is cut off), but once this one writes, the guest must take some
+    /// bytes every [`WRITE_STALL`] or the connection is closed.
     async fn write(&self, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut w = self.writer.lock().await;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
         let mut slices: Vec<std::io::IoSlice> =
             parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
         let mut bufs = &mut slices[..];
         while !bufs.is_empty() {
-            match w.write_vectored(bufs).await? {
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n => std::io::IoSlice::advance_slices(&mut bufs, n),
+            let written = tokio::time::timeout(self.write_stall, w.write_vectored(bufs)).await;
+            match written {
+                Err(_) => {
+                    tracing::warn!(
+                        "the guest agent read nothing for {:?}: closing its connection",
+                        self.write_stall
+                    );
+                    self.close();
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the guest did not read for {:?}", self.write_stall),
+                    ));
+                }
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => std::io::IoSlice::advance_slices(&mut bufs, n),
+                Ok(Err(e)) => return Err(e),
             }
         }
         Ok(())
@@ -93,6 +126,8 @@ impl Shared {
             self.closed.store(true, Ordering::SeqCst);
             std::mem::take(&mut *t)
         };
+        // `fd` is open: `self` owns the write half.
+        let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
         // Dropping the senders fails every waiting call and every open content stream at once.
         drop(tables.pending);
         drop(tables.inbound);
@@ -125,6 +160,13 @@ impl AgentClient {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|e| Error::unavailable(format!("agent socket {}: {e}", socket.display())))?;
+        Ok(AgentClient::over(stream, WRITE_STALL))
+    }
+
+    /// A client on a connected stream, giving up on a guest that reads nothing for
+    /// `write_stall`.
+    pub fn over(stream: UnixStream, write_stall: Duration) -> AgentClient {
+        let fd = stream.as_raw_fd();
         let (reader, writer) = stream.into_split();
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         // The preamble puts the guest's reader back in step and voids whatever a previous
@@ -137,6 +179,8 @@ impl AgentClient {
         let (aborts, mut abort_rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
             writer,
+            fd,
+            write_stall,
             tables: Mutex::default(),
             closed: AtomicBool::new(false),
             ready: Notify::new(),
@@ -159,14 +203,14 @@ impl AgentClient {
             }
         });
         let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
-        Ok(AgentClient {
+        AgentClient {
             shared,
             // Ids of a new connection must not meet the replies of an old one still on their
             // way out of the guest (a daemon restart, a restored snapshot).
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             identity: Mutex::new(None),
             reader,
-        })
+        }
     }
 
     /// What the agent said of itself in the handshake.
@@ -211,6 +255,14 @@ impl AgentClient {
             op,
             body,
         });
+        // The agent drops a larger message unread: the call would wait for nothing.
+        if wire.len() > MAX_MESSAGE + MAX_MESSAGE / MAX_PAYLOAD * HEADER_LEN {
+            return Err(Error::too_large(format!(
+                "the request is about {} bytes, more than the guest agent takes in one message \
+                 ({MAX_MESSAGE})",
+                wire.len()
+            )));
+        }
         self.shared
             .write(&[&wire])
             .await
@@ -402,6 +454,11 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
+        self.shared
+            .raw
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
         let unfinished = {
             let mut t = self.shared.tables();
             t.pending.remove(&self.id);
@@ -625,4 +682,252 @@ async fn drain_raw(decoder: &mut Decoder, reader: &mut OwnedReadHalf, bytes: u64
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    //! The host side against a guest played by the test on the other end of a socket pair:
+    //! what a hostile or broken guest sends, and a guest that stops reading.
+
+    use super::*;
+    use hearth_proto::credit::WINDOW;
+    use hearth_proto::frame::RESYNC_PADDING;
+
+    struct Guest {
+        stream: UnixStream,
+        decoder: Decoder,
+    }
+
+    impl Guest {
+        /// Reads until the host's next request (skipping its preamble and other frames).
+        async fn request(&mut self) -> Request {
+            loop {
+                while let Some(event) = self.decoder.next_event() {
+                    if let Event::Message(json) = event {
+                        return serde_json::from_slice(&json).unwrap();
+                    }
+                }
+                self.decoder.buf_mut().reserve(1 << 16);
+                let n = self.stream.read_buf(self.decoder.buf_mut()).await.unwrap();
+                assert!(n > 0, "the host closed the connection");
+            }
+        }
+
+        /// Reads until `want` holds for an event, or the host closes the connection.
+        async fn until(&mut self, want: impl Fn(&Event) -> bool) -> bool {
+            loop {
+                while let Some(event) = self.decoder.next_event() {
+                    if want(&event) {
+                        return true;
+                    }
+                }
+                self.decoder.buf_mut().reserve(1 << 16);
+                match self.stream.read_buf(self.decoder.buf_mut()).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) => {}
+                }
+            }
+        }
+
+        async fn send(&mut self, wire: &[u8]) {
+            self.stream.write_all(wire).await.unwrap();
+        }
+
+        async fn reply(&mut self, id: u64, body: Reply, stream: bool) {
+            self.send(&encode(&GuestMessage::Reply { id, body, stream }))
+                .await;
+        }
+    }
+
+    fn connected(write_stall: Duration) -> (AgentClient, Guest) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let guest = Guest {
+            stream: guest,
+            decoder: Decoder::new(MAX_MESSAGE),
+        };
+        (AgentClient::over(host, write_stall), guest)
+    }
+
+    fn tables_empty(client: &AgentClient) -> bool {
+        let t = client.shared.tables();
+        t.pending.is_empty() && t.inbound.is_empty() && t.outbound.is_empty()
+    }
+
+    const LONG: Option<Duration> = Some(Duration::from_secs(60));
+
+    /// A first frame (a part) and a last frame of a message, to send a message of any length.
+    fn message_frames() -> (Vec<u8>, Vec<u8>) {
+        let mut wire = Vec::new();
+        frame::encode_message(&vec![b' '; 2 * MAX_PAYLOAD], &mut wire);
+        let (part, last) = wire.split_at(HEADER_LEN + MAX_PAYLOAD);
+        (part.to_vec(), last.to_vec())
+    }
+
+    #[tokio::test]
+    async fn an_endless_message_is_dropped_and_the_channel_goes_on() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let guest_side = async {
+            let req = guest.request().await;
+            // Twice the largest message, frame after frame, then its end.
+            let (part, last) = message_frames();
+            for _ in 0..2 * MAX_MESSAGE / MAX_PAYLOAD {
+                guest.send(&part).await;
+            }
+            guest.send(&last).await;
+            guest.reply(req.id, Reply::Done, false).await;
+        };
+        let (reply, ()) = tokio::join!(client.call(Op::Sync, LONG), guest_side);
+        assert_eq!(reply.unwrap(), Reply::Done);
+        assert!(tables_empty(&client));
+    }
+
+    #[tokio::test]
+    async fn replies_and_data_nobody_asked_for_are_dropped() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let guest_side = async {
+            let req = guest.request().await;
+            for id in 0..5000 {
+                guest.reply(req.id + 1 + id, Reply::Done, id % 2 == 0).await;
+            }
+            let payload = vec![7u8; MAX_PAYLOAD];
+            for stream in 0..200 {
+                guest.send(&frame::data_header(stream, payload.len())).await;
+                guest.send(&payload).await;
+                guest.send(&frame::encode_end(stream)).await;
+                guest.send(&frame::encode_credit(stream, u32::MAX)).await;
+                guest.send(&frame::encode_abort(stream)).await;
+            }
+            guest.reply(req.id, Reply::Done, false).await;
+        };
+        let (reply, ()) = tokio::join!(client.call(Op::Sync, LONG), guest_side);
+        assert_eq!(reply.unwrap(), Reply::Done);
+        assert!(tables_empty(&client));
+        // The channel still serves calls.
+        let guest_side = async {
+            let req = guest.request().await;
+            guest.reply(req.id, Reply::Done, false).await;
+        };
+        let (reply, ()) = tokio::join!(client.call(Op::Sync, LONG), guest_side);
+        assert_eq!(reply.unwrap(), Reply::Done);
+        assert!(tables_empty(&client));
+    }
+
+    #[tokio::test]
+    async fn content_past_its_credit_ends_the_stream_and_no_more_is_held() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let guest_side = async {
+            let req = guest.request().await;
+            guest.reply(req.id, Reply::Streaming, true).await;
+            let payload = vec![1u8; MAX_PAYLOAD];
+            // A window's worth and then more, without waiting for credit.
+            for _ in 0..WINDOW as usize / MAX_PAYLOAD + 8 {
+                guest.send(&frame::data_header(req.id, payload.len())).await;
+                guest.send(&payload).await;
+            }
+            guest.send(&frame::encode_end(req.id)).await;
+            // The host cancels the stream it could not hold.
+            let id = req.id;
+            assert!(guest.until(|e| *e == Event::Abort { stream: id }).await);
+        };
+        let host_side = async {
+            let mut call = client.request(Op::Sync, false).await.unwrap();
+            let (_, content) = call.answer(None).await.unwrap();
+            (call, content.unwrap())
+        };
+        let ((_call, mut content), ()) = tokio::join!(host_side, guest_side);
+        let mut received = 0;
+        let ended = loop {
+            match content.next().await {
+                Some(Ok(bytes)) => received += bytes.len(),
+                Some(Err(e)) => break e,
+                None => panic!("the stream ended normally after {received} bytes"),
+            }
+        };
+        assert_eq!(received, WINDOW as usize, "{ended}");
+        drop(content);
+        drop(_call);
+        assert!(tables_empty(&client));
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_stops_reading_is_cut_off() {
+        let stall = Duration::from_millis(300);
+        let (client, mut guest) = connected(stall);
+        // It reads the preamble, and nothing after it.
+        let mut preamble = vec![0u8; RESYNC_PADDING + HEADER_LEN];
+        guest.stream.read_exact(&mut preamble).await.unwrap();
+        let big = Op::Hello {
+            nonce: "x".repeat(MAX_MESSAGE / 2),
+        };
+        let started = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(20), client.call(big, None))
+            .await
+            .expect("the call hung on a guest that reads nothing")
+            .unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(client.is_closed());
+        assert!(tables_empty(&client));
+        // The socket was shut down: the guest reads what was queued, then the end.
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = vec![0u8; 1 << 16];
+            while guest.stream.read(&mut buf).await.unwrap() > 0 {}
+        })
+        .await;
+        assert!(drained.is_ok(), "the connection stayed open");
+        // Later calls fail at once.
+        let err = client.call(Op::Sync, None).await.unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_call_leaves_nothing_behind() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let short = Some(Duration::from_millis(200));
+        let (err, late) = tokio::join!(client.call(Op::Sync, short), guest.request());
+        assert_eq!(err.unwrap_err().code, hearth_api::ErrorCode::Unavailable);
+        assert!(tables_empty(&client));
+        // So does one whose answer timed out, once dropped.
+        let mut call = client.request(Op::Sync, false).await.unwrap();
+        let waited = guest.request().await;
+        assert!(call.answer(short).await.is_err());
+        drop(call);
+        assert!(tables_empty(&client));
+        // Late answers find nobody and are dropped; the channel goes on.
+        guest.reply(late.id, Reply::Done, true).await;
+        guest.reply(waited.id, Reply::Done, false).await;
+        let guest_side = async {
+            let req = guest.request().await;
+            guest.reply(req.id, Reply::Done, false).await;
+        };
+        let (reply, ()) = tokio::join!(client.call(Op::Sync, LONG), guest_side);
+        assert_eq!(reply.unwrap(), Reply::Done);
+        assert!(tables_empty(&client));
+    }
+
+    #[tokio::test]
+    async fn a_request_too_large_for_the_agent_is_refused_before_it_is_sent() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let huge = Op::Hello {
+            nonce: "x".repeat(MAX_MESSAGE + 1),
+        };
+        let err = tokio::time::timeout(Duration::from_secs(20), client.call(huge, None))
+            .await
+            .expect("the call waited for an answer to a request the agent drops")
+            .unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::TooLarge, "{err}");
+        assert!(tables_empty(&client));
+        // Nothing of it went out: the next request is the first the guest sees.
+        let guest_side = async {
+            let req = guest.request().await;
+            assert_eq!(req.op, Op::Sync);
+            guest.reply(req.id, Reply::Done, false).await;
+        };
+        let (reply, ()) = tokio::join!(client.call(Op::Sync, LONG), guest_side);
+        assert_eq!(reply.unwrap(), Reply::Done);
+    }
 }

@@ -65,6 +65,11 @@ impl Blobs {
         &self.dir
     }
 
+    /// Where blobs are written before they are committed.
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
     pub fn path(&self, sha256: &str) -> PathBuf {
         self.dir.join(sha256)
     }
@@ -143,6 +148,8 @@ impl Blobs {
                         blob = sha256,
                         "removing a blob whose content is not {sha256}"
                     );
+                    // The file off the async threads (it may be large), then its records.
+                    storage::remove_file(&path).await?;
                     self.remove(sha256);
                     return Ok(None);
                 }
@@ -389,14 +396,21 @@ impl Leases {
     /// The operation failed: removes the blobs it fetched fresh unless a machine or snapshot
     /// references them or another operation pins them, and releases every lease. Call it once
     /// the operation's own records are gone.
-    pub fn discard(&self) {
+    /// Removing large files blocks: it runs off the async threads.
+    pub async fn discard(&self) {
         let leases = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut done = HashSet::new();
-        for lease in leases.iter().filter(|l| l.fresh) {
-            if done.insert(&lease.sha256) {
-                let own = leases.iter().filter(|l| l.sha256 == lease.sha256).count();
-                lease.blobs.discard(&lease.sha256, own);
+        let removed = storage::blocking(move || {
+            let mut done = HashSet::new();
+            for lease in leases.iter().filter(|l| l.fresh) {
+                if done.insert(&lease.sha256) {
+                    let own = leases.iter().filter(|l| l.sha256 == lease.sha256).count();
+                    lease.blobs.discard(&lease.sha256, own);
+                }
             }
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!("discarding blobs: {}", e.message);
         }
     }
 }
@@ -611,7 +625,7 @@ mod tests {
             ))
             .unwrap();
 
-        op.discard();
+        op.discard().await;
         let want: HashSet<String> = [&found, &shared, &referenced].map(|x| sha(x)).into();
         assert_eq!(files(&blobs), want);
         assert_eq!(store.blob(&sha(&fresh)).unwrap(), None);

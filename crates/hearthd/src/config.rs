@@ -32,9 +32,30 @@ pub struct Config {
     /// Also serve the API on this TCP address; every request must then carry the bearer token.
     #[arg(long, env = "HEARTH_LISTEN")]
     pub listen: Option<std::net::SocketAddr>,
-    /// File holding the bearer token for the TCP listener.
+    /// File holding the bearer token for the TCP listener (readable by its owner only).
     #[arg(long, env = "HEARTH_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// TLS certificate chain for the TCP listener (PEM).
+    #[arg(long, env = "HEARTH_TLS_CERT", requires_all = ["tls_key", "listen"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key for the TCP listener (PEM).
+    #[arg(long, env = "HEARTH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on a TCP address that is not loopback (the token then crosses the
+    /// network in the clear): for networks that are encrypted already.
+    #[arg(long, env = "HEARTH_INSECURE_TCP")]
+    pub insecure_tcp: bool,
+    /// Where `file://` artifact URLs may point (repeatable; `:`-separated in the environment).
+    /// Default: <root>/images.
+    #[arg(
+        long = "artifact-dir",
+        env = "HEARTH_ARTIFACT_DIRS",
+        value_delimiter = ':'
+    )]
+    pub artifact_dirs: Vec<PathBuf>,
+    /// Accept `file://` artifact URLs from callers on the TCP listener too.
+    #[arg(long, env = "HEARTH_ALLOW_FILE_URLS_OVER_TCP")]
+    pub allow_file_urls_over_tcp: bool,
     #[arg(long, env = "HEARTH_ACCEL", value_enum, default_value = "auto")]
     pub accel: AccelChoice,
     #[arg(long, env = "HEARTH_CLONE", value_enum, default_value = "auto")]
@@ -58,6 +79,26 @@ pub struct Config {
     pub default_vcpus: u32,
     #[arg(long, env = "HEARTH_DEFAULT_STORAGE_BYTES", default_value_t = 1 << 30)]
     pub default_storage_bytes: u64,
+    /// Machines this host keeps at most, whatever their phase; a create, restore or fork past
+    /// it is refused (409).
+    #[arg(long, env = "HEARTH_MAX_MACHINES", default_value_t = 256)]
+    pub max_machines: usize,
+    /// Creates, restores, forks and starts under way at once; one more is refused (429).
+    #[arg(long, env = "HEARTH_MAX_CONCURRENT_BOOTS", default_value_t = 8)]
+    pub max_concurrent_boots: usize,
+    /// Most memory one machine may have (MiB); default: this host's RAM.
+    #[arg(long, env = "HEARTH_MAX_MEMORY_MIB")]
+    pub max_memory_mib: Option<u32>,
+    /// Most vCPUs one machine may have; default: this host's CPUs.
+    #[arg(long, env = "HEARTH_MAX_VCPUS")]
+    pub max_vcpus: Option<u32>,
+    /// Largest system disk one machine may have (bytes).
+    #[arg(long, env = "HEARTH_MAX_STORAGE_BYTES", default_value_t = 1 << 40)]
+    pub max_storage_bytes: u64,
+    /// Bytes of a machine's serial console kept in `console.log`; past it the file becomes
+    /// `console.log.1` (replacing the previous one) and a new one starts.
+    #[arg(long, env = "HEARTH_CONSOLE_LOG_BYTES", default_value_t = 1 << 20)]
+    pub console_log_bytes: u64,
     /// How long a boot may take before the machine is given up (seconds).
     #[arg(long, env = "HEARTH_BOOT_TIMEOUT", default_value_t = 60)]
     pub boot_timeout_secs: u64,
@@ -105,6 +146,19 @@ impl Config {
             .unwrap_or_else(|| self.root.join("hearthd.sock"))
     }
 
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// The directories `file://` artifact URLs may point into.
+    pub fn artifact_dirs(&self) -> Vec<PathBuf> {
+        if self.artifact_dirs.is_empty() {
+            vec![self.images_dir()]
+        } else {
+            self.artifact_dirs.clone()
+        }
+    }
+
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs(self.boot_timeout_secs)
     }
@@ -115,6 +169,22 @@ impl Config {
 
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_secs(self.reconcile_interval_secs.max(1))
+    }
+
+    /// The most memory a machine may have: as configured, else the host's RAM.
+    pub fn max_memory_mib(&self) -> u32 {
+        self.max_memory_mib.unwrap_or_else(|| {
+            let info = nix::sys::sysinfo::sysinfo().ok();
+            info.map_or(u32::MAX, |i| {
+                (i.ram_total() >> 20).min(u32::MAX as u64) as u32
+            })
+        })
+    }
+
+    /// The most vCPUs a machine may have: as configured, else the host's CPUs.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
     }
 }
 

@@ -31,6 +31,7 @@ impl Error {
     ctor!(forbidden, Forbidden);
     ctor!(conflict, Conflict);
     ctor!(too_large, TooLarge);
+    ctor!(busy, Busy);
     ctor!(upstream, Upstream);
     ctor!(unavailable, Unavailable);
     ctor!(insufficient_storage, InsufficientStorage);

@@ -1,5 +1,6 @@
 //! hearthd: the hearth host daemon.
 
+pub mod access;
 pub mod agent;
 pub mod api;
 pub mod artifacts;
@@ -13,8 +14,10 @@ pub mod net;
 pub mod service;
 pub mod storage;
 pub mod store;
+pub mod tcp;
 pub mod vmm;
 
+use access::Caller;
 use anyhow::{Context, Result};
 use config::Config;
 use service::Service;
@@ -49,12 +52,19 @@ pub fn make_vmm(cfg: &Config) -> Result<Arc<dyn vmm::Vmm>> {
         binary: cfg.qemu.clone(),
         accel,
         tsc_khz,
+        console_log_bytes: cfg.console_log_bytes,
         user,
     }))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running after it exits.
 pub async fn run(cfg: Config) -> Result<()> {
+    // First, so that a token file others may read stops the daemon before it does anything.
+    // Every listener is bound before any serves: a client that sees one answer sees all.
+    let tcp = match cfg.listen {
+        Some(addr) => Some(tcp::TcpApi::bind(&cfg, addr).await?),
+        None => None,
+    };
     let vmm = make_vmm(&cfg)?;
     std::fs::create_dir_all(&cfg.root)
         .with_context(|| format!("creating {}", cfg.root.display()))?;
@@ -90,28 +100,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     svc.recover().await;
     svc.spawn_reconciler();
 
-    // Bind every listener before serving any, so a client that sees one answer sees all.
-    let tcp = match cfg.listen {
-        Some(addr) => {
-            let path = cfg.token_file.as_ref().context(
-                "--listen needs --token-file: the TCP API always requires a bearer token",
-            )?;
-            let token = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .trim()
-                .to_string();
-            anyhow::ensure!(
-                !token.is_empty(),
-                "the token file {} is empty",
-                path.display()
-            );
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr}"))?;
-            Some((listener, token))
-        }
-        None => None,
-    };
     let socket = cfg.socket_path();
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent)?;
@@ -121,23 +109,17 @@ pub async fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
 
-    let app = api::router(svc.clone());
     let mut servers = tokio::task::JoinSet::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown().await;
         let _ = stop_tx.send(true);
     });
-    if let Some((listener, token)) = tcp {
-        tracing::info!(addr = %listener.local_addr()?, "hearthd listening on TCP (bearer token required)");
-        let app = app.clone().layer(axum::middleware::from_fn_with_state(
-            Arc::new(token),
-            api::require_bearer,
-        ));
-        let tcp_server =
-            axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
-        servers.spawn(std::future::IntoFuture::into_future(tcp_server));
+    if let Some(tcp) = tcp {
+        let app = api::router(svc.clone(), Caller::Remote);
+        tcp.spawn(app, stopped(stop_rx.clone()), &mut servers)?;
     }
+    let app = api::router(svc.clone(), Caller::Local);
     tracing::info!(socket = %socket.display(), root = %cfg.root.display(), "hearthd listening");
     let unix_server = axum::serve(unix, app).with_graceful_shutdown(stopped(stop_rx.clone()));
     servers.spawn(std::future::IntoFuture::into_future(unix_server));

@@ -181,7 +181,8 @@ pub fn grow_ext4(path: &Path, bytes: u64) -> Result<()> {
     if f.metadata()?.len() >= bytes {
         return Ok(());
     }
-    f.set_len(bytes)?;
+    f.set_len(bytes)
+        .map_err(|e| too_large_for_a_file(path, bytes, e))?;
     drop(f);
     let out = Command::new("resize2fs")
         .arg("-f")
@@ -199,6 +200,52 @@ pub fn grow_ext4(path: &Path, bytes: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Runs blocking filesystem work (removing trees of large files, hashing, copying) on the
+/// blocking pool, so that it holds no async worker thread.
+pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::internal(format!("blocking task: {e}")))
+}
+
+/// Removes a directory tree, off the async threads; a missing one is already removed.
+pub async fn remove_tree(dir: &Path) -> Result<()> {
+    let dir = dir.to_path_buf();
+    blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::internal(format!("removing {}: {e}", dir.display())))
+        }
+        _ => Ok(()),
+    })
+    .await?
+}
+
+/// Removes a file (a machine's RAM, a device state), off the async threads; a missing one is
+/// already removed.
+pub async fn remove_file(path: &Path) -> Result<()> {
+    let path = path.to_path_buf();
+    blocking(move || match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::internal(format!("removing {}: {e}", path.display())))
+        }
+        _ => Ok(()),
+    })
+    .await?
+}
+
+/// An error sizing `path` to `bytes`: past what its filesystem allows in one file (EFBIG) the
+/// request asked too much (400), a full disk is 507, anything else internal.
+pub fn too_large_for_a_file(path: &Path, bytes: u64, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::FileTooLarge {
+        Error::invalid(format!(
+            "{bytes} bytes is more than the filesystem holding {} allows in one file",
+            path.display()
+        ))
+    } else {
+        Error::io("sizing", path, e)
+    }
 }
 
 #[cfg(test)]

@@ -68,9 +68,16 @@ async fn requests_are_validated() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_artifacts_fail_cleanly() {
-    let d = Daemon::start().await;
-    let c = &d.client;
+    // The junk is in an artifact directory of the daemon's, next to the image's.
     let junk_dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(&[
+        "--artifact-dir",
+        image_dir().to_str().unwrap(),
+        "--artifact-dir",
+        junk_dir.path().to_str().unwrap(),
+    ])
+    .await;
+    let c = &d.client;
     let junk = junk_dir.path().join("junk");
     std::fs::write(&junk, vec![0x5a; 4 << 20]).unwrap();
     let good = artifact();
@@ -85,7 +92,7 @@ async fn bad_artifacts_fail_cleanly() {
 
     // A missing local file.
     let mut req = create_req("missing");
-    req.artifact.rootfs_url = "file:///nonexistent/rootfs.ext4".into();
+    req.artifact.rootfs_url = file_url(&junk_dir.path().join("nonexistent.ext4"));
     let err = c.create_machine(&req).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
     d.assert_nothing_left("missing").await;
@@ -124,6 +131,7 @@ async fn bad_artifacts_fail_cleanly() {
     let err = c.create_machine(&req).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Invalid), "{err}");
     assert!(err.to_string().contains("console"), "{err}");
+    assert!(err.to_string().contains("Kernel panic"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(45), "{:?}", t.elapsed());
     d.assert_nothing_left("panics").await;
 
@@ -141,6 +149,11 @@ async fn tcp_listener_requires_the_bearer_token() {
     let token_dir = tempfile::tempdir().unwrap();
     let token_file = token_dir.path().join("token");
     std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let listen = format!("127.0.0.1:{port}");
     let d = Daemon::start_with(&[
         "--listen",

@@ -122,21 +122,26 @@ fn assert_confined(d: &Daemon, id: &str, memory_mib: u64, vcpus: u64, overhead_m
         limits_of(&cg, id),
         ((memory_mib + overhead_mib) << 20, vcpus * 100_000, 1024)
     );
-    // Its files are the VMM user's (a booted machine's RAM file too); their directory, its
-    // sockets and their directory root's.
+    // Its files are the VMM user's (a booted machine's RAM file too, and the console's pipes it
+    // opens; the log they feed is the daemon's); their directories, its sockets root's. It may
+    // pass through the run directory to its pipes, not list or write it.
     let paths = hearthd::service::machine_paths(d.path(), id);
     let owner = |path: &Path| {
         let meta = std::fs::metadata(path).unwrap();
         (meta.uid(), meta.mode() & 0o7777)
     };
-    for f in [paths.system_disk(), paths.console()] {
-        assert_eq!(owner(&f), (uid, 0o600), "{}", f.display());
+    let mut theirs = vec![
+        paths.system_disk(),
+        paths.sock_dir.join("console.in"),
+        paths.sock_dir.join("console.out"),
+    ];
+    theirs.extend(Some(paths.memory()).filter(|m| m.exists()));
+    for f in &theirs {
+        assert_eq!(owner(f), (uid, 0o600), "{}", f.display());
     }
-    if paths.memory().exists() {
-        assert_eq!(owner(&paths.memory()), (uid, 0o600));
-    }
+    assert_eq!(owner(&paths.console()).0, 0);
     assert_eq!(owner(&paths.dir).0, 0);
-    assert_eq!(owner(&paths.sock_dir), (0, 0o700));
+    assert_eq!(owner(&paths.sock_dir), (0, 0o711));
     for sock in [paths.control_socket(), paths.agent_socket()] {
         assert_eq!(owner(&sock), (0, 0o600), "{}", sock.display());
     }

@@ -8,9 +8,10 @@ mod spawn;
 #[cfg(test)]
 mod tests;
 
-use crate::exec::DRAIN_GRACE;
+use crate::exec::drain_wait;
 use crate::failure::Failure;
-use crate::{reaper, users};
+use crate::workload::Cell;
+use crate::{reaper, threads, users};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use buffer::OutputBuffer;
@@ -197,7 +198,7 @@ impl Processes {
             .pty
             .map(|size| spawn::open_pty(size, user.as_ref()))
             .transpose()?;
-        let mut cmd = spawn::command(&req, user.as_ref(), pty.as_ref())
+        let (mut cmd, cell) = spawn::command(&req, user.as_ref(), pty.as_ref())
             .map_err(|e| Failure::io("cannot set up the process", &e))?;
 
         // Held from the tag check until the process is in the table, so two starts cannot take
@@ -253,10 +254,13 @@ impl Processes {
         let started = (|| {
             for (source, stream) in sources {
                 let proc = proc.clone();
-                thread("process-output", move || drain(&proc, source, stream))?;
+                threads::helper("process-output", move || drain(&proc, source, stream))?;
             }
             let (table, proc) = (self.table.clone(), proc.clone());
-            thread("process-exit", move || watch(&table, &proc, spawned.status))
+            // The watcher keeps the cell until the process is gone.
+            threads::helper("process-exit", move || {
+                watch(&table, &proc, spawned.status, cell.as_ref());
+            })
         })();
         if let Err(e) = started {
             // Without its threads nobody would drain or reap it: better not to run it at all.
@@ -436,13 +440,6 @@ fn check_size(size: PtySize) -> Result<(), Failure> {
     Ok(())
 }
 
-fn thread(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map(drop)
-}
-
 /// Reads a terminal's master; its reads fail with EIO once every copy of the slave is closed,
 /// which is the end of the output.
 struct MasterReader(Arc<PtyMaster>);
@@ -479,15 +476,21 @@ fn drain(proc: &Proc, mut source: Box<dyn Read + Send>, stream: OutputStream) {
     proc.changed.notify_all();
 }
 
-/// Waits for the process's exit status, then for its output to end (at most DRAIN_GRACE, for
-/// output held open by what it left behind), and reports it exited.
-fn watch(table: &Mutex<Table>, proc: &Arc<Proc>, status: Receiver<WaitStatus>) {
+/// Waits for the process's exit status, then for its output to end (briefly while what it left
+/// behind may hold it open: `drain_wait`), and reports it exited.
+fn watch(
+    table: &Mutex<Table>,
+    proc: &Arc<Proc>,
+    status: Receiver<WaitStatus>,
+    cell: Option<&Cell>,
+) {
     let (code, signal) = match status.recv() {
         Ok(WaitStatus::Exited(_, code)) => (Some(code), None),
         Ok(WaitStatus::Signaled(_, sig, _)) => (Some(128 + sig as i32), Some(sig as i32)),
         // The status was lost: exited, with no code to tell.
         _ => (None, None),
     };
+    let wait = drain_wait(cell);
     let mut state = proc.lock();
     state.exit = Some(Exit {
         code,
@@ -496,7 +499,7 @@ fn watch(table: &Mutex<Table>, proc: &Arc<Proc>, status: Receiver<WaitStatus>) {
     });
     let state = proc
         .changed
-        .wait_timeout_while(state, DRAIN_GRACE, |s| s.readers > 0)
+        .wait_timeout_while(state, wait, |s| s.readers > 0)
         .unwrap_or_else(|e| e.into_inner())
         .0;
     drop(state);

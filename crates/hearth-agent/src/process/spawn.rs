@@ -3,6 +3,7 @@
 use crate::exec;
 use crate::failure::Failure;
 use crate::users::User;
+use crate::workload::{self, Cell};
 use hearth_proto::process::{PtySize, StartProcess};
 use hearth_proto::ErrorKind;
 use nix::fcntl::OFlag;
@@ -58,10 +59,15 @@ pub fn set_size(master: &PtyMaster, size: PtySize) -> io::Result<()> {
     Ok(())
 }
 
-/// The command for `req`, with the same base environment as exec (then the request's on top).
-/// Without a pty it gets its own process group; with one, its own session with the terminal as
-/// its controlling terminal. Either way a signal to the group reaches what it started.
-pub fn command(req: &StartProcess, user: Option<&User>, pty: Option<&Pty>) -> io::Result<Command> {
+/// The command for `req`, with the same base environment as exec (then the request's on top),
+/// confined as exec's are (its cell comes with it). Without a pty it gets its own process group;
+/// with one, its own session with the terminal as its controlling terminal. Either way a signal
+/// to the group reaches what it started.
+pub fn command(
+    req: &StartProcess,
+    user: Option<&User>,
+    pty: Option<&Pty>,
+) -> io::Result<(Command, Option<Cell>)> {
     let (program, args) = req
         .command
         .split_first()
@@ -78,9 +84,8 @@ pub fn command(req: &StartProcess, user: Option<&User>, pty: Option<&Pty>) -> io
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
-    if let Some(user) = user {
-        cmd.uid(user.uid).gid(user.gid);
-    }
+    // First, so that the child is in its cell and is the user before anything below.
+    let cell = workload::confine(&mut cmd, user)?;
     match pty {
         Some(pty) => {
             cmd.stdin(Stdio::from(pty.slave.try_clone()?))
@@ -107,5 +112,5 @@ pub fn command(req: &StartProcess, user: Option<&User>, pty: Option<&Pty>) -> io
             .process_group(0);
         }
     }
-    Ok(cmd)
+    Ok((cmd, cell))
 }

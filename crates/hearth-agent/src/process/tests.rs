@@ -341,7 +341,7 @@ fn a_process_runs_as_the_user_asked_for() {
     let pid = p
         .start(StartProcess {
             user: Some("nobody".into()),
-            ..sh("id -u; id -g; echo $HOME")
+            ..sh("id -u; id -g; id -G; echo $HOME")
         })
         .unwrap()
         .pid
@@ -350,7 +350,8 @@ fn a_process_runs_as_the_user_asked_for() {
     let home = users::lookup("nobody").unwrap().home;
     assert_eq!(
         bytes(&chunks, OutputStream::Stdout),
-        format!("65534\n65534\n{home}\n")
+        // No supplementary group of the agent's is left.
+        format!("65534\n65534\n65534\n{home}\n")
     );
     let unknown = StartProcess {
         user: Some("no-such-user".into()),

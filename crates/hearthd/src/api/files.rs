@@ -121,7 +121,12 @@ pub async fn upload(
             u32::from_str_radix(m, 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| Error::invalid(format!("mode {m:?} is not octal permission bits")))
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "mode {} is not octal permission bits",
+                        hearth_api::excerpt(m)
+                    ))
+                })
         })
         .transpose()?;
     let path = q.path.clone();

@@ -1,10 +1,11 @@
 use super::ApiJson;
+use crate::access::Caller;
 use crate::error::Result;
 use crate::service::Service;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use hearth_api::{
     CreateMachineRequest, ExecRequest, ExecResponse, ForkRequest, MachineEnvelope, MachineList,
     NetworkRequest, PortEnvelope, PortList, PublishPortRequest,
@@ -15,9 +16,10 @@ type Svc = State<Arc<Service>>;
 
 pub async fn create(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateMachineRequest>,
 ) -> Result<(StatusCode, Json<MachineEnvelope>)> {
-    let machine = svc.create_machine(req).await?;
+    let machine = svc.create_machine(req, caller).await?;
     Ok((StatusCode::CREATED, Json(MachineEnvelope { machine })))
 }
 

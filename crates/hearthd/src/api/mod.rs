@@ -6,13 +6,15 @@ mod machines;
 mod processes;
 mod snapshots;
 
+use crate::access::Caller;
 use crate::service::Service;
-use axum::extract::{Request, State};
+use crate::tcp::RemoteAddr;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
-use axum::Router;
+use axum::{Extension, Router};
 use std::sync::Arc;
 
 pub use json::ApiJson;
@@ -24,7 +26,8 @@ fn query<T>(
     q.map_err(|e| crate::error::Error::invalid(format!("bad query string: {}", e.body_text())))
 }
 
-pub fn router(svc: Arc<Service>) -> Router {
+/// The API as `caller` may use it.
+pub fn router(svc: Arc<Service>, caller: Caller) -> Router {
     Router::new()
         .route(
             "/health",
@@ -106,30 +109,36 @@ pub fn router(svc: Arc<Service>) -> Router {
         // Bodies are limited where they are read: JSON in `ApiJson`, stdin per call, and
         // uploads stream through without a limit.
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(Extension(caller))
         .with_state(svc)
 }
 
-/// For the TCP listener: every request must carry `Authorization: Bearer <token>`.
+/// For the TCP listener: every request must carry `Authorization: Bearer <token>`. A refused
+/// request is logged with where it came from, never with what it sent.
 pub async fn require_bearer(
     State(token): State<Arc<String>>,
+    ConnectInfo(RemoteAddr(remote)): ConnectInfo<RemoteAddr>,
     req: Request,
     next: Next,
 ) -> Response {
     let expected = format!("Bearer {token}");
-    let given = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        next.run(req).await
-    } else {
-        let body = hearth_api::ErrorBody {
-            error: "missing or wrong bearer token".into(),
-            code: hearth_api::ErrorCode::Invalid,
-        };
-        (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
+    let given = req.headers().get(AUTHORIZATION);
+    let given_bytes = given.map(|v| v.as_bytes()).unwrap_or_default();
+    if constant_time_eq(given_bytes, expected.as_bytes()) {
+        return next.run(req).await;
     }
+    tracing::warn!(
+        %remote,
+        method = %req.method(),
+        path = req.uri().path(),
+        "refused a TCP request: {}",
+        if given.is_some() { "wrong bearer token" } else { "no bearer token" }
+    );
+    let body = hearth_api::ErrorBody {
+        error: "missing or wrong bearer token".into(),
+        code: hearth_api::ErrorCode::Invalid,
+    };
+    (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

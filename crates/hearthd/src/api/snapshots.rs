@@ -1,4 +1,5 @@
 use super::ApiJson;
+use crate::access::Caller;
 use crate::error::Error;
 use crate::error::Result;
 use crate::service::snapshots::Timings;
@@ -7,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use hearth_api::{
     CreateSnapshotRequest, CreateSnapshotResponse, MachineEnvelope, RestoreRequest,
     SnapshotEnvelope, SnapshotList, UploadRequest, UploadResponse,
@@ -62,16 +63,17 @@ pub async fn get(State(svc): Svc, Path(id): Path<String>) -> Result<Json<Snapsho
 }
 
 pub async fn delete(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode> {
-    svc.delete_snapshot(&id)?;
+    svc.delete_snapshot(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn restore(
     State(svc): Svc,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, HeaderMap, Json<MachineEnvelope>)> {
-    let (machine, timings) = svc.restore(&id, req).await?;
+    let (machine, timings) = svc.restore(&id, req, caller).await?;
     Ok((
         StatusCode::CREATED,
         server_timing(&timings),
@@ -162,6 +164,38 @@ pub(super) fn parse_range(spec: &str, size: u64) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::parse_range;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any header and any size: no panic, and a range only within the content.
+        #[test]
+        fn any_range_header_is_safe(
+            spec in prop_oneof![
+                "bytes=[0-9]{0,22}-[0-9]{0,22}",
+                " ?bytes ?= ?-?[0-9 ,-]{0,30}",
+                any::<String>(),
+            ],
+            size in prop_oneof![Just(0u64), Just(1), Just(u64::MAX), any::<u64>()],
+        ) {
+            if let Some((start, end)) = parse_range(&spec, size) {
+                prop_assert!(start < end && end <= size, "{spec:?} of {size}: {start}..{end}");
+            }
+        }
+
+        /// A well-formed range within the content is served exactly.
+        #[test]
+        fn ranges_within_the_content_are_exact(size in 1..u64::MAX, a in any::<u64>(), b in any::<u64>()) {
+            let (first, last) = (a % size, b % size);
+            let (first, last) = (first.min(last), first.max(last));
+            prop_assert_eq!(
+                parse_range(&format!("bytes={first}-{last}"), size),
+                Some((first, last + 1))
+            );
+            prop_assert_eq!(parse_range(&format!("bytes={first}-"), size), Some((first, size)));
+        }
+    }
 
     #[test]
     fn ranges() {

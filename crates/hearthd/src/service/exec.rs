@@ -8,7 +8,8 @@ use hearth_api::{validate_id, ExecRequest, ExecResponse, Phase};
 use hearth_proto::{Op, Reply, DEFAULT_OUTPUT_LIMIT};
 use std::time::Duration;
 
-const MAX_OUTPUT_LIMIT: usize = 16 << 20;
+/// Both streams at this size, as base64, still fit in one message of the agent channel.
+const MAX_OUTPUT_LIMIT: usize = 8 << 20;
 /// Beyond the command's own timeout, how long the agent may take to report it.
 const REPLY_MARGIN: Duration = Duration::from_secs(30);
 

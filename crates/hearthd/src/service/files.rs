@@ -36,7 +36,10 @@ fn absolute(path: &str) -> Result<()> {
     if path.starts_with('/') {
         Ok(())
     } else {
-        Err(Error::invalid(format!("path {path:?} is not absolute")))
+        Err(Error::invalid(format!(
+            "path {} is not absolute",
+            hearth_api::excerpt(path)
+        )))
     }
 }
 

@@ -9,6 +9,7 @@ use super::snapshots::{Timings, MEMORY, VMSTATE};
 use super::{nonce, Operation, Service};
 use crate::error::{Error, Result};
 use crate::failpoint;
+use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind};
 use crate::vmm::MemoryBacking;
 use hearth_api::{
@@ -39,9 +40,12 @@ impl Service {
         let hostname = guest_hostname(&req.machine_id, req.guest_config.as_ref())?;
         let ports = req.ports.clone().unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
+        let boot = self.boot_permit()?;
+        self.check_room()?;
         let op = Operation::on(OpKind::Fork, &req.machine_id).source(source);
         let source = source.to_string();
         self.operation(op, move |svc, id, _| async move {
+            let _boot = boot;
             let started = Instant::now();
             let src_rt = svc.runtime(&source);
             let result = match src_rt.begin(&source) {
@@ -85,7 +89,7 @@ impl Service {
             ..src.spec.clone()
         };
         let mut rec = MachineRecord::starting(id, spec, false);
-        self.store.insert_machine(&rec)?;
+        self.insert_new_machine(&rec)?;
         let mut result = self.fork_into(&src, &mut rec, src_lock).await;
         if result.is_ok() {
             if let Err(e) = self.publish_all(&rec, &want.ports).await {
@@ -137,7 +141,7 @@ impl Service {
         connected?;
         timings.extend(resumed?);
         // Loaded; only the memory file is still in use.
-        let _ = std::fs::remove_file(&vmstate);
+        let _ = storage::remove_file(&vmstate).await;
         Ok(timings)
     }
 }

@@ -2,12 +2,13 @@
 
 use super::network::check_port;
 use super::{nonce, Operation, Service};
+use crate::access::Caller;
 use crate::agent::AgentClient;
 use crate::blobs::Leases;
 use crate::cgroup::{Cgroup, Limits};
 use crate::error::{Error, Result};
 use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
-use crate::vmm::{process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
+use crate::vmm::{console, process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
 use crate::{failpoint, storage};
 use base64::Engine;
 use chrono::Utc;
@@ -18,10 +19,6 @@ use hearth_proto::{Configure, Op};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-const MIN_MEMORY_MIB: u32 = 64;
-const MAX_MEMORY_MIB: u32 = 256 * 1024;
-const MAX_VCPUS: u32 = 64;
 
 /// How long a guest gets to power off after the agent was asked to.
 const AGENT_CALL: Duration = Duration::from_secs(5);
@@ -49,24 +46,32 @@ impl Service {
 
     /// Creates and boots a machine; returns once its agent answered. On any failure nothing is
     /// left: no process, file, socket or record.
-    pub async fn create_machine(self: &Arc<Self>, req: CreateMachineRequest) -> Result<Machine> {
+    pub async fn create_machine(
+        self: &Arc<Self>,
+        req: CreateMachineRequest,
+        caller: Caller,
+    ) -> Result<Machine> {
         let spec = self.validate_create(&req)?;
+        self.artifacts.check(&req.artifact, caller)?;
         let ports = req.ports.unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
+        let boot = self.boot_permit()?;
+        self.check_room()?;
         self.operation(
             Operation::on(OpKind::Create, &req.machine_id),
-            |svc, id, _| async move {
+            move |svc, id, _| async move {
+                let _boot = boot;
                 let mut rec = MachineRecord::starting(&id, spec, true);
-                svc.store.insert_machine(&rec)?;
+                svc.insert_new_machine(&rec)?;
                 let leases = Leases::default();
-                let mut result = svc.provision_and_boot(&mut rec, &leases).await;
+                let mut result = svc.provision_and_boot(&mut rec, caller, &leases).await;
                 if result.is_ok() {
                     result = svc.publish_all(&rec, &ports).await;
                 }
                 if let Err(e) = &result {
                     tracing::info!(machine = %id, "create failed: {}", e.message);
                     svc.destroy(&id, rec.process.as_ref()).await;
-                    leases.discard();
+                    leases.discard().await;
                 }
                 result.map(|()| svc.machine_api(&rec))
             },
@@ -77,17 +82,9 @@ impl Service {
     fn validate_create(&self, req: &CreateMachineRequest) -> Result<MachineSpec> {
         validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
         let memory_mib = req.memory_mib.unwrap_or(self.cfg.default_memory_mib);
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&memory_mib) {
-            return Err(Error::invalid(format!(
-                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
-            )));
-        }
         let vcpus = req.vcpus.unwrap_or(self.cfg.default_vcpus);
-        if !(1..=MAX_VCPUS).contains(&vcpus) {
-            return Err(Error::invalid(format!(
-                "vcpus must be between 1 and {MAX_VCPUS}"
-            )));
-        }
+        let storage_bytes = req.storage_bytes.unwrap_or(self.cfg.default_storage_bytes);
+        self.check_size(memory_mib, vcpus, storage_bytes)?;
         if req.user_volume_ids.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(Error::invalid(
                 "user_volume_ids: this hearthd has no volume support yet",
@@ -98,7 +95,7 @@ impl Service {
             artifact: req.artifact.clone(),
             memory_mib,
             vcpus,
-            storage_bytes: req.storage_bytes.unwrap_or(self.cfg.default_storage_bytes),
+            storage_bytes,
             hostname,
             machine_uuid: nonce(),
             kernel_sha256: String::new(),
@@ -124,18 +121,32 @@ impl Service {
 
     /// Fetches the artifacts, makes the system disk and boots.
     /// What it fetches stays leased to the create until it ends.
-    async fn provision_and_boot(&self, rec: &mut MachineRecord, leases: &Leases) -> Result<()> {
+    async fn provision_and_boot(
+        &self,
+        rec: &mut MachineRecord,
+        caller: Caller,
+        leases: &Leases,
+    ) -> Result<()> {
         let artifact = rec.spec.artifact.clone();
         let kernel = self
             .artifacts
-            .fetch("kernel_image_url", &artifact.kernel_image_url, leases)
+            .fetch(
+                "kernel_image_url",
+                &artifact.kernel_image_url,
+                caller,
+                leases,
+            )
             .await?;
         let rootfs = self
             .artifacts
-            .fetch("rootfs_url", &artifact.rootfs_url, leases)
+            .fetch("rootfs_url", &artifact.rootfs_url, caller, leases)
             .await?;
         let initrd = match &artifact.initrd_url {
-            Some(url) => Some(self.artifacts.fetch("initrd_url", url, leases).await?),
+            Some(url) => Some(
+                self.artifacts
+                    .fetch("initrd_url", url, caller, leases)
+                    .await?,
+            ),
             None => None,
         };
         rec.spec.kernel_sha256 = kernel.sha256;
@@ -307,6 +318,9 @@ impl Service {
         {
             // The agent socket closes when QEMU exits, a moment before the process is gone.
             let exited = agent.is_closed() || !process::is_alive(&proc);
+            if exited {
+                console::drained(paths).await;
+            }
             let console = paths.console_tail(15);
             let msg = if exited {
                 format!("the machine shut down during boot; console:\n{console}")
@@ -392,7 +406,9 @@ impl Service {
     /// Boots a stopped or failed machine again from its own disks.
     pub async fn start_machine(self: &Arc<Self>, id: &str) -> Result<Machine> {
         validate_id("machine", id).map_err(Error::invalid)?;
+        let boot = self.boot_permit()?;
         self.operation(Operation::on(OpKind::Start, id), |svc, id, _| async move {
+            let _boot = boot;
             let mut rec = svc.record(&id)?;
             if !matches!(rec.phase, Phase::Stopped | Phase::Failed) {
                 return Err(Error::conflict(format!(
@@ -446,11 +462,8 @@ impl Service {
         failpoint::stall("destroy-killed").await;
         self.clear_runtime_files(id).await;
         self.detach_network(id).await;
-        let paths = self.paths(id);
-        if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(machine = %id, "removing {}: {e}", paths.dir.display());
-            }
+        if let Err(e) = storage::remove_tree(&self.paths(id).dir).await {
+            tracing::warn!(machine = %id, "{}", e.message);
         }
         if let Err(e) = self.store.delete_machine(id) {
             tracing::warn!(machine = %id, "deleting record: {}", e.message);
@@ -476,8 +489,14 @@ impl Service {
         // to find it by.
         process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
         self.remove_cgroup(id).await;
-        let _ = std::fs::remove_dir_all(&paths.sock_dir);
-        let _ = std::fs::remove_file(paths.memory());
+        for removed in [
+            storage::remove_tree(&paths.sock_dir).await,
+            storage::remove_file(&paths.memory()).await,
+        ] {
+            if let Err(e) = removed {
+                tracing::warn!(machine = %id, "{}", e.message);
+            }
+        }
     }
 }
 
@@ -507,7 +526,8 @@ fn validate_hostname(h: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::invalid(format!(
-            "guest_config.hostname {h:?} is not a valid hostname"
+            "guest_config.hostname {} is not a valid hostname",
+            hearth_api::excerpt(h)
         )))
     }
 }

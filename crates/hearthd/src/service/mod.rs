@@ -11,6 +11,7 @@ mod processes;
 pub use processes::MAX_STDIN;
 mod fork;
 mod gc;
+mod limits;
 mod machines;
 mod network;
 mod reconcile;
@@ -59,6 +60,10 @@ pub struct Service {
     cgroups: Option<Arc<Cgroups>>,
     /// The relays of published ports.
     relays: Relays,
+    /// Boots under way, at most `--max-concurrent-boots`.
+    boots: Arc<tokio::sync::Semaphore>,
+    /// Held while a new machine's record is checked against `--max-machines` and inserted.
+    admit: Mutex<()>,
 }
 
 /// In-memory state of one machine: its operation lock and its agent connection.
@@ -144,15 +149,20 @@ impl Service {
             std::fs::create_dir_all(root.join(dir))?;
         }
         let store = Arc::new(Store::open(&root.join("state").join("hearth.db"))?);
-        let artifacts =
-            ArtifactCache::new(&root.join("images"), store.clone(), cfg.cache_max_bytes)?;
+        let artifacts = ArtifactCache::new(
+            &cfg.images_dir(),
+            store.clone(),
+            cfg.cache_max_bytes,
+            &cfg.artifact_dirs(),
+            cfg.allow_file_urls_over_tcp,
+            cfg.max_storage_bytes,
+        )?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| Error::internal(format!("http client: {e}")))?;
         Ok(Arc::new(Service {
-            cfg,
             store,
             artifacts,
             vmm,
@@ -164,6 +174,9 @@ impl Service {
             net: net.map(Arc::new),
             cgroups: cgroups.map(Arc::new),
             relays: Relays::default(),
+            boots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_boots)),
+            admit: Mutex::new(()),
+            cfg,
         }))
     }
 

@@ -30,7 +30,12 @@ fn parse_cidrs(field: &str, cidrs: &[String]) -> Result<Vec<Ipv4Net>> {
             c.parse::<Ipv4Net>()
                 .or_else(|_| c.parse::<std::net::Ipv4Addr>().map(Ipv4Net::from))
                 .map(|n| n.trunc())
-                .map_err(|_| Error::invalid(format!("network.{field}: {c:?} is not an IPv4 CIDR")))
+                .map_err(|_| {
+                    Error::invalid(format!(
+                        "network.{field}: {} is not an IPv4 CIDR",
+                        hearth_api::excerpt(c)
+                    ))
+                })
         })
         .collect()
 }

@@ -6,8 +6,9 @@
 
 use super::Service;
 use crate::failpoint;
+use crate::storage;
 use crate::store::{MachineRecord, OpKind, OpRecord};
-use crate::vmm::process;
+use crate::vmm::{console, process};
 use hearth_api::Phase;
 use std::collections::HashSet;
 
@@ -59,7 +60,7 @@ impl Service {
                         .flatten()
                         .is_some_and(|s| s.ready);
                     if !ready {
-                        self.discard_partial_snapshot(id);
+                        self.discard_partial_snapshot(id).await;
                     }
                 }
                 if let Some(rec) = rec {
@@ -119,8 +120,10 @@ impl Service {
     }
 
     /// Removes a snapshot that a crash or a failure interrupted, files and record.
-    pub(super) fn discard_partial_snapshot(&self, id: &str) {
-        let _ = std::fs::remove_dir_all(self.snapshot_dir(id));
+    pub(super) async fn discard_partial_snapshot(&self, id: &str) {
+        if let Err(e) = storage::remove_tree(&self.snapshot_dir(id)).await {
+            tracing::warn!(snapshot = id, "{}", e.message);
+        }
         if let Err(e) = self.store.delete_snapshot(id) {
             tracing::warn!(snapshot = id, "{}", e.message);
         }
@@ -182,7 +185,9 @@ impl Service {
             };
             let running = matches!(rec.phase, Phase::Running | Phase::Starting);
             if running && !rec.process.as_ref().is_some_and(process::is_alive) {
-                let console = self.paths(&rec.id).console_tail(5);
+                let paths = self.paths(&rec.id);
+                console::drained(&paths).await;
+                let console = paths.console_tail(5);
                 let reason = format!("the VMM process exited unexpectedly; console:\n{console}");
                 self.mark_failed(rec, &reason).await;
             }
@@ -247,7 +252,7 @@ impl Service {
                     "removing leftover machine directory {}",
                     entry.path().display()
                 );
-                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = storage::remove_tree(&entry.path()).await;
             }
         }
         for entry in read_dir(&self.cfg.root.join("snapshots")) {
@@ -256,7 +261,7 @@ impl Service {
                     "removing leftover snapshot directory {}",
                     entry.path().display()
                 );
-                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = storage::remove_tree(&entry.path()).await;
             }
         }
         for entry in read_dir(&self.cfg.root.join("run")) {
@@ -266,7 +271,7 @@ impl Service {
             }
             tracing::info!("removing leftover runtime directory {}", dir.display());
             process::kill_vmm_of(&dir, &dir.join("vmm.pid")).await;
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = storage::remove_tree(&dir).await;
         }
     }
 }

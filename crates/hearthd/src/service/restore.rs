@@ -5,8 +5,9 @@
 //! the disks. Either way its disks are its own and it gets its own identity, clock and entropy.
 
 use super::network::check_port;
-use super::snapshots::{Timings, MEMORY, SYSTEM_DISK, VMSTATE};
+use super::snapshots::{SnapshotManifest, Timings, MEMORY, SYSTEM_DISK, VMSTATE};
 use super::{compat, machines::guest_hostname, nonce, Operation, Service};
+use crate::access::{self, Caller};
 use crate::blobs::Leases;
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -14,7 +15,7 @@ use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind, SnapshotRecord};
 use crate::vmm::{MemoryBacking, NetAttach};
 use hearth_api::{
-    validate_id, ArtifactKind, ArtifactRef, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
+    excerpt, validate_id, ArtifactKind, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
     SnapshotKind,
 };
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ impl Service {
         self: &Arc<Self>,
         snapshot_id: &str,
         req: RestoreRequest,
+        caller: Caller,
     ) -> Result<(Machine, Timings)> {
         validate_id("machine", &req.machine_id).map_err(Error::invalid)?;
         validate_id("snapshot", snapshot_id).map_err(Error::invalid)?;
@@ -61,41 +63,58 @@ impl Service {
                 ))
             }
         }
+        // Every URL is checked before anything is fetched.
+        self.artifacts.check(&req.artifact, caller)?;
+        for a in req.snapshot.iter().flat_map(|d| &d.artifacts) {
+            if let Some(url) = &a.download_url {
+                access::object_url(&format!("artifact {}: download_url", a.name), url)?;
+            }
+        }
         let ports = req.ports.clone().unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
+        if let Some(durable) = &req.snapshot {
+            check_claimed_sizes(durable)?;
+        }
+        let boot = self.boot_permit()?;
+        self.check_room()?;
         let op = Operation::on(OpKind::Restore, &req.machine_id).snapshot(snapshot_id);
         let snapshot_id = snapshot_id.to_string();
         // The download is part of the operation: a client that hangs up does not cut it short.
         self.operation(op, move |svc, id, _| async move {
+            let _boot = boot;
             // What a durable restore downloads, dropped again if the restore fails.
             let leases = Leases::default();
-            let (source, _in_use) = match &req.snapshot {
-                Some(durable) => (
-                    svc.download_source(durable, &req.artifact, &leases)
-                        .await
-                        .inspect_err(|_| leases.discard())?,
-                    None,
-                ),
-                None => {
-                    // In use first: a delete cannot then slip in between the check and the use.
-                    let in_use = svc.use_snapshot(&snapshot_id)?;
-                    let snap = svc.ready_snapshot(&snapshot_id)?;
-                    svc.verify_local_artifacts(&snap)?;
-                    svc.check_local_restorable(&snap)?;
-                    (svc.local_source(snap), Some(in_use))
+            let prepared = async {
+                let (source, in_use) = match &req.snapshot {
+                    Some(durable) => (
+                        svc.download_source(durable, &req, caller, &leases).await?,
+                        None,
+                    ),
+                    None => {
+                        // In use first: a delete cannot then slip in between the check and the
+                        // use.
+                        let in_use = svc.use_snapshot(&snapshot_id)?;
+                        let snap = svc.ready_snapshot(&snapshot_id)?;
+                        svc.verify_local_artifacts(&snap).await?;
+                        svc.check_local_restorable(&snap)?;
+                        (svc.local_source(snap), Some(in_use))
+                    }
+                };
+                let mut spec = restored_spec(&source, &req)?;
+                svc.check_size(spec.memory_mib, spec.vcpus, spec.storage_bytes)?;
+                spec.network = svc.inherited_network(&source.spec.network, req.network.as_ref())?;
+                let rec = MachineRecord::starting(&id, spec, false);
+                svc.insert_new_machine(&rec)?;
+                Ok((source, in_use, rec))
+            }
+            .await;
+            let (source, _in_use, mut rec) = match prepared {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    leases.discard().await;
+                    return Err(e);
                 }
             };
-            let spec = restored_spec(&source, &req)
-                .and_then(|mut spec| {
-                    spec.network =
-                        svc.inherited_network(&source.spec.network, req.network.as_ref())?;
-                    Ok(spec)
-                })
-                .inspect_err(|_| leases.discard())?;
-            let mut rec = MachineRecord::starting(&id, spec, false);
-            svc.store
-                .insert_machine(&rec)
-                .inspect_err(|_| leases.discard())?;
             let mut result = svc.restore_into(&mut rec, &source).await;
             if result.is_ok() {
                 if let Err(e) = svc.publish_all(&rec, &ports).await {
@@ -105,7 +124,7 @@ impl Service {
             if let Err(e) = &result {
                 tracing::info!(machine = %id, snapshot = %source.id, "restore failed: {}", e.message);
                 svc.destroy(&id, rec.process.as_ref()).await;
-                leases.discard();
+                leases.discard().await;
             }
             result.map(|timings| (svc.machine_api(&rec), timings))
         })
@@ -126,12 +145,16 @@ impl Service {
     }
 
     /// Downloads (or finds in the blob store) every artifact of a durable snapshot, verified.
+    /// The sizes the request claims are checked against the manifest before the large
+    /// downloads, and the machine it describes against this host's limits.
     async fn download_source(
         &self,
         d: &DurableSnapshotRef,
-        artifact: &ArtifactRef,
+        req: &RestoreRequest,
+        caller: Caller,
         leases: &Leases,
     ) -> Result<Source> {
+        let artifact = &req.artifact;
         let find = |kind: ArtifactKind| d.artifacts.iter().find(|a| a.kind == kind);
         let fetch = |a: &hearth_api::SnapshotArtifact| {
             let a = a.clone();
@@ -150,6 +173,14 @@ impl Service {
             .ok_or_else(|| Error::invalid("the snapshot's manifest artifact is required"))?;
         let text = std::fs::read(fetch(manifest).await?)?;
         let m = compat::parse_manifest(&d.snapshot_id, &text)?;
+        self.check_size(
+            req.memory_mib.unwrap_or(m.memory_mib),
+            m.vcpus,
+            req.storage_bytes.unwrap_or(m.storage_bytes),
+        )?;
+        for a in &d.artifacts {
+            check_against_manifest(a, &m)?;
+        }
         let mut missing = Vec::new();
         if find(ArtifactKind::Disk).is_none() {
             missing.push("disk");
@@ -171,12 +202,17 @@ impl Service {
         }
         let kernel = self
             .artifacts
-            .fetch("kernel_image_url", &artifact.kernel_image_url, leases)
+            .fetch(
+                "kernel_image_url",
+                &artifact.kernel_image_url,
+                caller,
+                leases,
+            )
             .await?;
         let initrd = match &artifact.initrd_url {
             Some(url) => Some(
                 self.artifacts
-                    .fetch("initrd_url", url, leases)
+                    .fetch("initrd_url", url, caller, leases)
                     .await?
                     .sha256,
             ),
@@ -275,35 +311,110 @@ impl Service {
         Ok(timings)
     }
 
-    /// The device state is checked byte for byte (it is small and QEMU trusts it); the larger
-    /// files by size.
-    fn verify_local_artifacts(&self, snap: &SnapshotRecord) -> Result<()> {
+    /// The device state is checked byte for byte (it is small and QEMU trusts it, but holds the
+    /// guest's RAM when it was taken of a restored machine: hashed off the async threads); the
+    /// larger files by size.
+    async fn verify_local_artifacts(&self, snap: &SnapshotRecord) -> Result<()> {
         let dir = self.snapshot_dir(&snap.id);
-        for a in &snap.artifacts {
-            let path = dir.join(&a.name);
-            let integrity = |what: String| Error {
-                code: ErrorCode::Integrity,
-                message: format!("snapshot {} artifact {}: {what}", snap.id, a.name),
-            };
-            let size = std::fs::metadata(&path)
-                .map_err(|e| integrity(format!("{e}")))?
-                .len();
-            if size != a.size_bytes {
-                return Err(integrity(format!(
-                    "{size} bytes, expected {}",
-                    a.size_bytes
-                )));
-            }
-            if a.name == VMSTATE {
-                let (_, sha) = storage::sha256_sparse(&path)?;
-                if Some(&sha) != a.sha256_hex.as_ref() {
+        let snap = snap.clone();
+        storage::blocking(move || {
+            for a in &snap.artifacts {
+                let path = dir.join(&a.name);
+                let integrity = |what: String| Error {
+                    code: ErrorCode::Integrity,
+                    message: format!("snapshot {} artifact {}: {what}", snap.id, a.name),
+                };
+                let size = std::fs::metadata(&path)
+                    .map_err(|e| integrity(format!("{e}")))?
+                    .len();
+                if size != a.size_bytes {
                     return Err(integrity(format!(
-                        "sha256 {sha} does not match the snapshot's"
+                        "{size} bytes, expected {}",
+                        a.size_bytes
                     )));
                 }
+                if a.name == VMSTATE {
+                    let (_, sha) = storage::sha256_sparse(&path)?;
+                    if Some(&sha) != a.sha256_hex.as_ref() {
+                        return Err(integrity(format!(
+                            "sha256 {sha} does not match the snapshot's"
+                        )));
+                    }
+                }
             }
+            Ok(())
+        })
+        .await?
+    }
+}
+
+/// A manifest is a few kilobytes of JSON; a claim of more is refused before any download.
+const MAX_MANIFEST: u64 = 1 << 20;
+/// Device state beyond guest RAM: some 65 KB with the default devices; this leaves room.
+const MAX_DEVICE_STATE: u64 = 64 << 20;
+
+/// The sizes a durable restore request claims, before anything is fetched: every artifact has
+/// some bytes, and a manifest is small.
+fn check_claimed_sizes(d: &DurableSnapshotRef) -> Result<()> {
+    for a in &d.artifacts {
+        if a.size_bytes == 0 {
+            return Err(Error::invalid(format!(
+                "artifact {}: size_bytes must be at least 1 (a snapshot's artifacts are never \
+                 empty)",
+                excerpt(&a.name)
+            )));
         }
+        if a.kind == ArtifactKind::Manifest && a.size_bytes > MAX_MANIFEST {
+            return Err(Error::invalid(format!(
+                "artifact {}: size_bytes {} is larger than a manifest may be ({MAX_MANIFEST} bytes)",
+                excerpt(&a.name),
+                a.size_bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An artifact's claimed size against what its manifest implies: the disk is `storage_bytes`,
+/// the memory file `memory_mib` MiB, and the device state holds at most the RAM (when RAM
+/// travels in it) and some device state.
+fn check_against_manifest(a: &hearth_api::SnapshotArtifact, m: &SnapshotManifest) -> Result<()> {
+    let ram = u64::from(m.memory_mib) << 20;
+    let (fits, expected) = match a.kind {
+        ArtifactKind::Manifest => return Ok(()),
+        ArtifactKind::Disk => (
+            a.size_bytes == m.storage_bytes,
+            format!("the snapshot's disk is {} bytes", m.storage_bytes),
+        ),
+        ArtifactKind::Memory => (
+            a.size_bytes == ram,
+            format!(
+                "the snapshot's memory is {ram} bytes ({} MiB)",
+                m.memory_mib
+            ),
+        ),
+        ArtifactKind::Vmstate => {
+            // RAM in the stream costs a few bytes per page on top of the page.
+            let max = MAX_DEVICE_STATE
+                + if m.memory_in_vmstate {
+                    ram + ram / 64
+                } else {
+                    0
+                };
+            (
+                a.size_bytes <= max,
+                format!("the snapshot's device state is at most {max} bytes"),
+            )
+        }
+    };
+    if fits {
         Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "artifact {}: size_bytes {} does not fit its manifest: {expected}",
+            excerpt(&a.name),
+            a.size_bytes
+        )))
     }
 }
 

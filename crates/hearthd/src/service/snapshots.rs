@@ -149,15 +149,12 @@ impl Service {
 
     /// Deletes a snapshot. Machines restored from it keep running: their private mappings hold
     /// the memory pages they use, and their disks are their own.
-    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
         self.ready_snapshot(id)?;
         self.claim_for_delete(id)?;
-        let dir = self.snapshot_dir(id);
-        let result = match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::internal(format!("removing {}: {e}", dir.display())))
-            }
-            _ => self.store.delete_snapshot(id),
+        let result = match storage::remove_tree(&self.snapshot_dir(id)).await {
+            Ok(()) => self.store.delete_snapshot(id),
+            Err(e) => Err(e),
         };
         self.release_delete(id);
         result
@@ -219,7 +216,7 @@ impl Service {
                     ))
                 }
                 Err(e) => {
-                    svc.discard_partial_snapshot(&snap.id);
+                    svc.discard_partial_snapshot(&snap.id).await;
                     Err(e)
                 }
             }

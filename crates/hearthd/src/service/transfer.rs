@@ -7,6 +7,7 @@
 //! downloads nothing).
 
 use super::Service;
+use crate::access;
 use crate::blobs::{Lease, Leases};
 use crate::error::{Error, Result};
 use crate::storage;
@@ -150,12 +151,13 @@ impl Service {
                         a.artifact_id, p.part_number, art.size_bytes
                     )));
                 }
-                reqwest::Url::parse(&p.upload_url).map_err(|e| {
-                    Error::invalid(format!(
-                        "artifact {} part {}: upload_url: {e}",
+                access::object_url(
+                    &format!(
+                        "artifact {} part {}: upload_url",
                         a.artifact_id, p.part_number
-                    ))
-                })?;
+                    ),
+                    &p.upload_url,
+                )?;
                 jobs.push((a.artifact_id.clone(), dir.join(&art.name), p.clone()));
             }
         }
@@ -215,6 +217,7 @@ impl Service {
                 "artifact {name}: sha256_hex must be 64 hex digits"
             )));
         }
+        access::object_url(&format!("artifact {name}: download_url"), url)?;
         let sha256 = sha256.to_ascii_lowercase();
         let blobs = self.artifacts.blobs();
         let mut lease = blobs.lease(&sha256);
@@ -237,13 +240,11 @@ impl Service {
         if let Some(blob) = lease.find(size).await? {
             return Ok(blob.path);
         }
-        reqwest::Url::parse(url)
-            .map_err(|e| Error::invalid(format!("artifact {name}: download_url: {e}")))?;
         let staged = self.artifacts.blobs().staging()?;
         staged
             .as_file()
             .set_len(size)
-            .map_err(|e| Error::io("sizing", staged.path(), e))?;
+            .map_err(|e| storage::too_large_for_a_file(staged.path(), size, e))?;
         // One descriptor shared by every chunk: positioned writes need no seek.
         let file = Arc::new(staged.reopen()?);
         download(

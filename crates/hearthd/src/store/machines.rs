@@ -188,6 +188,14 @@ impl Store {
             .optional()?)
     }
 
+    /// How many machines there are, whatever their phase.
+    pub fn machine_count(&self) -> Result<usize> {
+        let n: i64 = self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM machines", [], |r| r.get(0))?;
+        Ok(n as usize)
+    }
+
     /// Every machine; a record that no longer parses is skipped with a warning, so one bad row
     /// never hides the rest.
     pub fn list_machines(&self) -> Result<Vec<MachineRecord>> {

@@ -1,5 +1,6 @@
 //! VMM backends behind one trait, so the service never depends on which runs a machine.
 
+pub mod console;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -84,20 +85,13 @@ impl MachinePaths {
 
     /// The last lines of the serial console, for error messages.
     pub fn console_tail(&self, lines: usize) -> String {
-        last_lines(&self.console(), lines)
+        console::tail(self, lines)
     }
 
     /// The last lines of the VMM's own log, for error messages.
     pub fn vmm_log_tail(&self, lines: usize) -> String {
-        last_lines(&self.vmm_log(), lines)
+        console::file_tail(&self.vmm_log(), lines)
     }
-}
-
-fn last_lines(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[async_trait]
@@ -112,7 +106,7 @@ pub trait Vmm: Send + Sync {
     async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord>;
 
     /// Checks that a recorded VMM process is alive and answering on its control socket, as after
-    /// a daemon restart.
+    /// a daemon restart, and takes up its console again.
     async fn reattach(&self, paths: &MachinePaths, process: &ProcessRecord) -> Result<()>;
 
     /// Starts the VMM from saved device state (and the memory `spec` names) and lets it run.

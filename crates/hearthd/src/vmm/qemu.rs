@@ -10,7 +10,7 @@
 //! mapped private, loads the device state and continues. The device state travels through a
 //! descriptor the daemon opens (`fd:` migration), as the sandbox forbids `exec:`.
 
-use super::{process, qmp::Qmp, user::VmmUser, MachinePaths, MemoryBacking, VmSpec, Vmm};
+use super::{console, process, qmp::Qmp, user::VmmUser, MachinePaths, MemoryBacking, VmSpec, Vmm};
 use crate::error::{Error, Result};
 use crate::host::Accel;
 use crate::store::ProcessRecord;
@@ -30,6 +30,8 @@ pub struct Qemu {
     pub accel: Accel,
     pub tsc_khz: u64,
     pub version: String,
+    /// Bytes of serial console kept per file (`console.log`, then `console.log.1`).
+    pub console_log_bytes: u64,
     /// Whom QEMU runs as; None keeps it root.
     pub user: Option<VmmUser>,
 }
@@ -172,10 +174,12 @@ impl Qemu {
         if let Some(initrd) = &spec.initrd {
             cmd.arg("-initrd").arg(initrd);
         }
+        // The console goes into a FIFO that the daemon copies, capped, into console.log
+        // (see `console`); it must exist first ([`console::prepare`]).
         cmd.arg("-chardev")
             .arg(format!(
-                "file,id=console,path={},append=on",
-                p.console().display()
+                "pipe,id=console,path={}",
+                p.console_pipe().display()
             ))
             .args(["-serial", "chardev:console"]);
         for (i, disk) in spec.disks.iter().enumerate() {
@@ -242,8 +246,10 @@ impl Qemu {
         for file in std::iter::once(&spec.kernel).chain(&spec.initrd) {
             user.let_read(file)?;
         }
-        create(&spec.paths.console())?;
-        user.own(&spec.paths.console())?;
+        // The console's pipes, made by console::prepare: QEMU opens them.
+        for end in ["in", "out"] {
+            user.own(&spec.paths.console_fifo(end))?;
+        }
         for disk in &spec.disks {
             user.own(disk)?;
         }
@@ -265,7 +271,10 @@ impl Qemu {
     pub async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<ProcessRecord> {
         let p = &spec.paths;
         std::fs::create_dir_all(&p.sock_dir)?;
-        std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(0o700))?;
+        // An unprivileged QEMU opens its console's pipes here by name (it gets its sockets as
+        // descriptors): it may pass through, not list or write.
+        let mode = if self.user.is_some() { 0o711 } else { 0o700 };
+        std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(mode))?;
         for stale in [
             p.agent_socket(),
             p.control_socket(),
@@ -274,6 +283,7 @@ impl Qemu {
         ] {
             let _ = std::fs::remove_file(stale);
         }
+        console::prepare(p)?;
         self.prepare_files(spec)?;
         let tap = match &spec.network {
             Some(net) => {
@@ -363,6 +373,7 @@ impl Qemu {
         };
         let failed = match (ready, proc) {
             (Ok(()), Some(proc)) => {
+                console::follow(p, self.console_log_bytes);
                 // Reaps it when it exits, while this daemon runs.
                 tokio::spawn(async move {
                     let _ = child.wait().await;
@@ -488,6 +499,7 @@ impl Vmm for Qemu {
             .await
             .map_err(Error::unavailable)?;
         tracing::debug!(?status, "reattached to QEMU");
+        console::follow(paths, self.console_log_bytes);
         Ok(())
     }
 

@@ -24,7 +24,7 @@ pub fn image_dir() -> PathBuf {
 }
 
 pub fn file_url(path: &Path) -> String {
-    format!("file://{}", path.display())
+    url::Url::from_file_path(path).unwrap().into()
 }
 
 pub fn artifact() -> ArtifactRef {
@@ -80,6 +80,9 @@ pub struct Daemon {
     log_start: usize,
     /// This daemon's network pool: daemons of one test run side by side.
     net_pool: String,
+    /// `file://` artifacts from the data root's `images` only (hearthd's default), not from
+    /// the test image's directory.
+    root_images: bool,
 }
 
 /// No interface has this name: a test daemon's machines reach nothing beyond their namespace
@@ -107,7 +110,22 @@ impl Daemon {
         Daemon::start_in_env(Path::new("/tmp"), extra_args, env).await
     }
 
+    /// A daemon that takes `file://` artifacts from its own data root's `images` only, as
+    /// hearthd does by default (and the CLI expects).
+    pub async fn start_with_root_images(extra_args: &[&str]) -> Daemon {
+        Daemon::start_full(Path::new("/tmp"), extra_args, &[], true).await
+    }
+
     async fn start_in_env(parent: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(parent, extra_args, env, false).await
+    }
+
+    async fn start_full(
+        parent: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        root_images: bool,
+    ) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("hearth-t")
             .tempdir_in(parent)
@@ -125,6 +143,7 @@ impl Daemon {
             env: Vec::new(),
             log_start: 0,
             net_pool: next_net_pool(),
+            root_images,
         };
         d.set_env(env);
         d.spawn().await;
@@ -146,6 +165,7 @@ impl Daemon {
     async fn spawn(&mut self) {
         self.log_start = self.log().len();
         // Test defaults, unless the test gives its own.
+        let image = image_dir();
         let mut defaults = Vec::new();
         for (flag, value) in [
             ("--reconcile-interval-secs", "1"),
@@ -153,8 +173,10 @@ impl Daemon {
             ("--net-pool", self.net_pool.as_str()),
             ("--egress-interface", NO_EGRESS),
             ("--dns", "127.0.0.1"),
+            ("--artifact-dir", image.to_str().unwrap()),
         ] {
-            if !self.extra_args.iter().any(|a| a == flag) {
+            let skip = flag == "--artifact-dir" && self.root_images;
+            if !skip && !self.extra_args.iter().any(|a| a == flag) {
                 defaults.extend([flag, value]);
             }
         }

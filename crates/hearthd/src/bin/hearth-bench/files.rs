@@ -23,7 +23,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         .prefix("hbench")
         .tempdir_in("/tmp")?;
     let root = work.path().join("root");
-    let mut daemon = Daemon::start(&root).await?;
+    let mut daemon = Daemon::start(&root, image).await?;
     let c = daemon.client.clone();
     let id = "files";
     c.create_machine(&CreateMachineRequest {

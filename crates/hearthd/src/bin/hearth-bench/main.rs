@@ -8,6 +8,9 @@
 //! `hearth-bench files`: file upload and download through the API against the raw agent channel;
 //! exec round trip; process start → first output byte.
 //!
+//! `hearth-bench hostile`: one machine attacks (console flood, memory hog, fork bomb, disk
+//! filler) while the host's memory, the API's latency and a quiet machine's exec are sampled.
+//!
 //! `hearth-bench snapshot`: on guests with half their memory dirtied, hearth's snapshot and
 //! restore against plain QEMU save/restore with RAM in the migration stream (what `virsh save`
 //! does) on the same guest; and the memory (PSS) of clones sharing one snapshot.
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 mod files;
+mod hostile;
 mod net;
 mod snapshot;
 mod transfer;
@@ -79,6 +83,13 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Hostile guest: console flood, memory hog, fork bomb, disk filler in one machine; the
+    /// host's memory, the API's and a quiet machine's latency meanwhile.
+    Hostile {
+        /// Seconds each attack runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+    },
     /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
     Snapshot {
         /// Guest sizes in MiB.
@@ -109,6 +120,7 @@ async fn main() -> Result<()> {
         Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
         Bench::Net { mib, rounds } => net::run(&args.image, mib, rounds).await,
         Bench::Files { mib, rounds } => files::run(&args.image, mib, rounds).await,
+        Bench::Hostile { seconds } => hostile::run(&args.image, seconds).await,
         Bench::Snapshot {
             sizes,
             clones,
@@ -124,13 +136,14 @@ fn qemu() -> Qemu {
         binary: "qemu-system-x86_64".into(),
         accel: host::choose_accel(AccelChoice::Auto),
         tsc_khz: host::measure_tsc_khz(),
+        console_log_bytes: 1 << 20,
         user: None,
     }
 }
 
 /// The image's files as `file://` artifact URLs.
 fn image_artifact(image: &Path) -> ArtifactRef {
-    let url = |f: &str| format!("file://{}", image.join(f).display());
+    let url = |f: &str| String::from(url::Url::from_file_path(image.join(f)).expect("absolute"));
     ArtifactRef {
         kernel_image_url: url("vmlinux"),
         rootfs_url: url("rootfs.ext4"),
@@ -152,7 +165,7 @@ async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
         .prefix("hbench")
         .tempdir_in("/tmp")?;
     let qemu = qemu();
-    let daemon = Daemon::start(&work.path().join("root")).await?;
+    let daemon = Daemon::start(&work.path().join("root"), image).await?;
     let artifact = image_artifact(image);
     let create = |id: String| CreateMachineRequest {
         machine_id: id,
@@ -243,6 +256,8 @@ fn raw_spec(image: &Path, dir: &Path, memory_mib: u32) -> Result<VmSpec> {
         dir: dir.to_path_buf(),
         sock_dir: dir.to_path_buf(),
     };
+    // QEMU's console pipe; nobody reads it (a quiet guest writes less than it holds).
+    hearthd::vmm::console::prepare(&paths).map_err(|e| anyhow::anyhow!(e.message))?;
     Ok(VmSpec {
         kernel: image.join("vmlinux"),
         initrd: Some(image.join("initrd.img")),
@@ -300,9 +315,10 @@ struct Daemon {
 impl Daemon {
     /// A daemon whose machines' networks reach nothing beyond their namespaces, on a pool of
     /// its own (not the default one a daemon of this host may guard).
-    async fn start(root: &Path) -> Result<Daemon> {
+    async fn start(root: &Path, image: &Path) -> Result<Daemon> {
         Daemon::start_with(
             root,
+            image,
             &[
                 "--egress-interface",
                 "hearth-noegress",
@@ -315,8 +331,14 @@ impl Daemon {
         .await
     }
 
-    async fn start_with(root: &Path, args: &[&str]) -> Result<Daemon> {
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    /// A daemon that takes `file://` artifacts from `image`.
+    async fn start_with(root: &Path, image: &Path, args: &[&str]) -> Result<Daemon> {
+        let image = image.to_str().context("the image directory is not UTF-8")?;
+        let args: Vec<String> = ["--artifact-dir", image]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
         let child = Daemon::spawn(root, &args).await?;
         Ok(Daemon {
             child,
@@ -345,6 +367,10 @@ impl Daemon {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the daemon; its machines run on.

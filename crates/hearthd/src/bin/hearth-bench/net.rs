@@ -163,6 +163,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         .tempdir_in("/tmp")?;
     let daemon = Daemon::start_with(
         &work.path().join("root"),
+        image,
         &[
             "--egress-interface",
             &links.uplink_veth,

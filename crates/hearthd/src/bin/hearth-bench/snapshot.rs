@@ -115,7 +115,7 @@ pub async fn run(image: &Path, sizes: &[u32], clones: usize, clone_mib: u32) -> 
     let work = tempfile::Builder::new()
         .prefix("hbench")
         .tempdir_in("/tmp")?;
-    let daemon = Daemon::start(&work.path().join("root")).await?;
+    let daemon = Daemon::start(&work.path().join("root"), image).await?;
     let mut lines = Vec::new();
     for &mib in sizes {
         eprintln!("{mib} MiB guest: booting and dirtying half its memory…");

@@ -67,7 +67,7 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
 
     // A 1 GiB disk artifact holding `data_mib` of non-zero data.
     eprintln!("filling a 1 GiB disk with {data_mib} MiB of data in a guest…");
-    let daemon = Daemon::start(&work.join("root")).await?;
+    let daemon = Daemon::start(&work.join("root"), image).await?;
     daemon
         .client
         .create_machine(&CreateMachineRequest {
