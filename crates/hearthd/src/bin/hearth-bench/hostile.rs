@@ -35,9 +35,11 @@ fn rss_mib(pid: u32) -> u64 {
 
 fn vmm_pid(root: &Path, id: &str) -> Option<u32> {
     let paths = hearthd::service::machine_paths(root, id);
+    // "pid start-time"
     std::fs::read_to_string(paths.sock_dir.join("vmm.pid"))
         .ok()?
-        .trim()
+        .split_whitespace()
+        .next()?
         .parse()
         .ok()
 }
