@@ -294,7 +294,6 @@ pub struct Cgroups {
 /// A machine's cgroup, made and limited; the VMM joins it before it execs.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
-    name: String,
     dirs: Vec<PathBuf>,
     /// Each hierarchy's `cgroup.procs` of this cgroup, ready for use between fork and exec.
     procs: Vec<CString>,
@@ -393,30 +392,13 @@ impl Cgroups {
             .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()))
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| CgroupError::Unavailable(format!("cgroup path: {e}")))?;
-        Ok(Cgroup {
-            name: machine.to_string(),
-            dirs,
-            procs,
-        })
+        Ok(Cgroup { dirs, procs })
     }
 
-    /// Removes machine `machine`'s cgroup, which its VMM has left (it exited): a moment after
-    /// a kill the kernel may still count it, so a busy cgroup is tried again for a second.
+    /// Removes machine `machine`'s cgroup, which its VMM has left (it exited).
     pub fn remove(&self, machine: &str) -> Result<()> {
         for dir in self.layout_of(machine).dirs() {
-            let deadline = Instant::now() + Duration::from_secs(1);
-            loop {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == ErrorKind::NotFound => break,
-                    Err(e)
-                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(io("removing cgroup", dir)(e)),
-                }
-            }
+            rmdir(dir)?;
         }
         Ok(())
     }
@@ -468,8 +450,13 @@ impl Cgroups {
 
     /// Removes `hearth-<tag>` when no machine has a cgroup left in it.
     pub fn release(&self) {
+        if !self.machines().is_empty() {
+            return;
+        }
         for dir in self.parent.dirs() {
-            let _ = std::fs::remove_dir(dir);
+            if let Err(e) = rmdir(dir) {
+                tracing::warn!("{e}");
+            }
         }
     }
 
@@ -488,10 +475,6 @@ impl Cgroups {
 }
 
 impl Cgroup {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
@@ -516,6 +499,23 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+}
+
+/// Removes a cgroup that has no process and no child left. The kernel lets go of a process
+/// that has just exited, or of a child just removed, a moment later (asynchronously): until
+/// then the cgroup is busy, so it is tried again for a second.
+fn rmdir(dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io("removing cgroup", dir)(e)),
+        }
     }
 }
 
@@ -791,12 +791,20 @@ mod tests {
                     read(&memory, "memory.limit_in_bytes"),
                     (128u64 << 20).to_string()
                 );
+                if memory.join("memory.memsw.limit_in_bytes").exists() {
+                    let memsw = read(&memory, "memory.memsw.limit_in_bytes");
+                    assert_eq!(memsw, (128u64 << 20).to_string());
+                }
                 assert_eq!(read(&cpu, "cpu.cfs_quota_us"), "200000");
                 assert_eq!(read(&cpu, "cpu.cfs_period_us"), "100000");
                 assert_eq!(read(&pids, "pids.max"), "1024");
             }
         }
-        // Made again (a daemon restart): the same cgroup, the process still in it.
+        // Made again (a daemon restart, perhaps with another overhead: the limits rise, then
+        // fall): the same cgroup, the process still in it.
+        cgroups
+            .create("m.1", &Limits::for_machine(100, 2, 128))
+            .unwrap();
         cgroups.create("m.1", &limits).unwrap();
         assert_eq!(cgroups.procs("m.1"), [pid]);
         // A busy cgroup cannot go.

@@ -94,8 +94,8 @@ fn memory_of(cg: &Cgroups, id: &str) -> (u64, u64) {
 }
 
 /// Machine `id`'s VMM runs as hearth-vmm, sandboxed, alone in its cgroup with the limits of
-/// a machine of `memory_mib` and `vcpus`. Returns its pid.
-fn assert_confined(d: &Daemon, id: &str, memory_mib: u64, vcpus: u64) -> i32 {
+/// a machine of `memory_mib` and `vcpus` (and `overhead_mib` for the VMM). Returns its pid.
+fn assert_confined(d: &Daemon, id: &str, memory_mib: u64, vcpus: u64, overhead_mib: u64) -> i32 {
     let pid = vmm_pid(d, id);
     let user = vmm_user();
     let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
@@ -120,61 +120,83 @@ fn assert_confined(d: &Daemon, id: &str, memory_mib: u64, vcpus: u64) -> i32 {
     );
     assert_eq!(
         limits_of(&cg, id),
-        ((memory_mib + OVERHEAD_MIB) << 20, vcpus * 100_000, 1024)
+        ((memory_mib + overhead_mib) << 20, vcpus * 100_000, 1024)
     );
-    // Its files are the VMM user's; their directory, its sockets and the run directory root's.
-    let machine = d.path().join("machines").join(id);
-    let meta = std::fs::metadata(machine.join("system.img")).unwrap();
-    assert_eq!(
-        (meta.uid(), meta.mode() & 0o777),
-        (uid, 0o600),
-        "system.img"
-    );
-    // The console reaches the daemon through pipes the VMM opens (below); the log is the
-    // daemon's to write.
-    assert_eq!(std::fs::metadata(&machine).unwrap().uid(), 0);
+    // Its files are the VMM user's (a booted machine's RAM file too, and the console's pipes it
+    // opens; the log they feed is the daemon's); their directories, its sockets root's. It may
+    // pass through the run directory to its pipes, not list or write it.
+    let paths = hearthd::service::machine_paths(d.path(), id);
+    let owner = |path: &Path| {
+        let meta =
+            std::fs::metadata(path).unwrap_or_else(|e| panic!("{} of {id}: {e}", path.display()));
+        (meta.uid(), meta.mode() & 0o7777)
+    };
+    let mut theirs = vec![
+        paths.system_disk(),
+        paths.sock_dir.join("console.in"),
+        paths.sock_dir.join("console.out"),
+    ];
+    theirs.extend(Some(paths.memory()).filter(|m| m.exists()));
+    for f in &theirs {
+        assert_eq!(owner(f), (uid, 0o600), "{}", f.display());
+    }
+    // (A restored guest may have written nothing to its console yet.)
+    if paths.console().exists() {
+        assert_eq!(owner(&paths.console()).0, 0);
+    }
+    assert_eq!(owner(&paths.dir).0, 0);
+    assert_eq!(owner(&paths.sock_dir), (0, 0o711));
+    for sock in [paths.control_socket(), paths.agent_socket()] {
+        assert_eq!(owner(&sock), (0, 0o600), "{}", sock.display());
+    }
     pid
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_guest_touching_all_its_ram_stays_within_its_vmm_limit() {
-    const MIB: u64 = 512;
-    let d = Daemon::start().await;
-    let c = &d.client;
-    let mut req = create_req("m1");
-    req.memory_mib = Some(MIB as u32);
-    c.create_machine(&req).await.unwrap();
-    let pid = assert_confined(&d, "m1", MIB, 1);
-    let memory = std::fs::metadata(d.path().join("machines/m1/memory")).unwrap();
-    assert_eq!(memory.uid(), vmm_user().uid.as_raw());
-    let run = std::fs::read_dir(d.path().join("run"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    // The VMM may pass through to its console's pipes; nothing else in it is its to open.
-    assert_eq!(std::fs::metadata(&run).unwrap().mode() & 0o7777, 0o711);
-    for fifo in ["console.in", "console.out"] {
-        let meta = std::fs::metadata(run.join(fifo)).unwrap();
-        assert_eq!(
-            (meta.uid(), meta.mode() & 0o777),
-            (vmm_user().uid.as_raw(), 0o600),
-            "{fifo}"
-        );
-    }
-    for sock in ["control.sock", "agent.sock"] {
-        let meta = std::fs::metadata(run.join(sock)).unwrap();
-        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600), "{sock}");
-    }
+/// What filling its guest's RAM did to a VMM's memory.
+struct Filled {
+    pid: i32,
+    /// Bytes the guest wrote into a tmpfs.
+    fill: u64,
+    limit: u64,
+    /// The cgroup's usage once booted, after the fill, at its peak; the highest usage and the
+    /// VMM's highest RSS sampled meanwhile.
+    booted: u64,
+    after: u64,
+    peak: u64,
+    sampled: u64,
+    rss: u64,
+}
 
-    let cg = cgroups(&d);
-    let limit = (MIB + OVERHEAD_MIB) << 20;
-    let (booted, _) = memory_of(&cg, "m1");
-    // All the RAM the guest has left but 16 MiB into a tmpfs (each page written, so each is
-    // the host's to back), while the VMM's memory is sampled.
+impl std::fmt::Display for Filled {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} MiB filled: cgroup at boot {} MiB, after {} MiB, peak {} MiB (sampled {} MiB), \
+             VMM RSS peak {} MiB; limit {} MiB",
+            self.fill >> 20,
+            self.booted >> 20,
+            self.after >> 20,
+            self.peak >> 20,
+            self.sampled >> 20,
+            self.rss >> 20,
+            self.limit >> 20
+        )
+    }
+}
+
+/// Boots machine `id` with `mib` of RAM on a daemon whose VMMs get `overhead_mib` beyond it,
+/// and has the guest write all the RAM it has left but 16 MiB into a tmpfs (each page written,
+/// so each is the host's to back) while its VMM's memory is sampled. The VMM lives through it.
+async fn fill_ram(d: &Daemon, id: &str, mib: u64, overhead_mib: u64) -> Filled {
+    let c = &d.client;
+    let mut req = create_req(id);
+    req.memory_mib = Some(mib as u32);
+    c.create_machine(&req).await.unwrap();
+    let pid = assert_confined(d, id, mib, 1, overhead_mib);
+    let cg = cgroups(d);
+    let (booted, _) = memory_of(&cg, id);
     let sampler = {
-        let cg = cgroups(&d);
+        let (cg, id) = (cgroups(d), id.to_string());
         tokio::spawn(async move {
             let (mut usage, mut rss) = (0u64, 0u64);
             while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
@@ -183,7 +205,7 @@ async fn a_guest_touching_all_its_ram_stays_within_its_vmm_limit() {
                     rss = rss.max(rss_in(&status));
                 }
                 if let Some(Layout::V1 { memory: dir, .. } | Layout::V2(dir)) =
-                    Some(cg.dirs_of("m1")).filter(|_| cg.procs("m1") == [pid])
+                    Some(cg.dirs_of(&id)).filter(|_| cg.procs(&id) == [pid])
                 {
                     let file = match cg.version() {
                         1 => "memory.usage_in_bytes",
@@ -203,7 +225,7 @@ async fn a_guest_touching_all_its_ram_stays_within_its_vmm_limit() {
     };
     let r = sh(
         c,
-        "m1",
+        id,
         "fill=$(( $(awk '/MemAvailable/ {print $2}' /proc/meminfo) / 1024 - 16 )) && \
          mkdir -p /mnt/fill && mount -t tmpfs -o size=100% tmpfs /mnt/fill && \
          dd if=/dev/zero of=/mnt/fill/data bs=1M count=$fill 2>/dev/null && \
@@ -212,37 +234,66 @@ async fn a_guest_touching_all_its_ram_stays_within_its_vmm_limit() {
     .await;
     assert_eq!(r.exit_code, 0, "{}", r.stderr);
     let fill: u64 = r.stdout.trim().parse().unwrap();
-    assert!(fill > (MIB * 3 / 4) << 20, "only {fill} bytes filled");
-    // The VMM lived through it, and still answers.
-    assert_eq!(vmm_pid(&d, "m1"), pid);
-    assert_eq!(sh(c, "m1", "echo alive").await.stdout.trim(), "alive");
-    let (now, peak) = memory_of(&cg, "m1");
-    // Charged to its cgroup: the guest's RAM is the VMM's memory.
+    assert!(fill > (mib / 2) << 20, "only {fill} bytes filled");
+    // The VMM lived through it, and its guest still answers, its data whole.
+    assert_eq!(vmm_pid(d, id), pid);
+    assert_eq!(
+        sh(c, id, "wc -c < /mnt/fill/data").await.stdout.trim(),
+        fill.to_string()
+    );
+    let (after, peak) = memory_of(&cg, id);
+    let oom_kills = match cg.dirs_of(id) {
+        Layout::V2(dir) => std::fs::read_to_string(dir.join("memory.events")).unwrap(),
+        Layout::V1 { memory, .. } => {
+            std::fs::read_to_string(memory.join("memory.oom_control")).unwrap()
+        }
+    };
+    assert!(oom_kills.contains("oom_kill 0"), "{oom_kills}");
+    c.delete_machine(id).await.unwrap();
+    let (sampled, rss) = sampler.await.unwrap();
     assert!(
-        peak >= booted + fill / 2,
-        "the cgroup's peak {peak} does not show the guest's {fill} bytes (at boot {booted})"
+        !cg.machines().contains(&id.to_string()),
+        "the cgroup of {id} left"
     );
-    assert!(peak <= limit, "peak {peak} over the limit {limit}");
-    c.delete_machine("m1").await.unwrap();
-    let (usage, rss) = sampler.await.unwrap();
-    assert!(rss <= limit, "the VMM's RSS {rss} over the limit {limit}");
-    eprintln!(
-        "guest RAM {MIB} MiB, {} MiB filled: cgroup at boot {} MiB, after {} MiB, peak {} MiB \
-         (sampled {} MiB), VMM RSS peak {} MiB; limit {} MiB",
-        fill >> 20,
-        booted >> 20,
-        now >> 20,
-        peak >> 20,
-        usage >> 20,
-        rss >> 20,
-        limit >> 20
-    );
+    d.assert_nothing_left(id).await;
+    Filled {
+        pid,
+        fill,
+        limit: (mib + overhead_mib) << 20,
+        booted,
+        after,
+        peak,
+        sampled,
+        rss,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_touching_all_its_ram_stays_within_its_vmm_limit() {
+    const MIB: u64 = 256;
+    let d = Daemon::start().await;
+    let f = fill_ram(&d, "m1", MIB, OVERHEAD_MIB).await;
+    eprintln!("guest RAM {MIB} MiB, default overhead: {f}");
+    assert!(f.pid > 0);
+    // Charged to its cgroup: the guest's RAM is the VMM's memory, which its default overhead
+    // holds with room to spare.
     assert!(
-        cg.machines().is_empty(),
-        "cgroups left: {:?}",
-        cg.machines()
+        f.peak >= f.booted + f.fill / 2,
+        "the cgroup does not show the guest's RAM: {f}"
     );
-    d.assert_nothing_left("m1").await;
+    assert!(f.peak <= f.limit && f.sampled <= f.limit, "{f}");
+    assert!(f.rss <= f.limit, "the VMM's RSS over its limit: {f}");
+
+    // With less room than its guest and QEMU need, the VMM is held at its limit (the kernel
+    // writes its RAM file's pages back to the file), and neither dies nor grows.
+    let tight = Daemon::start_with(&["--vmm-memory-overhead-mib", "48"]).await;
+    let f = fill_ram(&tight, "m1", MIB, 48).await;
+    eprintln!("guest RAM {MIB} MiB, 48 MiB overhead: {f}");
+    assert!(f.peak <= f.limit, "{f}");
+    assert!(
+        f.peak + (32 << 20) >= f.limit,
+        "the limit was never reached: {f}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -250,7 +301,7 @@ async fn confinement_holds_across_snapshots_restores_forks_and_restarts() {
     let mut d = Daemon::start().await;
     let c = &d.client;
     c.create_machine(&create_req("m1")).await.unwrap();
-    assert_confined(&d, "m1", 256, 1);
+    assert_confined(&d, "m1", 256, 1, OVERHEAD_MIB);
     start_counter(c, "m1").await;
 
     // A memory snapshot (its device state written through a descriptor QEMU was handed), then a
@@ -262,7 +313,10 @@ async fn confinement_holds_across_snapshots_restores_forks_and_restarts() {
     assert!(vmstate.len() > 0);
     assert_eq!(vmstate.uid(), 0);
     c.restore("s1", &restore_req("s1", "m2")).await.unwrap();
-    assert_confined(&d, "m2", 256, 1);
+    assert_confined(&d, "m2", 256, 1, OVERHEAD_MIB);
+    // QEMU maps the snapshot's RAM file private, but opens it for writing.
+    let memory = std::fs::metadata(d.path().join("snapshots/s1/memory")).unwrap();
+    assert_eq!(memory.uid(), vmm_user().uid.as_raw());
     let mark = read_counter(c, "m2").await;
     assert!(
         counter_passes(c, "m2", mark).await,
@@ -275,7 +329,7 @@ async fn confinement_holds_across_snapshots_restores_forks_and_restarts() {
         ports: None,
     };
     c.fork("m1", &fork).await.unwrap();
-    assert_confined(&d, "m3", 256, 1);
+    assert_confined(&d, "m3", 256, 1, OVERHEAD_MIB);
 
     // A daemon restart finds every VMM again, in its cgroup, limits in place.
     let before: Vec<i32> = ["m1", "m2", "m3"].map(|id| vmm_pid(&d, id)).to_vec();
@@ -283,7 +337,7 @@ async fn confinement_holds_across_snapshots_restores_forks_and_restarts() {
     let c = &d.client;
     for (id, pid) in ["m1", "m2", "m3"].into_iter().zip(before) {
         assert_eq!(c.get_machine(id).await.unwrap().phase, Phase::Running);
-        assert_eq!(assert_confined(&d, id, 256, 1), pid);
+        assert_eq!(assert_confined(&d, id, 256, 1, OVERHEAD_MIB), pid);
         assert_eq!(sh(c, id, "echo hi").await.stdout.trim(), "hi");
     }
 
@@ -291,7 +345,7 @@ async fn confinement_holds_across_snapshots_restores_forks_and_restarts() {
     c.stop_machine("m1").await.unwrap();
     assert!(!cgroups(&d).machines().contains(&"m1".to_string()));
     c.start_machine("m1").await.unwrap();
-    assert_confined(&d, "m1", 256, 1);
+    assert_confined(&d, "m1", 256, 1, OVERHEAD_MIB);
 
     // A cgroup no machine owns, with a process in it (a VMM whose machine is gone): reconcile
     // kills the process and removes the cgroup.

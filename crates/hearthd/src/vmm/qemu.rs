@@ -358,8 +358,13 @@ impl Qemu {
         let pid = child.id().map(|pid| pid as i32);
         let proc = pid.and_then(process::record);
         if let Some(proc) = proc {
-            // For the reconcile pass, should the daemon stop before the pid is recorded.
-            std::fs::write(p.pidfile(), format!("{} {}\n", proc.pid, proc.start_time))?;
+            // For the reconcile pass, should the daemon stop before the pid is recorded (the
+            // machine's cgroup names the VMM too).
+            let written =
+                std::fs::write(p.pidfile(), format!("{} {}\n", proc.pid, proc.start_time));
+            if let Err(e) = written {
+                tracing::warn!(pid = proc.pid, "writing {}: {e}", p.pidfile().display());
+            }
         }
         let control = p.control_socket();
         let ready = tokio::select! {
