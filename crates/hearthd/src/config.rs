@@ -95,8 +95,9 @@ pub struct Config {
     /// Largest system disk one machine may have (bytes).
     #[arg(long, env = "HEARTH_MAX_STORAGE_BYTES", default_value_t = 1 << 40)]
     pub max_storage_bytes: u64,
-    /// Bytes of a machine's serial console kept in `console.log`; past it the file becomes
-    /// `console.log.1` (replacing the previous one) and a new one starts.
+    /// Bytes of a machine's serial console kept in `console.log` (and of its VMM's own log in
+    /// `vmm.log`); past it the file becomes `<file>.1` (replacing the previous one) and a new
+    /// one starts.
     #[arg(long, env = "HEARTH_CONSOLE_LOG_BYTES", default_value_t = 1 << 20)]
     pub console_log_bytes: u64,
     /// How long a boot may take before the machine is given up (seconds).

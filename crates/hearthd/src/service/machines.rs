@@ -319,7 +319,7 @@ impl Service {
             // The agent socket closes when QEMU exits, a moment before the process is gone.
             let exited = agent.is_closed() || !process::is_alive(&proc);
             if exited {
-                console::drained(paths).await;
+                console::drained(paths, console::Log::Console).await;
             }
             let console = paths.console_tail(15);
             let msg = if exited {

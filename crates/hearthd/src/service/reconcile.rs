@@ -186,7 +186,7 @@ impl Service {
             let running = matches!(rec.phase, Phase::Running | Phase::Starting);
             if running && !rec.process.as_ref().is_some_and(process::is_alive) {
                 let paths = self.paths(&rec.id);
-                console::drained(&paths).await;
+                console::drained(&paths, console::Log::Console).await;
                 let console = paths.console_tail(5);
                 let reason = format!("the VMM process exited unexpectedly; console:\n{console}");
                 self.mark_failed(rec, &reason).await;

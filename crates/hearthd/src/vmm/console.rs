@@ -1,8 +1,9 @@
-//! A machine's serial console, kept within a size. QEMU writes the console into a pipe, a FIFO
-//! in the machine's runtime directory, and the daemon copies it into `console.log` in the
-//! machine's directory: past `cap` bytes the file becomes `console.log.1` (replacing the one
-//! before) and a new one starts, so a guest that writes without end costs the host at most
-//! twice `cap` of disk, and a copy buffer of memory. The tail is read from the end of the files.
+//! A machine's serial console and its VMM's own log, each kept within a size. The VMM writes
+//! each into a pipe, a FIFO in the machine's runtime directory, and the daemon copies it into
+//! its file (`console.log` in the machine's directory, `vmm.log` in the runtime one): past
+//! `cap` bytes the file becomes `<file>.1` (replacing the one before) and a new one starts, so a
+//! guest that writes without end (or makes its VMM warn without end) costs the host at most
+//! twice `cap` of disk per log, and a copy buffer of memory. Tails are read from the files' end.
 //!
 //! Why a FIFO rather than QEMU writing the file itself (which nothing could bound: the daemon
 //! could only cut the file now and then, and not at all while it is down) or a socket (where
@@ -23,7 +24,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// The copiers running, by the console file they write: each drops its sender when its VMM's
+/// The copiers running, by the log file they write: each drops its sender when its VMM's
 /// pipe ends, so that [`drained`] can wait for the last words of a VMM that exited.
 static COPIERS: LazyLock<Mutex<HashMap<PathBuf, Copier>>> = LazyLock::new(Mutex::default);
 
@@ -35,6 +36,15 @@ const MIN_CAP: u64 = 4096;
 /// How much of a file's end a tail reads: enough for the lines an error message quotes.
 const TAIL_BYTES: u64 = 64 << 10;
 
+/// One of the two logs a machine keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    /// The guest's serial console.
+    Console,
+    /// What the VMM itself reports on its standard error.
+    Vmm,
+}
+
 impl MachinePaths {
     /// QEMU's `pipe` chardev path: it writes `console.out` and reads `console.in`.
     pub fn console_pipe(&self) -> PathBuf {
@@ -45,16 +55,37 @@ impl MachinePaths {
         self.sock_dir.join(format!("console.{end}"))
     }
 
-    fn console_previous(&self) -> PathBuf {
-        self.dir.join("console.log.1")
+    /// The FIFO the VMM writes `log` into.
+    pub(super) fn log_fifo(&self, log: Log) -> PathBuf {
+        match log {
+            Log::Console => self.console_fifo("out"),
+            Log::Vmm => self.sock_dir.join("vmm.out"),
+        }
+    }
+
+    fn log_file(&self, log: Log) -> PathBuf {
+        match log {
+            Log::Console => self.console(),
+            Log::Vmm => self.vmm_log(),
+        }
+    }
+
+    fn log_previous(&self, log: Log) -> PathBuf {
+        let mut name = self.log_file(log).into_os_string();
+        name.push(".1");
+        name.into()
     }
 }
 
-/// Makes the console's FIFOs for a VMM about to start (stale ones from an earlier run go).
+/// Makes the FIFOs of the console and the VMM's log for a VMM about to start (stale ones
+/// from an earlier run go).
 pub fn prepare(paths: &MachinePaths) -> Result<()> {
     std::fs::create_dir_all(&paths.sock_dir)?;
-    for end in ["in", "out"] {
-        let fifo = paths.console_fifo(end);
+    for fifo in [
+        paths.console_fifo("in"),
+        paths.console_fifo("out"),
+        paths.log_fifo(Log::Vmm),
+    ] {
         let _ = std::fs::remove_file(&fifo);
         nix::unistd::mkfifo(
             &fifo,
@@ -65,11 +96,23 @@ pub fn prepare(paths: &MachinePaths) -> Result<()> {
     Ok(())
 }
 
-/// Copies a running VMM's console into `console.log`, rotated at `cap` bytes, on a thread of
-/// its own until the VMM exits. Call it once per VMM process: after it starts, or when the
+/// The write end of the VMM log's FIFO, for the VMM's standard error. Opened for reading
+/// too, so that it never blocks and the VMM never meets a pipe without a reader (while no
+/// daemon reads, a VMM that fills the pipe waits, as its console does).
+pub fn vmm_log_writer(paths: &MachinePaths) -> Result<File> {
+    let fifo = paths.log_fifo(Log::Vmm);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .map_err(|e| Error::io("opening", &fifo, e))
+}
+
+/// Copies a running VMM's `log` into its file, rotated at `cap` bytes, on a thread of its own
+/// until the VMM exits. Call it once per VMM process and log: after it starts, or when the
 /// daemon reattaches it.
-pub fn follow(paths: &MachinePaths, cap: u64) {
-    let fifo = paths.console_fifo("out");
+pub fn follow(paths: &MachinePaths, log: Log, cap: u64) {
+    let fifo = paths.log_fifo(log);
     // Non-blocking, so that a VMM already gone (no writer) cannot hold the open.
     let pipe = match OpenOptions::new()
         .read(true)
@@ -78,10 +121,7 @@ pub fn follow(paths: &MachinePaths, cap: u64) {
     {
         Ok(pipe) => pipe,
         Err(e) => {
-            tracing::warn!(
-                "the console of {} is not followed: {e}",
-                paths.dir.display()
-            );
+            tracing::warn!("{} is not followed: {e}", fifo.display());
             return;
         }
     };
@@ -89,28 +129,25 @@ pub fn follow(paths: &MachinePaths, cap: u64) {
         &pipe,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
     ) {
-        tracing::warn!(
-            "the console of {} is not followed: {e}",
-            paths.dir.display()
-        );
+        tracing::warn!("{} is not followed: {e}", fifo.display());
         return;
     }
-    let log = Rotating {
-        path: paths.console(),
-        previous: paths.console_previous(),
+    let key = paths.log_file(log);
+    let writer = Rotating {
+        path: key.clone(),
+        previous: paths.log_previous(log),
         cap: cap.max(MIN_CAP),
         file: None,
         size: 0,
     };
     let (running, done) = watch::channel(());
     let done = Arc::new(done);
-    let key = paths.console();
     copiers().insert(key.clone(), done.clone());
     let spawned = std::thread::Builder::new()
-        .name("console".into())
+        .name(format!("{log:?}-log").to_lowercase())
         .stack_size(64 << 10)
         .spawn(move || {
-            copy(pipe, log);
+            copy(pipe, writer);
             drop(running);
             let mut map = copiers();
             if map.get(&key).is_some_and(|d| Arc::ptr_eq(d, &done)) {
@@ -118,11 +155,8 @@ pub fn follow(paths: &MachinePaths, cap: u64) {
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(
-            "the console of {} is not followed: {e}",
-            paths.dir.display()
-        );
-        copiers().remove(&paths.console());
+        tracing::warn!("{} is not followed: {e}", fifo.display());
+        copiers().remove(&paths.log_file(log));
     }
 }
 
@@ -130,10 +164,10 @@ fn copiers() -> MutexGuard<'static, HashMap<PathBuf, Copier>> {
     COPIERS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// For a VMM that exited: waits (a few seconds at most) until its console is copied to the
+/// For a VMM that exited: waits (a few seconds at most) until its `log` is copied to the
 /// end, so that its tail holds the last words.
-pub async fn drained(paths: &MachinePaths) {
-    let done = copiers().get(&paths.console()).cloned();
+pub async fn drained(paths: &MachinePaths, log: Log) {
+    let done = copiers().get(&paths.log_file(log)).cloned();
     if let Some(done) = done {
         let mut done = (*done).clone();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -209,19 +243,14 @@ fn copy(mut pipe: File, mut log: Rotating) {
     }
 }
 
-/// The last `lines` non-empty lines of the console, from the current file and, when it holds
+/// The last `lines` non-empty lines of `log`, from the current file and, when it holds
 /// fewer, the previous one.
-pub fn tail(paths: &MachinePaths, lines: usize) -> String {
-    let mut text = end_of(&paths.console());
+pub fn tail(paths: &MachinePaths, log: Log, lines: usize) -> String {
+    let mut text = end_of(&paths.log_file(log));
     if text.lines().filter(|l| !l.trim().is_empty()).count() < lines {
-        text = end_of(&paths.console_previous()) + &text;
+        text = end_of(&paths.log_previous(log)) + &text;
     }
     last_lines(&text, lines)
-}
-
-/// The last `lines` non-empty lines of a file, read from its end.
-pub fn file_tail(path: &Path, lines: usize) -> String {
-    last_lines(&end_of(path), lines)
 }
 
 /// The last [`TAIL_BYTES`] of a file (nothing when it cannot be read), as text.
@@ -266,7 +295,7 @@ mod tests {
             .write(true)
             .open(paths.console_fifo("out"))
             .unwrap();
-        follow(&paths, 64 << 10);
+        follow(&paths, Log::Console, 64 << 10);
         let mut total = 0;
         for i in 0..20_000 {
             let line = format!("line {i} {}\n", "x".repeat(60));
@@ -277,19 +306,40 @@ mod tests {
         drop(writer);
         // The copier ends when the pipe closes; wait for the last line to land.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !tail(&paths, 1).contains("the last words") {
+        while !tail(&paths, Log::Console, 1).contains("the last words") {
             assert!(std::time::Instant::now() < deadline, "the copy never ended");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let size = |p: &Path| std::fs::metadata(p).unwrap().len();
         assert!(total > 10 * (64 << 10));
         assert!(size(&paths.console()) <= 64 << 10);
-        assert_eq!(size(&paths.console_previous()), 64 << 10);
-        let tail = tail(&paths, 3);
+        assert_eq!(size(&paths.log_previous(Log::Console)), 64 << 10);
+        let tail = tail(&paths, Log::Console, 3);
         assert!(
             tail.starts_with("line 19998") && tail.ends_with("the last words"),
             "{tail}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_vmm_log_keeps_the_last_words_of_a_vmm_that_exited() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = paths(dir.path());
+        prepare(&paths).unwrap();
+        let mut stderr = vmm_log_writer(&paths).unwrap();
+        follow(&paths, Log::Vmm, MIN_CAP);
+        for i in 0..1000 {
+            writeln!(stderr, "warning {i}").unwrap();
+        }
+        writeln!(stderr, "qemu: cannot start").unwrap();
+        drop(stderr);
+        assert_eq!(
+            paths.vmm_log_tail(2).await,
+            "warning 999\nqemu: cannot start"
+        );
+        let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+        assert!(size(&paths.vmm_log()) <= MIN_CAP);
+        assert_eq!(size(&paths.log_previous(Log::Vmm)), MIN_CAP);
     }
 
     #[test]
@@ -300,11 +350,13 @@ mod tests {
         for i in 0..100_000 {
             old.push_str(&format!("old {i}\n"));
         }
-        std::fs::write(paths.console_previous(), old).unwrap();
+        std::fs::write(paths.log_previous(Log::Console), old).unwrap();
         std::fs::write(paths.console(), "new 1\n\nnew 2\n").unwrap();
-        assert_eq!(tail(&paths, 2), "new 1\nnew 2");
-        assert_eq!(tail(&paths, 4), "old 99998\nold 99999\nnew 1\nnew 2");
-        assert_eq!(file_tail(&paths.console_previous(), 1), "old 99999");
-        assert_eq!(file_tail(&dir.path().join("missing"), 5), "");
+        assert_eq!(tail(&paths, Log::Console, 2), "new 1\nnew 2");
+        assert_eq!(
+            tail(&paths, Log::Console, 4),
+            "old 99998\nold 99999\nnew 1\nnew 2"
+        );
+        assert_eq!(tail(&paths, Log::Vmm, 5), "");
     }
 }

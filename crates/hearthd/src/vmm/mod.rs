@@ -78,19 +78,21 @@ impl MachinePaths {
     pub fn pidfile(&self) -> PathBuf {
         self.sock_dir.join("vmm.pid")
     }
-    /// What the VMM itself reports (QEMU's stderr).
+    /// What the VMM itself reports (its standard error), capped like the console.
     pub fn vmm_log(&self) -> PathBuf {
         self.sock_dir.join("vmm.log")
     }
 
     /// The last lines of the serial console, for error messages.
     pub fn console_tail(&self, lines: usize) -> String {
-        console::tail(self, lines)
+        console::tail(self, console::Log::Console, lines)
     }
 
-    /// The last lines of the VMM's own log, for error messages.
-    pub fn vmm_log_tail(&self, lines: usize) -> String {
-        console::file_tail(&self.vmm_log(), lines)
+    /// The last lines of the VMM's own log, for error messages about a VMM that exited (once
+    /// its log is copied to the end).
+    pub async fn vmm_log_tail(&self, lines: usize) -> String {
+        console::drained(self, console::Log::Vmm).await;
+        console::tail(self, console::Log::Vmm, lines)
     }
 }
 

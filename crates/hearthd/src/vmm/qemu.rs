@@ -30,7 +30,8 @@ pub struct Qemu {
     pub accel: Accel,
     pub tsc_khz: u64,
     pub version: String,
-    /// Bytes of serial console kept per file (`console.log`, then `console.log.1`).
+    /// Bytes of serial console (and of QEMU's own log) kept per file (`console.log`, then
+    /// `console.log.1`).
     pub console_log_bytes: u64,
     /// Whom QEMU runs as; None keeps it root.
     pub user: Option<VmmUser>,
@@ -275,12 +276,7 @@ impl Qemu {
         // descriptors): it may pass through, not list or write.
         let mode = if self.user.is_some() { 0o711 } else { 0o700 };
         std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(mode))?;
-        for stale in [
-            p.agent_socket(),
-            p.control_socket(),
-            p.pidfile(),
-            p.vmm_log(),
-        ] {
+        for stale in [p.agent_socket(), p.control_socket(), p.pidfile()] {
             let _ = std::fs::remove_file(stale);
         }
         console::prepare(p)?;
@@ -300,13 +296,13 @@ impl Qemu {
             agent: listen(&p.agent_socket())?,
             tap,
         };
-        // Everything QEMU reports, from its first line: it has no terminal.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(p.vmm_log())?;
+        // Everything QEMU reports, from its first line: it has no terminal. Followed before
+        // QEMU starts, so that the words of one that fails at once are kept.
+        for old in [p.vmm_log(), p.vmm_log().with_extension("log.1")] {
+            let _ = std::fs::remove_file(old);
+        }
+        let log = console::vmm_log_writer(p)?;
+        console::follow(p, console::Log::Vmm, self.console_log_bytes);
         let mut cmd = self.command(spec, incoming, &fds);
         let ns: Option<OwnedFd> = match &spec.network {
             Some(net) => Some(
@@ -350,11 +346,12 @@ impl Qemu {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::internal(format!("cannot run {}: {e}", self.binary.display())))?;
-        // QEMU holds the sockets and the tap now; when it exits, they close.
+        let spawned = cmd.spawn();
+        // QEMU holds the sockets, the tap and its log's pipe now; when it exits, they close.
+        drop(cmd);
         drop(fds);
+        let mut child = spawned
+            .map_err(|e| Error::internal(format!("cannot run {}: {e}", self.binary.display())))?;
         let pid = child.id().map(|pid| pid as i32);
         let proc = pid.and_then(process::record);
         if let Some(proc) = proc {
@@ -373,7 +370,7 @@ impl Qemu {
         };
         let failed = match (ready, proc) {
             (Ok(()), Some(proc)) => {
-                console::follow(p, self.console_log_bytes);
+                console::follow(p, console::Log::Console, self.console_log_bytes);
                 // Reaps it when it exits, while this daemon runs.
                 tokio::spawn(async move {
                     let _ = child.wait().await;
@@ -394,7 +391,7 @@ impl Qemu {
         }
         Err(Error::invalid(format!(
             "QEMU refused to start the machine: {}",
-            p.vmm_log_tail(10)
+            p.vmm_log_tail(10).await
         )))
     }
 
@@ -499,7 +496,8 @@ impl Vmm for Qemu {
             .await
             .map_err(Error::unavailable)?;
         tracing::debug!(?status, "reattached to QEMU");
-        console::follow(paths, self.console_log_bytes);
+        console::follow(paths, console::Log::Console, self.console_log_bytes);
+        console::follow(paths, console::Log::Vmm, self.console_log_bytes);
         Ok(())
     }
 
@@ -512,7 +510,7 @@ impl Vmm for Qemu {
             if !exited {
                 return Err(e);
             }
-            let reason = spec.paths.vmm_log_tail(5);
+            let reason = spec.paths.vmm_log_tail(5).await;
             return Err(Error {
                 code: ErrorCode::Integrity,
                 message: format!(
