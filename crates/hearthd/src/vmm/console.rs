@@ -56,7 +56,7 @@ impl MachinePaths {
     }
 
     /// The FIFO the VMM writes `log` into.
-    pub(super) fn log_fifo(&self, log: Log) -> PathBuf {
+    pub fn log_fifo(&self, log: Log) -> PathBuf {
         match log {
             Log::Console => self.console_fifo("out"),
             Log::Vmm => self.sock_dir.join("vmm.out"),
@@ -96,11 +96,12 @@ pub fn prepare(paths: &MachinePaths) -> Result<()> {
     Ok(())
 }
 
-/// The write end of the VMM log's FIFO, for the VMM's standard error. Opened for reading
-/// too, so that it never blocks and the VMM never meets a pipe without a reader (while no
-/// daemon reads, a VMM that fills the pipe waits, as its console does).
-pub fn vmm_log_writer(paths: &MachinePaths) -> Result<File> {
-    let fifo = paths.log_fifo(Log::Vmm);
+/// The write end of `log`'s FIFO, for a VMM that writes it on a descriptor (QEMU's standard
+/// error; Firecracker's standard output, its serial console). Opened for reading too, so that
+/// it never blocks and the VMM never meets a pipe without a reader (while no daemon reads, a
+/// VMM that fills the pipe waits).
+pub fn writer(paths: &MachinePaths, log: Log) -> Result<File> {
+    let fifo = paths.log_fifo(log);
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -326,7 +327,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = paths(dir.path());
         prepare(&paths).unwrap();
-        let mut stderr = vmm_log_writer(&paths).unwrap();
+        let mut stderr = writer(&paths, Log::Vmm).unwrap();
         follow(&paths, Log::Vmm, MIN_CAP);
         for i in 0..1000 {
             writeln!(stderr, "warning {i}").unwrap();

@@ -301,7 +301,7 @@ impl Qemu {
         for old in [p.vmm_log(), p.vmm_log().with_extension("log.1")] {
             let _ = std::fs::remove_file(old);
         }
-        let log = console::vmm_log_writer(p)?;
+        let log = console::writer(p, console::Log::Vmm)?;
         console::follow(p, console::Log::Vmm, self.console_log_bytes);
         let mut cmd = self.command(spec, incoming, &fds);
         let ns: Option<OwnedFd> = match &spec.network {

@@ -9,7 +9,7 @@
 //! exec round trip; process start → first output byte.
 //!
 //! `hearth-bench hostile`: one machine attacks (console flood, memory hog, fork bomb, disk
-//! filler) while the host's memory, the API's latency and a quiet machine's exec are sampled.
+//! filler, an endless message and a reply flood on its agent channel) while the host's memory, the API's latency and a quiet machine's exec are sampled.
 //!
 //! `hearth-bench snapshot`: on guests with half their memory dirtied, hearth's snapshot and
 //! restore against plain QEMU save/restore with RAM in the migration stream (what `virsh save`
@@ -83,8 +83,8 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// Hostile guest: console flood, memory hog, fork bomb, disk filler in one machine; the
-    /// host's memory, the API's and a quiet machine's latency meanwhile.
+    /// Hostile guest: console flood, memory hog, fork bomb, disk filler, an endless message
+    /// and a reply flood on the agent channel, in one machine; the host's memory, the API's and a quiet machine's latency meanwhile.
     Hostile {
         /// Seconds each attack runs.
         #[arg(long, default_value_t = 15)]
