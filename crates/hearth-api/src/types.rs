@@ -55,6 +55,9 @@ pub struct CreateMachineRequest {
     /// Ports to publish once it runs (ext).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PublishPortRequest>>,
+    /// The VMM that runs it (ext); by default the daemon's (`--vmm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmKind>,
 }
 
 /// Whether a guest may open connections out of its machine.
@@ -173,6 +176,15 @@ impl Phase {
 pub enum VmmKind {
     Qemu,
     Firecracker,
+}
+
+impl std::fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmmKind::Qemu => "qemu",
+            VmmKind::Firecracker => "firecracker",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -387,6 +399,10 @@ pub struct RestoreRequest {
     /// Ports to publish (ext): a restored machine starts with none otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<PublishPortRequest>>,
+    /// The VMM to run it on (ext): the snapshot's by default; another VMM's snapshot is
+    /// refused (422).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmKind>,
 }
 
 /// `POST /machines/{id}/fork`: a new machine that continues from the source's present instant,

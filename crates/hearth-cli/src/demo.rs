@@ -94,6 +94,7 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
                 protocol: None,
                 host_port: None,
             }]),
+            vmm: None,
         })
         .await?;
     report.step(

@@ -109,6 +109,7 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
         }),
         network: args.net.request(args.no_network),
         ports: args.net.ports()?,
+        vmm: None,
     };
     let bar = spinner(format!("creating {}", args.name));
     let t = Instant::now();

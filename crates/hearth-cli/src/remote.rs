@@ -270,6 +270,7 @@ pub async fn pull(ctx: &Ctx, source: &str, name: &str) -> Result<()> {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     };
     let bar = spinner(format!(
         "hearthd downloading {} and restoring {name}",

@@ -160,6 +160,7 @@ pub async fn restore_request(
         }),
         network: None,
         ports: None,
+        vmm: None,
     })
 }
 

@@ -16,7 +16,6 @@ use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD};
 use hearth_proto::{encode, ErrorKind, GuestMessage, Identity, Op, Reply, Request, MAX_MESSAGE};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -156,11 +155,9 @@ impl Drop for AgentClient {
 }
 
 impl AgentClient {
-    pub async fn connect(socket: &Path) -> Result<AgentClient> {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| Error::unavailable(format!("agent socket {}: {e}", socket.display())))?;
-        Ok(AgentClient::over(stream, WRITE_STALL))
+    /// A client on a new connection to the agent's channel (from [`crate::vmm::Vmm`]).
+    pub fn new(stream: UnixStream) -> AgentClient {
+        AgentClient::over(stream, WRITE_STALL)
     }
 
     /// A client on a connected stream, giving up on a guest that reads nothing for

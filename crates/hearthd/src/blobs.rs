@@ -525,7 +525,6 @@ mod tests {
             .insert_machine(&MachineRecord::starting(
                 "m",
                 MachineSpec::for_tests(&sha(&machine), None),
-                true,
             ))
             .unwrap();
         store
@@ -576,7 +575,6 @@ mod tests {
             .insert_machine(&MachineRecord::starting(
                 "m",
                 MachineSpec::for_tests(&sha(&kernel), None),
-                true,
             ))
             .unwrap();
         // `a` used again: now `b` is the least recently used, then `c`.
@@ -621,7 +619,6 @@ mod tests {
             .insert_machine(&MachineRecord::starting(
                 "m",
                 MachineSpec::for_tests(&sha(&referenced), None),
-                true,
             ))
             .unwrap();
 

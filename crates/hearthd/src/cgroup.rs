@@ -434,6 +434,25 @@ impl Cgroups {
         pids
     }
 
+    /// SIGKILLs every process in machine `machine`'s cgroup (a VMM whose machine is gone) and
+    /// waits, a few seconds at most, until none is left. Blocks.
+    pub fn kill_members(&self, machine: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let pids = self.procs(machine);
+            if pids.is_empty() || std::time::Instant::now() > deadline {
+                return;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Puts a running process into machine `machine`'s cgroup (a VMM found again after a
     /// daemon restart; one already there stays).
     pub fn attach(&self, machine: &str, pid: i32) -> Result<()> {

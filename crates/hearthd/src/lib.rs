@@ -24,12 +24,12 @@ use service::Service;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-/// Builds the configured VMM backend. QEMU must have its seccomp sandbox; it runs as
+/// Builds the configured VMM backends. QEMU must have its seccomp sandbox; it runs as
 /// `--vmm-user`, which must exist and be able to reach the data root (and /dev/kvm under KVM).
-pub fn make_vmm(cfg: &Config) -> Result<Arc<dyn vmm::Vmm>> {
+pub fn make_vmms(cfg: &Config) -> Result<vmm::Vmms> {
     let accel = host::choose_accel(cfg.accel);
     let tsc_khz = cfg.tsc_khz.unwrap_or_else(host::measure_tsc_khz);
-    vmm::qemu::check_sandbox(&cfg.qemu).map_err(|e| anyhow::anyhow!(e.message))?;
+    vmm::qemu::check_sandbox(&cfg.qemu)?;
     let user = vmm::user::VmmUser::lookup(&cfg.vmm_user).map_err(|e| anyhow::anyhow!(e.message))?;
     match &user {
         Some(user) => {
@@ -47,14 +47,16 @@ pub fn make_vmm(cfg: &Config) -> Result<Arc<dyn vmm::Vmm>> {
         ),
     }
     tracing::info!(?accel, tsc_khz, user = %cfg.vmm_user, "QEMU backend");
-    Ok(Arc::new(vmm::qemu::Qemu {
+    let qemu: Arc<dyn vmm::Vmm> = Arc::new(vmm::qemu::Qemu {
         version: vmm::qemu::version_of(&cfg.qemu),
         binary: cfg.qemu.clone(),
         accel,
         tsc_khz,
         console_log_bytes: cfg.console_log_bytes,
         user,
-    }))
+        clone: cfg.clone,
+    });
+    Ok(vmm::Vmms::new(hearth_api::VmmKind::Qemu, vec![qemu]))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running after it exits.
@@ -65,7 +67,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         Some(addr) => Some(tcp::TcpApi::bind(&cfg, addr).await?),
         None => None,
     };
-    let vmm = make_vmm(&cfg)?;
+    let vmms = make_vmms(&cfg)?;
     std::fs::create_dir_all(&cfg.root)
         .with_context(|| format!("creating {}", cfg.root.display()))?;
     let tag = net::tag_of(&cfg.root)?;
@@ -96,7 +98,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         tracing::warn!("--cgroups off: VMMs run without memory, CPU or pids limits");
     }
     let svc =
-        Service::new(cfg.clone(), vmm, net, cgroups).map_err(|e| anyhow::anyhow!(e.message))?;
+        Service::new(cfg.clone(), vmms, net, cgroups).map_err(|e| anyhow::anyhow!(e.message))?;
     svc.recover().await;
     svc.spawn_reconciler();
 

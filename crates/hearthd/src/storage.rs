@@ -222,6 +222,17 @@ pub async fn remove_tree(dir: &Path) -> Result<()> {
     .await?
 }
 
+/// Makes `to` name the file `from`: a hard link (same filesystem: no copy, and the file lives
+/// as long as either name), else a symbolic link.
+pub fn link_file(from: &Path, to: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(to);
+    match std::fs::hard_link(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => std::os::unix::fs::symlink(from, to),
+        linked => linked,
+    }
+    .map_err(|e| Error::io("linking", to, e))
+}
+
 /// Removes a file (a machine's RAM, a device state), off the async threads; a missing one is
 /// already removed.
 pub async fn remove_file(path: &Path) -> Result<()> {

@@ -99,6 +99,7 @@ async fn a_full_disk_is_507_and_leaves_nothing() {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     };
     fs.fill(6 << 20);
     let err = d.client.restore("good", &restore).await.unwrap_err();

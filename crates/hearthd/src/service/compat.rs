@@ -148,19 +148,29 @@ pub fn parse_manifest(id: &str, bytes: &[u8]) -> Result<SnapshotManifest> {
 }
 
 impl Service {
-    /// Refuses (422, naming every mismatch) to restore the snapshot `m` describes with this
-    /// RAM, kernel and initrd.
+    /// Refuses (422, naming every mismatch) to restore the snapshot `m` describes on `vmm`
+    /// (by default the snapshot's) with this RAM, kernel and initrd.
     pub(super) fn check_restorable(
         &self,
         m: &SnapshotManifest,
+        vmm: Option<VmmKind>,
         memory_mib: u32,
         kernel_sha256: &str,
         initrd_sha256: Option<&str>,
     ) -> Result<()> {
-        let version = self.vmm.version();
+        let kind = vmm.unwrap_or(m.vmm.kind);
+        let version = match self.vmms.get(kind) {
+            Ok(backend) => backend.version(),
+            Err(e) => {
+                return Err(integrity(format!(
+                    "snapshot {} cannot be restored here: {e}",
+                    m.snapshot_id
+                )))
+            }
+        };
         let (_, cpu_flags) = host::cpu_model_and_flags();
         let target = Target {
-            vmm: self.vmm.kind(),
+            vmm: kind,
             vmm_version: &version,
             cpu_flags: &cpu_flags,
             memory_mib,
@@ -181,7 +191,11 @@ impl Service {
 
     /// Reads a local snapshot's manifest (checked against its recorded sha256) and checks that
     /// the snapshot can be restored as its record says.
-    pub(super) fn check_local_restorable(&self, snap: &SnapshotRecord) -> Result<()> {
+    pub(super) fn check_local_restorable(
+        &self,
+        snap: &SnapshotRecord,
+        vmm: Option<VmmKind>,
+    ) -> Result<()> {
         let recorded = snap
             .artifacts
             .iter()
@@ -202,6 +216,7 @@ impl Service {
         let from = &snap.source;
         self.check_restorable(
             &m,
+            vmm,
             from.memory_mib,
             &from.kernel_sha256,
             from.initrd_sha256.as_deref(),

@@ -5,13 +5,12 @@
 
 use super::machines::guest_hostname;
 use super::network::check_port;
-use super::snapshots::{Timings, MEMORY, VMSTATE};
+use super::snapshots::{Timings, SYSTEM_DISK, VMSTATE};
 use super::{nonce, Operation, Service};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind};
-use crate::vmm::MemoryBacking;
 use hearth_api::{
     validate_id, ForkRequest, Machine, NetworkRequest, Phase, PublishPortRequest, SnapshotKind,
 };
@@ -88,7 +87,7 @@ impl Service {
             network: self.inherited_network(&src.spec.network, want.network.as_ref())?,
             ..src.spec.clone()
         };
-        let mut rec = MachineRecord::starting(id, spec, false);
+        let mut rec = MachineRecord::starting(id, spec);
         self.insert_new_machine(&rec)?;
         let mut result = self.fork_into(&src, &mut rec, src_lock).await;
         if result.is_ok() {
@@ -98,7 +97,7 @@ impl Service {
         }
         if let Err(e) = &result {
             tracing::info!(machine = %id, source, "fork failed: {}", e.message);
-            self.destroy(id, rec.process.as_ref()).await;
+            self.destroy(id, Some(&rec)).await;
         }
         let mut timings = result?;
         timings.push(("total", started.elapsed()));
@@ -114,34 +113,30 @@ impl Service {
         rec: &mut MachineRecord,
         src_lock: OwnedMutexGuard<()>,
     ) -> Result<Timings> {
-        let dir = self.paths(&rec.id).dir;
-        let memory_in_vmstate = !src.ram_shared;
+        let state = self.paths(&rec.id).state_dir();
         let a = self.allocate_network(rec)?;
         // The new machine's namespace is made while the source's state is taken, and linked
         // while its VMM loads it.
         let (taken, network) = tokio::join!(
-            self.take(src, SnapshotKind::Memory, memory_in_vmstate, &dir),
+            self.take(src, SnapshotKind::Memory, &state),
             self.prepare_network(a.as_ref())
         );
         drop(src_lock);
         let (_, mut timings) = taken?;
         let network = network?;
+        // The disk's clone becomes the machine's own.
+        let (from, to) = (state.join(SYSTEM_DISK), self.paths(&rec.id).system_disk());
+        std::fs::rename(&from, &to).map_err(|e| Error::io("moving", &from, e))?;
         failpoint::stall("fork-taken").await;
-        let memory = if memory_in_vmstate {
-            MemoryBacking::Anonymous
-        } else {
-            MemoryBacking::PrivateFile(dir.join(MEMORY))
-        };
-        let vmstate = dir.join(VMSTATE);
         let spec = rec.spec.network.clone();
         let (resumed, connected) = tokio::join!(
-            self.resume_from(rec, memory, &vmstate, network),
+            self.resume_from(rec, &state, network),
             self.connect_network(a, spec)
         );
         connected?;
         timings.extend(resumed?);
         // Loaded; only the memory file is still in use.
-        let _ = storage::remove_file(&vmstate).await;
+        let _ = storage::remove_file(&state.join(VMSTATE)).await;
         Ok(timings)
     }
 }

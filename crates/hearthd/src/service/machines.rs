@@ -7,8 +7,8 @@ use crate::agent::AgentClient;
 use crate::blobs::Leases;
 use crate::cgroup::{Cgroup, Limits};
 use crate::error::{Error, Result};
-use crate::store::{MachineRecord, MachineSpec, OpKind, ProcessRecord};
-use crate::vmm::{console, process, MachinePaths, MemoryBacking, NetAttach, VmSpec};
+use crate::store::{MachineRecord, MachineSpec, OpKind};
+use crate::vmm::{console, MachinePaths, NetAttach, VmProcess, VmSpec, Vmm};
 use crate::{failpoint, storage};
 use base64::Engine;
 use chrono::Utc;
@@ -61,7 +61,7 @@ impl Service {
             Operation::on(OpKind::Create, &req.machine_id),
             move |svc, id, _| async move {
                 let _boot = boot;
-                let mut rec = MachineRecord::starting(&id, spec, true);
+                let mut rec = MachineRecord::starting(&id, spec);
                 svc.insert_new_machine(&rec)?;
                 let leases = Leases::default();
                 let mut result = svc.provision_and_boot(&mut rec, caller, &leases).await;
@@ -70,7 +70,7 @@ impl Service {
                 }
                 if let Err(e) = &result {
                     tracing::info!(machine = %id, "create failed: {}", e.message);
-                    svc.destroy(&id, rec.process.as_ref()).await;
+                    svc.destroy(&id, Some(&rec)).await;
                     leases.discard().await;
                 }
                 result.map(|()| svc.machine_api(&rec))
@@ -101,7 +101,7 @@ impl Service {
             kernel_sha256: String::new(),
             initrd_sha256: None,
             rootfs_sha256: String::new(),
-            vmm: self.vmm.kind(),
+            vmm: req.vmm.unwrap_or(self.vmms.default_kind()),
             restored_from: None,
             network: self.new_network(req.network.as_ref())?,
         })
@@ -201,22 +201,20 @@ impl Service {
         network: Option<NetAttach>,
     ) -> Result<()> {
         let paths = self.paths(&rec.id);
-        let spec = self.vm_spec(rec, MemoryBacking::SharedFile(paths.memory()), network)?;
+        let spec = self.vm_spec(rec, network)?;
         let started = Instant::now();
-        let proc = self.vmm.boot(&spec).await?;
-        // A crash here leaves a VMM that only its pid file names.
+        let proc = self.vmm(rec.spec.vmm)?.boot(&spec).await?;
+        // A crash here leaves a VMM that only its runtime directory names.
         failpoint::stall("vmm-spawned").await;
         rec.process = Some(proc);
-        rec.ram_shared = true;
         self.store.update_machine(rec)?;
         self.finish_start(rec, &paths, proc, false, started).await
     }
 
-    /// What the VMM needs to run this machine with the given RAM; its cgroup is made here.
+    /// What the VMM needs to run this machine; its cgroup is made here.
     pub(super) fn vm_spec(
         &self,
         rec: &MachineRecord,
-        memory: MemoryBacking,
         network: Option<NetAttach>,
     ) -> Result<VmSpec> {
         let paths = self.paths(&rec.id);
@@ -227,7 +225,6 @@ impl Service {
             memory_mib: rec.spec.memory_mib,
             vcpus: rec.spec.vcpus,
             disks: vec![paths.system_disk()],
-            memory,
             paths,
             network,
             cgroup: self.machine_cgroup(rec)?,
@@ -282,7 +279,7 @@ impl Service {
         &self,
         rec: &mut MachineRecord,
         paths: &MachinePaths,
-        proc: ProcessRecord,
+        proc: VmProcess,
         restored: bool,
         started: Instant,
     ) -> Result<()> {
@@ -297,7 +294,7 @@ impl Service {
                 Ok(())
             }
             Err(e) => {
-                process::kill_and_wait(&proc).await;
+                self.vmm(rec.spec.vmm)?.kill(&proc).await;
                 Err(e)
             }
         }
@@ -307,17 +304,18 @@ impl Service {
         &self,
         rec: &MachineRecord,
         paths: &MachinePaths,
-        proc: ProcessRecord,
+        proc: VmProcess,
         restored: bool,
     ) -> Result<Arc<AgentClient>> {
         let deadline = Instant::now() + self.cfg.boot_timeout();
-        let agent = AgentClient::connect(&paths.agent_socket()).await?;
+        let vmm = self.vmm(rec.spec.vmm)?;
+        let agent = AgentClient::new(vmm.connect_agent(paths).await?);
         if let Err(e) = agent
-            .handshake(&nonce(), deadline, || process::is_alive(&proc))
+            .handshake(&nonce(), deadline, || vmm.is_alive(&proc))
             .await
         {
-            // The agent socket closes when QEMU exits, a moment before the process is gone.
-            let exited = agent.is_closed() || !process::is_alive(&proc);
+            // The agent socket closes when the VMM exits, a moment before the process is gone.
+            let exited = agent.is_closed() || !vmm.is_alive(&proc);
             if exited {
                 console::drained(paths, console::Log::Console).await;
             }
@@ -374,11 +372,12 @@ impl Service {
                 return Ok(());
             }
             if let Some(proc) = rec.process {
+                let vmm = svc.vmm(rec.spec.vmm)?;
                 if rec.phase == Phase::Running {
-                    svc.power_off(&id, &proc).await;
+                    svc.power_off(&id, vmm.as_ref(), &proc).await;
                 }
                 failpoint::stall("stop-powered-off").await;
-                process::kill_and_wait(&proc).await;
+                vmm.kill(&proc).await;
             }
             svc.clear_runtime_files(&id).await;
             rec.phase = Phase::Stopped;
@@ -389,7 +388,7 @@ impl Service {
         .await
     }
 
-    pub(super) async fn power_off(&self, id: &str, proc: &ProcessRecord) {
+    pub(super) async fn power_off(&self, id: &str, vmm: &dyn Vmm, proc: &VmProcess) {
         match self.agent(id).await {
             Ok(agent) => {
                 if let Err(e) = agent.call(Op::PowerOff, Some(AGENT_CALL)).await {
@@ -398,7 +397,7 @@ impl Service {
             }
             Err(e) => tracing::warn!(machine = %id, "no agent for power-off: {}", e.message),
         }
-        if !process::wait_gone(proc, self.cfg.stop_timeout()).await {
+        if !vmm.wait_exit(proc, self.cfg.stop_timeout()).await {
             tracing::warn!(machine = %id, "guest did not power off in time; killing the VMM");
         }
     }
@@ -417,7 +416,7 @@ impl Service {
                 )));
             }
             if let Some(proc) = rec.process.take() {
-                process::kill_and_wait(&proc).await;
+                svc.vmm(rec.spec.vmm)?.kill(&proc).await;
             }
             svc.clear_runtime_files(&id).await;
             rec.phase = Phase::Starting;
@@ -447,7 +446,7 @@ impl Service {
         validate_id("machine", id).map_err(Error::invalid)?;
         self.operation(Operation::on(OpKind::Delete, id), |svc, id, _| async move {
             if let Some(rec) = svc.store.get_machine(&id)? {
-                svc.destroy(&id, rec.process.as_ref()).await;
+                svc.destroy(&id, Some(&rec)).await;
             }
             Ok(())
         })
@@ -455,9 +454,12 @@ impl Service {
     }
 
     /// Kills the VMM, removes the machine's files, sockets and record.
-    pub(super) async fn destroy(&self, id: &str, proc: Option<&ProcessRecord>) {
-        if let Some(proc) = proc {
-            process::kill_and_wait(proc).await;
+    pub(super) async fn destroy(&self, id: &str, rec: Option<&MachineRecord>) {
+        if let Some((rec, proc)) = rec.and_then(|r| r.process.as_ref().map(|p| (r, p))) {
+            match self.vmm(rec.spec.vmm) {
+                Ok(vmm) => vmm.kill(proc).await,
+                Err(e) => tracing::warn!(machine = %id, "{}", e.message),
+            }
         }
         failpoint::stall("destroy-killed").await;
         self.clear_runtime_files(id).await;
@@ -470,8 +472,8 @@ impl Service {
         }
     }
 
-    /// Drops the agent connection and removes what only a running VMM needs: its sockets and
-    /// its RAM file (a cold boot starts from fresh memory).
+    /// Drops the agent connection and removes what only a running VMM needs: its sockets, its
+    /// RAM file (a cold boot starts from fresh memory), its cgroup.
     pub(super) async fn clear_runtime_files(&self, id: &str) {
         if let Some(rt) = self
             .runtimes
@@ -485,18 +487,12 @@ impl Service {
             }
         }
         let paths = self.paths(id);
-        // A crash between the VMM's start and the record of its pid leaves only its pid file
-        // to find it by.
-        process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
-        self.remove_cgroup(id).await;
-        for removed in [
-            storage::remove_tree(&paths.sock_dir).await,
-            storage::remove_file(&paths.memory()).await,
-        ] {
-            if let Err(e) = removed {
-                tracing::warn!(machine = %id, "{}", e.message);
-            }
+        // Every backend's: the record that would say which may be gone (a crash between the
+        // VMM's start and the record of its pid leaves only its runtime directory).
+        for vmm in self.vmms.all() {
+            vmm.clean_up(&paths).await;
         }
+        self.remove_cgroup(id).await;
     }
 }
 

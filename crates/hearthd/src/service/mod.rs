@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::net::ports::Relays;
 use crate::net::Net;
 use crate::store::{OpKind, Store};
-use crate::vmm::{MachinePaths, Vmm};
+use crate::vmm::{MachinePaths, Vmm, Vmms};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,7 +42,7 @@ pub struct Service {
     pub cfg: Config,
     store: Arc<Store>,
     artifacts: ArtifactCache,
-    vmm: Arc<dyn Vmm>,
+    vmms: Vmms,
     runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
     /// Held by the leftover sweep while it decides what no record owns, and by an operation
     /// while it writes its journal row: an operation's files appear only after its row, so the
@@ -134,7 +134,7 @@ impl Runtime {
 impl Service {
     pub fn new(
         cfg: Config,
-        vmm: Arc<dyn Vmm>,
+        vmms: Vmms,
         net: Option<Net>,
         cgroups: Option<Cgroups>,
     ) -> Result<Arc<Service>> {
@@ -165,7 +165,7 @@ impl Service {
         Ok(Arc::new(Service {
             store,
             artifacts,
-            vmm,
+            vmms,
             runtimes: Mutex::new(HashMap::new()),
             sweep: tokio::sync::Mutex::new(()),
             unended: Mutex::new(Vec::new()),
@@ -296,11 +296,21 @@ impl Service {
         if let Some(agent) = slot.as_ref().filter(|a| !a.is_closed()) {
             return Ok(agent.clone());
         }
-        let agent = Arc::new(AgentClient::connect(&self.paths(id).agent_socket()).await?);
+        let rec = self.record(id)?;
+        let stream = self
+            .vmm(rec.spec.vmm)?
+            .connect_agent(&self.paths(id))
+            .await?;
+        let agent = Arc::new(AgentClient::new(stream));
         let deadline = Instant::now() + Duration::from_secs(10);
         agent.handshake(&nonce(), deadline, || true).await?;
         *slot = Some(agent.clone());
         Ok(agent)
+    }
+
+    /// The backend of `kind`; 400 when this daemon runs without it.
+    fn vmm(&self, kind: hearth_api::VmmKind) -> Result<&Arc<dyn Vmm>> {
+        Ok(self.vmms.get(kind)?)
     }
 
     /// Starts the periodic reconcile pass.
@@ -334,14 +344,17 @@ pub fn nonce() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ProcessRecord;
-    use crate::vmm::VmSpec;
+    use crate::vmm::{StateFile, VmProcess, VmSpec, VmmError};
     use clap::Parser;
     use hearth_api::{CreateSnapshotRequest, ErrorCode, ForkRequest, VmmKind};
     use std::path::Path;
 
     /// A VMM that never starts anything: the operations below end before they would need one.
     struct NoVmm;
+
+    fn none<T>() -> Result<T, VmmError> {
+        Err(VmmError::control("testing", "no VMM in this test"))
+    }
 
     #[async_trait::async_trait]
     impl Vmm for NoVmm {
@@ -351,23 +364,37 @@ mod tests {
         fn version(&self) -> String {
             "none".into()
         }
-        async fn boot(&self, _: &VmSpec) -> Result<ProcessRecord> {
-            Err(Error::unavailable("no VMM in this test"))
+        async fn boot(&self, _: &VmSpec) -> Result<VmProcess, VmmError> {
+            none()
         }
-        async fn reattach(&self, _: &MachinePaths, _: &ProcessRecord) -> Result<()> {
-            Err(Error::unavailable("no VMM in this test"))
+        async fn reattach(&self, _: &MachinePaths, _: &VmProcess) -> Result<(), VmmError> {
+            none()
         }
-        async fn restore(&self, _: &VmSpec, _: &Path) -> Result<ProcessRecord> {
-            Err(Error::unavailable("no VMM in this test"))
+        async fn restore(&self, _: &VmSpec, _: &Path) -> Result<VmProcess, VmmError> {
+            none()
         }
-        async fn pause(&self, _: &MachinePaths) -> Result<()> {
-            Err(Error::unavailable("no VMM in this test"))
+        fn is_alive(&self, _: &VmProcess) -> bool {
+            false
         }
-        async fn resume(&self, _: &MachinePaths) -> Result<()> {
-            Err(Error::unavailable("no VMM in this test"))
+        async fn pause(&self, _: &MachinePaths) -> Result<(), VmmError> {
+            none()
         }
-        async fn save_device_state(&self, _: &MachinePaths, _: &Path) -> Result<()> {
-            Err(Error::unavailable("no VMM in this test"))
+        async fn resume(&self, _: &MachinePaths) -> Result<(), VmmError> {
+            none()
+        }
+        async fn save_state(&self, _: &MachinePaths, _: &Path) -> Result<Vec<StateFile>, VmmError> {
+            none()
+        }
+        async fn wait_exit(&self, _: &VmProcess, _: Duration) -> bool {
+            true
+        }
+        async fn kill(&self, _: &VmProcess) {}
+        async fn clean_up(&self, _: &MachinePaths) {}
+        async fn connect_agent(
+            &self,
+            _: &MachinePaths,
+        ) -> Result<tokio::net::UnixStream, VmmError> {
+            none()
         }
     }
 
@@ -375,7 +402,13 @@ mod tests {
     async fn operations_on_missing_machines_leave_no_state_behind() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::parse_from(["hearthd", "--root", dir.path().to_str().unwrap()]);
-        let svc = Service::new(cfg, Arc::new(NoVmm), None, None).unwrap();
+        let svc = Service::new(
+            cfg,
+            Vmms::new(VmmKind::Qemu, vec![Arc::new(NoVmm)]),
+            None,
+            None,
+        )
+        .unwrap();
         for i in 0..20 {
             let id = format!("ghost{i}");
             let snap = CreateSnapshotRequest {

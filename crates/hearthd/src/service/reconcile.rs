@@ -8,7 +8,7 @@ use super::Service;
 use crate::failpoint;
 use crate::storage;
 use crate::store::{MachineRecord, OpKind, OpRecord};
-use crate::vmm::{console, process};
+use crate::vmm::{console, MachinePaths};
 use hearth_api::Phase;
 use std::collections::HashSet;
 
@@ -46,7 +46,7 @@ impl Service {
                 }
             }
             (OpKind::Create | OpKind::Restore | OpKind::Fork | OpKind::Delete, Some(rec)) => {
-                self.destroy(&rec.id, rec.process.as_ref()).await;
+                self.destroy(&rec.id, Some(&rec)).await;
                 if op.kind == OpKind::Fork {
                     self.recover_fork_source(op).await;
                 }
@@ -76,9 +76,7 @@ impl Service {
             // Relays are opened from the records at start; a half-made port has no record.
             (OpKind::Port, Some(_)) => {}
             // The start ended but for the journal.
-            (OpKind::Start, Some(rec))
-                if rec.phase == Phase::Running
-                    && rec.process.as_ref().is_some_and(process::is_alive) => {}
+            (OpKind::Start, Some(rec)) if rec.phase == Phase::Running && self.vmm_alive(&rec) => {}
             // The crash came before the start changed anything but, perhaps, a VMM it spawned.
             (OpKind::Start, Some(rec)) if matches!(rec.phase, Phase::Stopped | Phase::Failed) => {
                 self.clear_runtime_files(&rec.id).await
@@ -88,12 +86,13 @@ impl Service {
                     .await
             }
             (OpKind::Stop, Some(mut rec)) => {
-                if let Some(p) = rec.process.take() {
+                let alive = self.vmm_alive(&rec);
+                if let (Some(p), Ok(vmm)) = (rec.process.take(), self.vmm(rec.spec.vmm)) {
                     // The guest may not have been asked to power off yet: ask, as the stop would.
-                    if rec.phase == Phase::Running && process::is_alive(&p) {
-                        self.power_off(&rec.id, &p).await;
+                    if rec.phase == Phase::Running && alive {
+                        self.power_off(&rec.id, vmm.as_ref(), &p).await;
                     }
-                    process::kill_and_wait(&p).await;
+                    vmm.kill(&p).await;
                 }
                 self.clear_runtime_files(&rec.id).await;
                 rec.phase = Phase::Stopped;
@@ -132,7 +131,7 @@ impl Service {
     /// A machine whose snapshot a crash interrupted may be paused and frozen: resume and thaw
     /// (one that cannot be is marked failed).
     async fn resume_after_crash(&self, rec: &MachineRecord) {
-        if !rec.process.as_ref().is_some_and(process::is_alive) {
+        if !self.vmm_alive(rec) {
             return;
         }
         if self.resume_or_fail(rec).await.is_ok() && self.thaw_or_fail(rec).await.is_ok() {
@@ -147,7 +146,14 @@ impl Service {
             let Some(proc) = rec.process.filter(|_| rec.phase == Phase::Running) else {
                 continue;
             };
-            match self.vmm.reattach(&self.paths(&rec.id), &proc).await {
+            let reattached = match self.vmm(rec.spec.vmm) {
+                Ok(vmm) => vmm
+                    .reattach(&self.paths(&rec.id), &proc)
+                    .await
+                    .map_err(Into::into),
+                Err(e) => Err(e),
+            };
+            match reattached {
                 Ok(()) => {
                     tracing::info!(machine = %rec.id, pid = proc.pid, "reattached");
                     if let Err(e) = self.confine_again(&rec, proc.pid) {
@@ -184,7 +190,7 @@ impl Service {
                 continue;
             };
             let running = matches!(rec.phase, Phase::Running | Phase::Starting);
-            if running && !rec.process.as_ref().is_some_and(process::is_alive) {
+            if running && !self.vmm_alive(&rec) {
                 let paths = self.paths(&rec.id);
                 console::drained(&paths, console::Log::Console).await;
                 let console = paths.console_tail(5);
@@ -206,10 +212,18 @@ impl Service {
         }
     }
 
+    /// The machine's recorded VMM still runs.
+    pub(super) fn vmm_alive(&self, rec: &MachineRecord) -> bool {
+        match (&rec.process, self.vmm(rec.spec.vmm)) {
+            (Some(p), Ok(vmm)) => vmm.is_alive(p),
+            _ => false,
+        }
+    }
+
     pub(super) async fn mark_failed(&self, mut rec: MachineRecord, reason: &str) {
         tracing::warn!(machine = %rec.id, "machine failed: {reason}");
-        if let Some(p) = rec.process.take() {
-            process::kill_and_wait(&p).await;
+        if let (Some(p), Ok(vmm)) = (rec.process.take(), self.vmm(rec.spec.vmm)) {
+            vmm.kill(&p).await;
         }
         self.clear_runtime_files(&rec.id).await;
         rec.phase = Phase::Failed;
@@ -270,8 +284,14 @@ impl Service {
                 continue;
             }
             tracing::info!("removing leftover runtime directory {}", dir.display());
-            process::kill_vmm_of(&dir, &dir.join("vmm.pid")).await;
-            let _ = storage::remove_tree(&dir).await;
+            // Its machine directory, if any, went above.
+            let paths = MachinePaths {
+                dir: dir.clone(),
+                sock_dir: dir,
+            };
+            for vmm in self.vmms.all() {
+                vmm.clean_up(&paths).await;
+            }
         }
     }
 }
@@ -288,13 +308,12 @@ impl Service {
                 continue;
             }
             tracing::info!(machine = %machine, "removing a leftover cgroup");
-            for pid in cgroups.procs(&machine) {
-                if let Some(p) = process::record(pid) {
-                    process::kill_and_wait(&p).await;
-                }
-            }
             let cgroups = cgroups.clone();
-            let removed = tokio::task::spawn_blocking(move || cgroups.remove(&machine)).await;
+            let removed = tokio::task::spawn_blocking(move || {
+                cgroups.kill_members(&machine);
+                cgroups.remove(&machine)
+            })
+            .await;
             if let Ok(Err(e)) = removed {
                 tracing::warn!("{e}");
             }

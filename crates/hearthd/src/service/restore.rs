@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::storage;
 use crate::store::{MachineRecord, MachineSpec, OpKind, SnapshotRecord};
-use crate::vmm::{MemoryBacking, NetAttach};
+use crate::vmm::NetAttach;
 use hearth_api::{
     excerpt, validate_id, ArtifactKind, DurableSnapshotRef, ErrorCode, Machine, RestoreRequest,
     SnapshotKind,
@@ -96,14 +96,14 @@ impl Service {
                         let in_use = svc.use_snapshot(&snapshot_id)?;
                         let snap = svc.ready_snapshot(&snapshot_id)?;
                         svc.verify_local_artifacts(&snap).await?;
-                        svc.check_local_restorable(&snap)?;
+                        svc.check_local_restorable(&snap, req.vmm)?;
                         (svc.local_source(snap), Some(in_use))
                     }
                 };
                 let mut spec = restored_spec(&source, &req)?;
                 svc.check_size(spec.memory_mib, spec.vcpus, spec.storage_bytes)?;
                 spec.network = svc.inherited_network(&source.spec.network, req.network.as_ref())?;
-                let rec = MachineRecord::starting(&id, spec, false);
+                let rec = MachineRecord::starting(&id, spec);
                 svc.insert_new_machine(&rec)?;
                 Ok((source, in_use, rec))
             }
@@ -123,7 +123,7 @@ impl Service {
             }
             if let Err(e) = &result {
                 tracing::info!(machine = %id, snapshot = %source.id, "restore failed: {}", e.message);
-                svc.destroy(&id, rec.process.as_ref()).await;
+                svc.destroy(&id, Some(&rec)).await;
                 leases.discard().await;
             }
             result.map(|timings| (svc.machine_api(&rec), timings))
@@ -219,7 +219,7 @@ impl Service {
             None => None,
         };
         // Before the large downloads: a snapshot that cannot run here is not fetched.
-        self.check_restorable(&m, m.memory_mib, &kernel.sha256, initrd.as_deref())?;
+        self.check_restorable(&m, req.vmm, m.memory_mib, &kernel.sha256, initrd.as_deref())?;
         let optional = |kind| async move {
             match find(kind) {
                 Some(a) => fetch(a).await.map(Some),
@@ -273,14 +273,24 @@ impl Service {
             timings.push(("agent", started.elapsed()));
             return Ok(timings);
         }
-        let memory = if src.memory_in_vmstate {
-            MemoryBacking::Anonymous
-        } else {
-            MemoryBacking::PrivateFile(src.memory.clone())
-        };
-        // The namespace is linked and its rules written while QEMU loads the state.
+        // The VMM finds the snapshot's state in the machine's own directory, linked: a
+        // snapshot deleted while the machine runs leaves its memory file to the machine.
+        let state = self.paths(&rec.id).state_dir();
+        let mut files = vec![(src.vmstate.clone(), state.join(VMSTATE))];
+        if !src.memory_in_vmstate {
+            files.push((src.memory.clone(), state.join(MEMORY)));
+        }
+        let dir = state.clone();
+        storage::blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            files
+                .iter()
+                .try_for_each(|(from, to)| storage::link_file(from, to))
+        })
+        .await??;
+        // The namespace is linked and its rules written while the VMM loads the state.
         let (resumed, connected) = tokio::join!(
-            self.resume_from(rec, memory, &src.vmstate, network),
+            self.resume_from(rec, &state, network),
             self.connect_network(a, spec)
         );
         connected?;
@@ -288,22 +298,20 @@ impl Service {
         Ok(timings)
     }
 
-    /// Starts the machine's VMM from device state over `memory`, on the machine's own disks,
-    /// and waits for its agent; on failure no VMM is left.
+    /// Starts the machine's VMM from the state in `state`, on the machine's own disks, and
+    /// waits for its agent; on failure no VMM is left.
     pub(super) async fn resume_from(
         &self,
         rec: &mut MachineRecord,
-        memory: MemoryBacking,
-        vmstate: &Path,
+        state: &Path,
         network: Option<NetAttach>,
     ) -> Result<Timings> {
         let paths = self.paths(&rec.id);
-        let spec = self.vm_spec(rec, memory, network)?;
+        let spec = self.vm_spec(rec, network)?;
         let t = Instant::now();
-        let proc = self.vmm.restore(&spec, vmstate).await?;
+        let proc = self.vmm(rec.spec.vmm)?.restore(&spec, state).await?;
         let mut timings = vec![("running", t.elapsed())];
         rec.process = Some(proc);
-        rec.ram_shared = false;
         self.store.update_machine(rec)?;
         failpoint::stall("restore-running").await;
         self.finish_start(rec, &paths, proc, true, t).await?;

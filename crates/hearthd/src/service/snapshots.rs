@@ -5,6 +5,7 @@ use super::{Operation, Service};
 use crate::error::{Error, Result};
 use crate::storage;
 use crate::store::{MachineRecord, NetworkSpec, OpKind, SnapshotRecord};
+use crate::vmm::{StateKind, Vmm};
 use crate::{failpoint, host};
 use chrono::Utc;
 use hearth_api::{
@@ -184,17 +185,20 @@ impl Service {
                 kind,
                 ready: false,
                 source: rec.spec.clone(),
-                memory_in_vmstate: kind == SnapshotKind::Memory && !rec.ram_shared,
+                // Known once the VMM wrote its state.
+                memory_in_vmstate: false,
                 artifacts: Vec::new(),
                 created_at: Utc::now(),
             };
             svc.store.insert_snapshot(&snap)?;
             let dir = svc.snapshot_dir(&snap.id);
-            let taken = svc.take(&rec, kind, snap.memory_in_vmstate, &dir).await;
+            let taken = svc.take(&rec, kind, &dir).await;
             // The machine runs again: hashing needs no lock on it.
             lock.release();
             let result = match taken {
                 Ok((written, mut timings)) => {
+                    snap.memory_in_vmstate = kind == SnapshotKind::Memory
+                        && !written.iter().any(|w| w.kind == ArtifactKind::Memory);
                     let t = Instant::now();
                     let done = svc.finish(&rec, &mut snap, &dir, written).await;
                     timings.push(("hash", t.elapsed()));
@@ -224,7 +228,7 @@ impl Service {
         .await
     }
 
-    /// Sync and freeze the guest, pause, write device state, RAM (for a memory snapshot) and a
+    /// Sync and freeze the guest, pause, write the VMM's state (for a memory snapshot) and a
     /// clone of the system disk into `dir`, resume, thaw. The machine is resumed (and thawed)
     /// whatever fails; a machine that cannot be resumed is marked failed, as it is. The caller
     /// removes what a failure left in `dir`.
@@ -232,7 +236,6 @@ impl Service {
         &self,
         rec: &MachineRecord,
         kind: SnapshotKind,
-        memory_in_vmstate: bool,
         dir: &Path,
     ) -> Result<(Vec<Written>, Timings)> {
         std::fs::create_dir_all(dir)?;
@@ -248,10 +251,10 @@ impl Service {
         let mut timings = vec![("quiesce", t.elapsed())];
 
         let paused_at = Instant::now();
-        let paused = self.vmm.pause(&paths).await;
-        let written = match paused {
-            Ok(()) => self.write_paused(rec, kind, memory_in_vmstate, dir).await,
-            Err(e) => Err(e),
+        let vmm = self.vmm(rec.spec.vmm)?;
+        let written = match vmm.pause(&paths).await {
+            Ok(()) => self.write_paused(rec, vmm.as_ref(), kind, dir).await,
+            Err(e) => Err(e.into()),
         };
         failpoint::stall("snapshot-paused").await;
         self.resume_or_fail(rec).await?;
@@ -264,13 +267,13 @@ impl Service {
 
     /// Resumes a paused machine (see [`Service::or_fail`]).
     pub(super) async fn resume_or_fail(&self, rec: &MachineRecord) -> Result<()> {
-        let (vmm, paths) = (&self.vmm, &self.paths(&rec.id));
+        let (vmm, paths) = (self.vmm(rec.spec.vmm)?, &self.paths(&rec.id));
         self.or_fail(
             rec,
             "the VMM did not resume after a snapshot",
             move || async move {
                 failpoint::fail("resume")?;
-                vmm.resume(paths).await
+                Ok(vmm.resume(paths).await?)
             },
         )
         .await
@@ -315,46 +318,30 @@ impl Service {
     async fn write_paused(
         &self,
         rec: &MachineRecord,
+        vmm: &dyn Vmm,
         kind: SnapshotKind,
-        memory_in_vmstate: bool,
         dir: &Path,
     ) -> Result<Vec<Written>> {
         let paths = self.paths(&rec.id);
         let mut written = Vec::new();
-        let copy_memory = kind == SnapshotKind::Memory && !memory_in_vmstate;
         if kind == SnapshotKind::Memory {
-            self.vmm
-                .save_device_state(&paths, &dir.join(VMSTATE))
-                .await?;
-            written.push(Written {
-                id: "vmstate",
-                kind: ArtifactKind::Vmstate,
-                name: VMSTATE,
-            });
-            if copy_memory {
-                written.push(Written {
-                    id: "memory",
-                    kind: ArtifactKind::Memory,
-                    name: MEMORY,
+            for file in vmm.save_state(&paths, dir).await? {
+                written.push(match file.kind {
+                    StateKind::DeviceState => Written {
+                        id: "vmstate",
+                        kind: ArtifactKind::Vmstate,
+                        name: file.name,
+                    },
+                    StateKind::Memory => Written {
+                        id: "memory",
+                        kind: ArtifactKind::Memory,
+                        name: file.name,
+                    },
                 });
             }
         }
-        let (memory, disk, dir2, mode) = (
-            paths.memory(),
-            paths.system_disk(),
-            dir.to_path_buf(),
-            self.cfg.clone,
-        );
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            if copy_memory {
-                // Only allocated extents: RAM the guest never touched stays a hole.
-                storage::clone_file(&memory, &dir2.join(MEMORY), mode)?;
-            }
-            storage::clone_file(&disk, &dir2.join(SYSTEM_DISK), mode)?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::internal(e.to_string()))??;
+        let (disk, copy, mode) = (paths.system_disk(), dir.join(SYSTEM_DISK), self.cfg.clone);
+        storage::blocking(move || storage::clone_file(&disk, &copy, mode).map(drop)).await??;
         written.push(Written {
             id: "system",
             kind: ArtifactKind::Disk,
@@ -385,8 +372,8 @@ impl Service {
             kind: snap.kind,
             created_at: snap.created_at,
             vmm: VmmInfo {
-                kind: self.vmm.kind(),
-                version: self.vmm.version(),
+                kind: rec.spec.vmm,
+                version: self.vmm(rec.spec.vmm)?.version(),
             },
             memory_mib: snap.source.memory_mib,
             vcpus: snap.source.vcpus,

@@ -152,7 +152,7 @@ mod tests {
     fn machines_and_snapshots_reference_their_kernel_and_initrd() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
-        let rec = MachineRecord::starting("m", MachineSpec::for_tests("k1", Some("i1")), true);
+        let rec = MachineRecord::starting("m", MachineSpec::for_tests("k1", Some("i1")));
         store.insert_machine(&rec).unwrap();
         let snap = crate::store::SnapshotRecord {
             id: "s".into(),
@@ -166,7 +166,7 @@ mod tests {
         };
         store.insert_snapshot(&snap).unwrap();
         // A machine whose create has not fetched its kernel yet names nothing.
-        let fresh = MachineRecord::starting("n", MachineSpec::for_tests("", None), true);
+        let fresh = MachineRecord::starting("n", MachineSpec::for_tests("", None));
         store.insert_machine(&fresh).unwrap();
         let refs = store.referenced_blobs().unwrap();
         let want: HashSet<String> = ["k1", "i1", "k2"].map(String::from).into();

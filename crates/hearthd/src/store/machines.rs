@@ -1,5 +1,6 @@
 use super::Store;
 use crate::error::{Error, Result};
+use crate::vmm::VmProcess;
 use chrono::{DateTime, Utc};
 use hearth_api::{ArtifactRef, Egress, Phase, VmmKind};
 use rusqlite::{params, OptionalExtension, Row};
@@ -63,14 +64,6 @@ pub struct NetworkSpec {
     pub deny_cidrs: Vec<String>,
 }
 
-/// The VMM process of a running machine. The start time (from /proc) tells a live process
-/// from a later one that reused its pid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcessRecord {
-    pub pid: i32,
-    pub start_time: u64,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct MachineRecord {
     pub id: String,
@@ -79,17 +72,14 @@ pub struct MachineRecord {
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
-    pub process: Option<ProcessRecord>,
-    /// The running boot's RAM is a shared file (a cold boot) rather than a private mapping of a
-    /// snapshot's memory (a restore); only shared RAM can stay out of a snapshot's device state.
-    pub ram_shared: bool,
+    pub process: Option<VmProcess>,
     /// The machine's slot in the network pool (set by [`Store::allocate_net_slot`]).
     pub net_slot: Option<u32>,
 }
 
 impl MachineRecord {
-    /// A new machine about to start, on shared RAM (a boot) or not (a restore).
-    pub fn starting(id: &str, spec: MachineSpec, ram_shared: bool) -> MachineRecord {
+    /// A new machine about to start.
+    pub fn starting(id: &str, spec: MachineSpec) -> MachineRecord {
         MachineRecord {
             id: id.to_string(),
             spec,
@@ -98,7 +88,6 @@ impl MachineRecord {
             created_at: chrono::Utc::now(),
             started_at: None,
             process: None,
-            ram_shared,
             net_slot: None,
         }
     }
@@ -118,11 +107,10 @@ impl MachineRecord {
             error: row.get("error")?,
             created_at: row.get("created_at")?,
             started_at: row.get("started_at")?,
-            process: pid.zip(start).map(|(pid, s)| ProcessRecord {
+            process: pid.zip(start).map(|(pid, s)| VmProcess {
                 pid,
                 start_time: s as u64,
             }),
-            ram_shared: row.get("ram_shared")?,
             net_slot: row.get("net_slot")?,
         })
     }
@@ -133,8 +121,8 @@ impl Store {
     pub fn insert_machine(&self, m: &MachineRecord) -> Result<()> {
         let spec = serde_json::to_string(&m.spec).map_err(|e| Error::internal(e.to_string()))?;
         let res = self.conn().execute(
-            "INSERT INTO machines (id, spec, phase, error, created_at, started_at, pid, pid_start_time, ram_shared)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO machines (id, spec, phase, error, created_at, started_at, pid, pid_start_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 m.id,
                 spec,
@@ -144,7 +132,6 @@ impl Store {
                 m.started_at,
                 m.process.map(|p| p.pid),
                 m.process.map(|p| p.start_time as i64),
-                m.ram_shared,
             ],
         );
         match res {
@@ -162,7 +149,7 @@ impl Store {
         let spec = serde_json::to_string(&m.spec).map_err(|e| Error::internal(e.to_string()))?;
         self.conn().execute(
             "UPDATE machines SET spec = ?2, phase = ?3, error = ?4, started_at = ?5, pid = ?6,
-             pid_start_time = ?7, ram_shared = ?8 WHERE id = ?1",
+             pid_start_time = ?7 WHERE id = ?1",
             params![
                 m.id,
                 spec,
@@ -171,7 +158,6 @@ impl Store {
                 m.started_at,
                 m.process.map(|p| p.pid),
                 m.process.map(|p| p.start_time as i64),
-                m.ram_shared,
             ],
         )?;
         Ok(())
@@ -284,7 +270,6 @@ mod tests {
             created_at: Utc::now(),
             started_at: None,
             process: None,
-            ram_shared: true,
             net_slot: None,
         }
     }
@@ -323,7 +308,7 @@ mod tests {
         let err = store.insert_machine(&m).unwrap_err();
         assert_eq!(err.code, hearth_api::ErrorCode::Conflict);
         m.phase = Phase::Running;
-        m.process = Some(ProcessRecord {
+        m.process = Some(VmProcess {
             pid: 42,
             start_time: 7,
         });

@@ -11,7 +11,7 @@ mod snapshots;
 pub use artifacts::CachedArtifact;
 pub use blobs::BlobRecord;
 pub use journal::{OpKind, OpRecord};
-pub use machines::{MachineRecord, MachineSpec, NetworkSpec, ProcessRecord};
+pub use machines::{MachineRecord, MachineSpec, NetworkSpec};
 pub use snapshots::SnapshotRecord;
 
 use crate::error::Result;
@@ -78,6 +78,8 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         PRIMARY KEY (machine_id, id)
     );",
+    // Which RAM a machine runs on is its backend's business now (see `vmm::Vmm::save_state`).
+    "ALTER TABLE machines DROP COLUMN ram_shared;",
 ];
 
 pub struct Store {

@@ -1,28 +1,23 @@
 //! VMM backends behind one trait, so the service never depends on which runs a machine.
 
 pub mod console;
+pub mod error;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod user;
 
-use crate::error::Result;
-use crate::store::ProcessRecord;
+pub use error::VmmError;
+pub use process::VmProcess;
+
 use async_trait::async_trait;
 use hearth_api::VmmKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixStream;
 
-/// Where guest RAM lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemoryBacking {
-    /// A file mapped shared: a cold boot. A snapshot copies the file instead of streaming RAM.
-    SharedFile(PathBuf),
-    /// A snapshot's memory file mapped private (copy-on-write, paged in lazily): a restore.
-    /// Many machines restored from one snapshot share its unmodified pages.
-    PrivateFile(PathBuf),
-    /// Anonymous memory, filled from the device state stream.
-    Anonymous,
-}
+type Result<T, E = VmmError> = std::result::Result<T, E>;
 
 /// Everything a backend needs to boot a machine.
 #[derive(Debug, Clone)]
@@ -33,7 +28,6 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// The system disk first; it is the guest's /dev/vda.
     pub disks: Vec<PathBuf>,
-    pub memory: MemoryBacking,
     pub paths: MachinePaths,
     /// The machine's network interface, if it has one.
     pub network: Option<NetAttach>,
@@ -61,6 +55,11 @@ pub struct MachinePaths {
 impl MachinePaths {
     pub fn memory(&self) -> PathBuf {
         self.dir.join("memory")
+    }
+    /// The snapshot state a restored or forked machine started from (links to a snapshot's
+    /// files, or a fork's own).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
     }
     pub fn console(&self) -> PathBuf {
         self.dir.join("console.log")
@@ -96,6 +95,23 @@ impl MachinePaths {
     }
 }
 
+/// A file a backend wrote into a snapshot directory: the device state, or guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateFile {
+    pub name: &'static str,
+    pub kind: StateKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    /// The device state (with RAM in it, where the backend streams RAM).
+    DeviceState,
+    /// Guest RAM as a file, mapped by the machines restored from it.
+    Memory,
+}
+
+/// One VMM backend: the whole lifecycle of its processes and the layout of the state its
+/// snapshots hold. The service never learns which backend drives a machine.
 #[async_trait]
 pub trait Vmm: Send + Sync {
     fn kind(&self) -> VmmKind;
@@ -104,22 +120,71 @@ pub trait Vmm: Send + Sync {
     fn version(&self) -> String;
 
     /// Starts the VMM with the guest booting. Returns once the process runs; the guest agent
-    /// answers later.
-    async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord>;
+    /// answers later. On failure no process is left.
+    async fn boot(&self, spec: &VmSpec) -> Result<VmProcess>;
 
-    /// Checks that a recorded VMM process is alive and answering on its control socket, as after
-    /// a daemon restart, and takes up its console again.
-    async fn reattach(&self, paths: &MachinePaths, process: &ProcessRecord) -> Result<()>;
+    /// Starts the VMM from the state files [`Vmm::save_state`] wrote into `state` (a snapshot
+    /// directory, or a copy of one) and lets it run. On failure no process is left.
+    async fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmProcess>;
 
-    /// Starts the VMM from saved device state (and the memory `spec` names) and lets it run.
-    /// On failure no process is left.
-    async fn restore(&self, spec: &VmSpec, vmstate: &Path) -> Result<ProcessRecord>;
+    /// Checks that a recorded VMM process is alive and answering, as after a daemon restart,
+    /// and takes up its console again.
+    async fn reattach(&self, paths: &MachinePaths, process: &VmProcess) -> Result<()>;
+
+    /// The recorded VMM process still runs.
+    fn is_alive(&self, process: &VmProcess) -> bool;
 
     async fn pause(&self, paths: &MachinePaths) -> Result<()>;
 
     async fn resume(&self, paths: &MachinePaths) -> Result<()>;
 
-    /// Writes the device state of a paused machine to `dest`. Guest RAM in a shared file stays
-    /// out of it; any other RAM is streamed into it.
-    async fn save_device_state(&self, paths: &MachinePaths, dest: &Path) -> Result<()>;
+    /// Writes the state of a paused machine (device state and guest RAM, in the backend's
+    /// layout) into `dir`; returns what it wrote.
+    async fn save_state(&self, paths: &MachinePaths, dir: &Path) -> Result<Vec<StateFile>>;
+
+    /// Waits up to `limit` for the VMM to exit by itself (its guest powered off); true when it
+    /// did.
+    async fn wait_exit(&self, process: &VmProcess, limit: Duration) -> bool;
+
+    /// Kills the VMM and waits until it is gone.
+    async fn kill(&self, process: &VmProcess);
+
+    /// Kills a VMM of this machine that no record names (a daemon that stopped between its
+    /// start and the record of its pid leaves only the runtime directory to find it by) and
+    /// removes what only a running VMM needs: sockets, FIFOs, its RAM file.
+    async fn clean_up(&self, paths: &MachinePaths);
+
+    /// A new connection to the guest agent's channel.
+    async fn connect_agent(&self, paths: &MachinePaths) -> Result<UnixStream>;
+}
+
+/// The backends this daemon drives, one per kind, and the one new machines get by default.
+#[derive(Clone)]
+pub struct Vmms {
+    default: VmmKind,
+    backends: Vec<Arc<dyn Vmm>>,
+}
+
+impl Vmms {
+    /// `backends` holds one of kind `default`.
+    pub fn new(default: VmmKind, backends: Vec<Arc<dyn Vmm>>) -> Vmms {
+        debug_assert!(backends.iter().any(|b| b.kind() == default));
+        Vmms { default, backends }
+    }
+
+    pub fn default_kind(&self) -> VmmKind {
+        self.default
+    }
+
+    /// The backend of `kind`, or why there is none.
+    pub fn get(&self, kind: VmmKind) -> Result<&Arc<dyn Vmm>> {
+        self.backends
+            .iter()
+            .find(|b| b.kind() == kind)
+            .ok_or(VmmError::NotConfigured(kind))
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Vmm>> {
+        self.backends.iter()
+    }
 }

@@ -2,11 +2,18 @@
 //! are not a restarted daemon's children). They are tracked by pid plus start time: a pid alone
 //! could be reused.
 
-use crate::store::ProcessRecord;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// A VMM process. The start time (from /proc) tells a live process from a later one that
+/// reused its pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmProcess {
+    pub pid: i32,
+    pub start_time: u64,
+}
 
 /// The start time (clock ticks since boot, field 22 of /proc/PID/stat) and state of a process.
 fn stat(pid: i32) -> Option<(u64, char)> {
@@ -19,24 +26,24 @@ fn stat(pid: i32) -> Option<(u64, char)> {
     Some((start, state))
 }
 
-pub fn record(pid: i32) -> Option<ProcessRecord> {
-    stat(pid).map(|(start_time, _)| ProcessRecord { pid, start_time })
+pub fn record(pid: i32) -> Option<VmProcess> {
+    stat(pid).map(|(start_time, _)| VmProcess { pid, start_time })
 }
 
 /// The recorded process still runs (a zombie counts as gone).
-pub fn is_alive(p: &ProcessRecord) -> bool {
+pub fn is_alive(p: &VmProcess) -> bool {
     matches!(stat(p.pid), Some((start, state)) if start == p.start_time && state != 'Z' && state != 'X')
 }
 
 /// The live process named by `pidfile` (a pid and a start time), or, in a pid file of QEMU's
 /// own (a pid alone, as VMMs started by earlier daemons wrote), a live process whose command
 /// line mentions `dir`: a VMM of ours, not a process that reused the pid.
-pub fn vmm_of(dir: &Path, pidfile: &Path) -> Option<ProcessRecord> {
+pub fn vmm_of(dir: &Path, pidfile: &Path) -> Option<VmProcess> {
     let text = std::fs::read_to_string(pidfile).ok()?;
     let mut fields = text.split_whitespace();
     let pid: i32 = fields.next()?.parse().ok()?;
     if let Some(start_time) = fields.next() {
-        let p = ProcessRecord {
+        let p = VmProcess {
             pid,
             start_time: start_time.parse().ok()?,
         };
@@ -57,7 +64,7 @@ pub async fn kill_vmm_of(dir: &Path, pidfile: &Path) {
 }
 
 /// SIGKILLs the process and waits until it is gone.
-pub async fn kill_and_wait(p: &ProcessRecord) {
+pub async fn kill_and_wait(p: &VmProcess) {
     if is_alive(p) {
         let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
     }
@@ -65,7 +72,7 @@ pub async fn kill_and_wait(p: &ProcessRecord) {
 }
 
 /// Waits up to `limit` for the process to end; true when it did.
-pub async fn wait_gone(p: &ProcessRecord, limit: Duration) -> bool {
+pub async fn wait_gone(p: &VmProcess, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while is_alive(p) {
         if Instant::now() >= deadline {
@@ -88,7 +95,7 @@ mod tests {
             .unwrap();
         let rec = record(child.id() as i32).unwrap();
         assert!(is_alive(&rec));
-        let reused = ProcessRecord {
+        let reused = VmProcess {
             start_time: rec.start_time + 1,
             ..rec
         };

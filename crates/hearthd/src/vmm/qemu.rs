@@ -10,12 +10,16 @@
 //! mapped private, loads the device state and continues. The device state travels through a
 //! descriptor the daemon opens (`fd:` migration), as the sandbox forbids `exec:`.
 
-use super::{console, process, qmp::Qmp, user::VmmUser, MachinePaths, MemoryBacking, VmSpec, Vmm};
-use crate::error::{Error, Result};
+use super::{
+    console, process, qmp::Qmp, user::VmmUser, MachinePaths, StateFile, StateKind, VmProcess,
+    VmSpec, Vmm, VmmError,
+};
+use crate::config::CloneMode;
+use crate::error::Error;
 use crate::host::Accel;
-use crate::store::ProcessRecord;
+use crate::storage;
 use async_trait::async_trait;
-use hearth_api::{ErrorCode, VmmKind};
+use hearth_api::VmmKind;
 use hearth_proto::AGENT_PORT_NAME;
 use serde_json::json;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -23,7 +27,27 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tokio::net::UnixStream;
 use tokio::process::Command;
+
+type Result<T, E = VmmError> = std::result::Result<T, E>;
+
+/// The device state's name in a snapshot directory.
+const VMSTATE: &str = "vmstate";
+/// Guest RAM's name in a snapshot directory, when it is not in the device state.
+const MEMORY: &str = "memory";
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// A file mapped shared: a cold boot. A snapshot copies the file instead of streaming RAM.
+    SharedFile(PathBuf),
+    /// A snapshot's memory file mapped private (copy-on-write, paged in lazily): a restore.
+    /// Many machines restored from one snapshot share its unmodified pages.
+    PrivateFile(PathBuf),
+    /// Anonymous memory, filled from the device state stream.
+    Anonymous,
+}
 
 pub struct Qemu {
     pub binary: PathBuf,
@@ -35,6 +59,8 @@ pub struct Qemu {
     pub console_log_bytes: u64,
     /// Whom QEMU runs as; None keeps it root.
     pub user: Option<VmmUser>,
+    /// How a snapshot copies a booted machine's RAM file.
+    pub clone: CloneMode,
 }
 
 /// Kernel flags for a fast, quiet microVM boot. Under TCG the guest is also told the TSC rate:
@@ -67,15 +93,21 @@ pub fn check_sandbox(binary: &Path) -> Result<()> {
     let out = std::process::Command::new(binary)
         .args(["-sandbox", SANDBOX, "-version"])
         .output()
-        .map_err(|e| Error::invalid(format!("cannot run {}: {e}", binary.display())))?;
+        .map_err(|source| VmmError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
     if out.status.success() {
         return Ok(());
     }
-    Err(Error::invalid(format!(
-        "{} has no seccomp sandbox (a QEMU built without libseccomp?): {}",
-        binary.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
+    Err(VmmError::Refused {
+        vmm: "QEMU",
+        reason: format!(
+            "{} has no seccomp sandbox (a QEMU built without libseccomp?): {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    })
 }
 
 /// Guest RAM in a shared file stays out of the migration stream; both ends must agree on it.
@@ -118,8 +150,9 @@ impl Inherited {
 /// may connect to it.
 fn listen(path: &Path) -> Result<OwnedFd> {
     let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| Error::internal(format!("binding {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        .map_err(|e| VmmError::io("binding", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| VmmError::io("restricting", path, e))?;
     Ok(listener.into())
 }
 
@@ -133,10 +166,16 @@ impl Qemu {
 
     /// The full command line for `spec`, given the descriptors it inherits; `incoming` waits
     /// for device state.
-    fn command(&self, spec: &VmSpec, incoming: bool, fds: &Inherited) -> Command {
+    fn command(
+        &self,
+        spec: &VmSpec,
+        memory: &MemoryBacking,
+        incoming: bool,
+        fds: &Inherited,
+    ) -> Command {
         let p = &spec.paths;
         let mem = spec.memory_mib;
-        let memory = match &spec.memory {
+        let memory = match memory {
             MemoryBacking::SharedFile(path) => format!(
                 "memory-backend-file,id=mem,size={mem}M,mem-path={},share=on",
                 path.display()
@@ -231,7 +270,7 @@ impl Qemu {
     /// write the disks, the RAM file (made here for a cold boot; a restore's, the snapshot's,
     /// is opened for writing too, though mapped private) and the console log. Their
     /// directories stay root's, so the VMM cannot put a link where the daemon will read.
-    fn prepare_files(&self, spec: &VmSpec) -> Result<()> {
+    fn prepare_files(&self, spec: &VmSpec, memory: &MemoryBacking) -> Result<()> {
         let Some(user) = &self.user else {
             return Ok(());
         };
@@ -241,7 +280,7 @@ impl Qemu {
                 .append(true)
                 .mode(0o600)
                 .open(path)
-                .map_err(|e| Error::io("creating", path, e))
+                .map_err(|e| VmmError::io("creating", path, e))
                 .map(drop)
         };
         for file in std::iter::once(&spec.kernel).chain(&spec.initrd) {
@@ -254,7 +293,7 @@ impl Qemu {
         for disk in &spec.disks {
             user.own(disk)?;
         }
-        match &spec.memory {
+        match memory {
             MemoryBacking::SharedFile(path) => {
                 create(path)?;
                 user.own(path)?;
@@ -269,18 +308,25 @@ impl Qemu {
     /// in a session of its own, in the machine's network namespace and cgroup, as the VMM
     /// user, sandboxed. Returns once it has set up and answers on its control socket; on
     /// failure no process is left.
-    pub async fn spawn(&self, spec: &VmSpec, incoming: bool) -> Result<ProcessRecord> {
+    pub async fn spawn(
+        &self,
+        spec: &VmSpec,
+        memory: &MemoryBacking,
+        incoming: bool,
+    ) -> Result<VmProcess> {
         let p = &spec.paths;
-        std::fs::create_dir_all(&p.sock_dir)?;
+        std::fs::create_dir_all(&p.sock_dir)
+            .map_err(|e| VmmError::io("creating", &p.sock_dir, e))?;
         // An unprivileged QEMU opens its console's pipes here by name (it gets its sockets as
         // descriptors): it may pass through, not list or write.
         let mode = if self.user.is_some() { 0o711 } else { 0o700 };
-        std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(mode))?;
+        std::fs::set_permissions(&p.sock_dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| VmmError::io("restricting", &p.sock_dir, e))?;
         for stale in [p.agent_socket(), p.control_socket(), p.pidfile()] {
             let _ = std::fs::remove_file(stale);
         }
         console::prepare(p)?;
-        self.prepare_files(spec)?;
+        self.prepare_files(spec, memory)?;
         let tap = match &spec.network {
             Some(net) => {
                 let (ns, tap) = (net.netns.clone(), net.tap.clone());
@@ -303,13 +349,11 @@ impl Qemu {
         }
         let log = console::writer(p, console::Log::Vmm)?;
         console::follow(p, console::Log::Vmm, self.console_log_bytes);
-        let mut cmd = self.command(spec, incoming, &fds);
+        let mut cmd = self.command(spec, memory, incoming, &fds);
         let ns: Option<OwnedFd> = match &spec.network {
             Some(net) => Some(
                 std::fs::File::open(&net.netns)
-                    .map_err(|e| {
-                        Error::internal(format!("network namespace {}: {e}", net.netns.display()))
-                    })?
+                    .map_err(|e| VmmError::io("opening", &net.netns, e))?
                     .into(),
             ),
             None => None,
@@ -350,8 +394,10 @@ impl Qemu {
         // QEMU holds the sockets, the tap and its log's pipe now; when it exits, they close.
         drop(cmd);
         drop(fds);
-        let mut child = spawned
-            .map_err(|e| Error::internal(format!("cannot run {}: {e}", self.binary.display())))?;
+        let mut child = spawned.map_err(|source| VmmError::Spawn {
+            binary: self.binary.clone(),
+            source,
+        })?;
         let pid = child.id().map(|pid| pid as i32);
         let proc = pid.and_then(process::record);
         if let Some(proc) = proc {
@@ -365,11 +411,11 @@ impl Qemu {
         }
         let control = p.control_socket();
         let ready = tokio::select! {
-            status = child.wait() => Err(status.map_or_else(|e| e.to_string(), |s| s.to_string())),
-            qmp = Qmp::connect_within(&control, START_LIMIT) => qmp.map(drop),
+            status = child.wait() => Err(status.ok()),
+            qmp = Qmp::connect_within(&control, START_LIMIT) => qmp.map_err(|_| None),
         };
-        let failed = match (ready, proc) {
-            (Ok(()), Some(proc)) => {
+        let exited = match (ready, proc) {
+            (Ok(_), Some(proc)) => {
                 console::follow(p, console::Log::Console, self.console_log_bytes);
                 // Reaps it when it exits, while this daemon runs.
                 tokio::spawn(async move {
@@ -377,38 +423,53 @@ impl Qemu {
                 });
                 return Ok(proc);
             }
-            (Ok(()), None) => "no process".to_string(),
-            (Err(e), _) => e,
+            (Ok(_), None) | (Err(None), _) => None,
+            (Err(Some(status)), _) => Some(status),
         };
-        let exited = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-        if exited.is_err() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(Error::unavailable(format!(
-                "QEMU did not finish starting within {} s ({failed})",
-                START_LIMIT.as_secs()
-            )));
+        let status = match exited {
+            Some(status) => status,
+            None => match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                Ok(status) => status.map_err(|e| VmmError::control("starting QEMU", e))?,
+                Err(_) => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    return Err(VmmError::StartTimeout {
+                        vmm: "QEMU",
+                        limit: START_LIMIT,
+                        detail: "its control socket never answered".into(),
+                    });
+                }
+            },
+        };
+        let log = p.vmm_log_tail(10).await;
+        // Killed (the cgroup's OOM killer, a signal from outside): the host's trouble, not the
+        // request's. An exit of its own is QEMU refusing what it was given.
+        match std::os::unix::process::ExitStatusExt::signal(&status) {
+            Some(signal) => Err(VmmError::control(
+                "starting QEMU",
+                format!("killed by signal {signal}: {log}"),
+            )),
+            None => Err(VmmError::Refused {
+                vmm: "QEMU",
+                reason: log,
+            }),
         }
-        Err(Error::invalid(format!(
-            "QEMU refused to start the machine: {}",
-            p.vmm_log_tail(10).await
-        )))
     }
 
     async fn qmp(&self, paths: &MachinePaths) -> Result<Qmp> {
         Qmp::connect(&paths.control_socket())
             .await
-            .map_err(Error::unavailable)
+            .map_err(|e| VmmError::control("connecting to QMP", e))
     }
 
     /// Polls `query-migrate` until the migration completes or fails.
-    async fn await_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
+    async fn await_migration(qmp: &mut Qmp, what: &'static str) -> Result<()> {
         let deadline = Instant::now() + MIGRATION_LIMIT;
         loop {
             let info = qmp
                 .execute("query-migrate", None)
                 .await
-                .map_err(|e| Error::unavailable(format!("{what}: {e}")))?;
+                .map_err(|e| VmmError::control(what, e))?;
             match info.get("status").and_then(|s| s.as_str()).unwrap_or("") {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
@@ -416,12 +477,12 @@ impl Qemu {
                         .get("error-desc")
                         .and_then(|s| s.as_str())
                         .unwrap_or("no reason given");
-                    return Err(Error::unavailable(format!("{what} failed: {desc}")));
+                    return Err(VmmError::control(what, format!("failed: {desc}")));
                 }
                 _ => {}
             }
             if Instant::now() > deadline {
-                return Err(Error::unavailable(format!("{what} timed out")));
+                return Err(VmmError::control(what, "timed out"));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -435,10 +496,10 @@ impl Qemu {
         paths: &MachinePaths,
         command: &str,
         file: std::fs::File,
-        what: &str,
+        what: &'static str,
     ) -> Result<Qmp> {
         let mut qmp = self.qmp(paths).await?;
-        let fail = |e: String| Error::unavailable(format!("{what}: {e}"));
+        let fail = |e: String| VmmError::control(what, e);
         qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
             .await
             .map_err(fail)?;
@@ -459,13 +520,20 @@ impl Qemu {
 
     async fn load_and_run(&self, paths: &MachinePaths, vmstate: &Path) -> Result<()> {
         let what = "loading the device state";
-        let file = std::fs::File::open(vmstate)
-            .map_err(|e| Error::internal(format!("{what}: {}: {e}", vmstate.display())))?;
+        let file = std::fs::File::open(vmstate).map_err(|e| VmmError::io("opening", vmstate, e))?;
         let mut qmp = self.migrate(paths, "migrate-incoming", file, what).await?;
         qmp.execute("cont", None)
             .await
             .map(|_| ())
-            .map_err(|e| Error::unavailable(format!("{what}: {e}")))
+            .map_err(|e| VmmError::control(what, e))
+    }
+
+    async fn run(&self, paths: &MachinePaths, command: &str, what: &'static str) -> Result<()> {
+        let mut qmp = self.qmp(paths).await?;
+        qmp.execute(command, None)
+            .await
+            .map(|_| ())
+            .map_err(|e| VmmError::control(what, e))
     }
 }
 
@@ -482,28 +550,38 @@ impl Vmm for Qemu {
         self.version.clone()
     }
 
-    async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord> {
-        self.spawn(spec, false).await
+    /// RAM in a shared file of the machine's own, so that a snapshot copies the file.
+    async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
+        let memory = MemoryBacking::SharedFile(spec.paths.memory());
+        self.spawn(spec, &memory, false).await
     }
 
-    async fn reattach(&self, paths: &MachinePaths, proc: &ProcessRecord) -> Result<()> {
+    async fn reattach(&self, paths: &MachinePaths, proc: &VmProcess) -> Result<()> {
         if !process::is_alive(proc) {
-            return Err(Error::unavailable("the VMM process is gone"));
+            return Err(VmmError::Gone);
         }
         let mut qmp = self.qmp(paths).await?;
         let status = qmp
             .execute("query-status", None)
             .await
-            .map_err(Error::unavailable)?;
+            .map_err(|e| VmmError::control("querying the status", e))?;
         tracing::debug!(?status, "reattached to QEMU");
         console::follow(paths, console::Log::Console, self.console_log_bytes);
         console::follow(paths, console::Log::Vmm, self.console_log_bytes);
         Ok(())
     }
 
-    async fn restore(&self, spec: &VmSpec, vmstate: &Path) -> Result<ProcessRecord> {
-        let proc = self.spawn(spec, true).await?;
-        if let Err(e) = self.load_and_run(&spec.paths, vmstate).await {
+    /// The snapshot's memory file mapped private when it has one; else RAM comes in the
+    /// device state.
+    async fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmProcess> {
+        let file = state.join(MEMORY);
+        let memory = if file.exists() {
+            MemoryBacking::PrivateFile(file)
+        } else {
+            MemoryBacking::Anonymous
+        };
+        let proc = self.spawn(spec, &memory, true).await?;
+        if let Err(e) = self.load_and_run(&spec.paths, &state.join(VMSTATE)).await {
             // QEMU exits when it cannot load a stream; the QMP error comes as it goes.
             let exited = process::wait_gone(&proc, Duration::from_secs(5)).await;
             process::kill_and_wait(&proc).await;
@@ -511,44 +589,87 @@ impl Vmm for Qemu {
                 return Err(e);
             }
             let reason = spec.paths.vmm_log_tail(5).await;
-            return Err(Error {
-                code: ErrorCode::Integrity,
-                message: format!(
-                    "QEMU could not load the snapshot's device state (corrupt, or from another \
-                     QEMU?): {}",
-                    if reason.is_empty() { e.message } else { reason }
-                ),
+            return Err(VmmError::StateRejected {
+                vmm: "QEMU",
+                reason: if reason.is_empty() {
+                    e.to_string()
+                } else {
+                    reason
+                },
             });
         }
         Ok(proc)
     }
 
+    fn is_alive(&self, proc: &VmProcess) -> bool {
+        process::is_alive(proc)
+    }
+
     async fn pause(&self, paths: &MachinePaths) -> Result<()> {
-        let mut qmp = self.qmp(paths).await?;
-        qmp.execute("stop", None)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::unavailable(format!("pausing: {e}")))
+        self.run(paths, "stop", "pausing").await
     }
 
     async fn resume(&self, paths: &MachinePaths) -> Result<()> {
-        let mut qmp = self.qmp(paths).await?;
-        qmp.execute("cont", None)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::unavailable(format!("resuming: {e}")))
+        self.run(paths, "cont", "resuming").await
     }
 
-    async fn save_device_state(&self, paths: &MachinePaths, dest: &Path) -> Result<()> {
+    /// A booted machine's RAM is its shared file: it stays out of the device state (some 60
+    /// KB) and is cloned beside it. A restored machine's RAM (a private mapping) is streamed
+    /// into the device state.
+    async fn save_state(&self, paths: &MachinePaths, dir: &Path) -> Result<Vec<StateFile>> {
+        let dest = dir.join(VMSTATE);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .mode(0o600)
-            .open(dest)
-            .map_err(|e| Error::io("creating", dest, e))?;
+            .open(&dest)
+            .map_err(|e| VmmError::io("creating", &dest, e))?;
         self.migrate(paths, "migrate", file, "saving the device state")
+            .await?;
+        let mut written = vec![StateFile {
+            name: VMSTATE,
+            kind: StateKind::DeviceState,
+        }];
+        let ram = paths.memory();
+        if ram.exists() {
+            let (copy, mode) = (dir.join(MEMORY), self.clone);
+            tokio::task::spawn_blocking(move || storage::clone_file(&ram, &copy, mode))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))??;
+            written.push(StateFile {
+                name: MEMORY,
+                kind: StateKind::Memory,
+            });
+        }
+        Ok(written)
+    }
+
+    async fn wait_exit(&self, proc: &VmProcess, limit: Duration) -> bool {
+        process::wait_gone(proc, limit).await
+    }
+
+    async fn kill(&self, proc: &VmProcess) {
+        process::kill_and_wait(proc).await;
+    }
+
+    async fn clean_up(&self, paths: &MachinePaths) {
+        process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
+        for removed in [
+            storage::remove_tree(&paths.sock_dir).await,
+            storage::remove_file(&paths.memory()).await,
+            storage::remove_tree(&paths.state_dir()).await,
+        ] {
+            if let Err(e) = removed {
+                tracing::warn!(dir = %paths.dir.display(), "{}", e.message);
+            }
+        }
+    }
+
+    async fn connect_agent(&self, paths: &MachinePaths) -> Result<UnixStream> {
+        let socket = paths.agent_socket();
+        UnixStream::connect(&socket)
             .await
-            .map(|_| ())
+            .map_err(|e| VmmError::control("connecting to the agent's socket", e))
     }
 }

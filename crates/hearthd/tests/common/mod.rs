@@ -53,6 +53,7 @@ pub fn create_req(id: &str) -> CreateMachineRequest {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     }
 }
 
@@ -434,6 +435,7 @@ pub fn restore_req(snap: &str, id: &str) -> hearth_api::RestoreRequest {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     }
 }
 

@@ -108,9 +108,9 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
     // The raw channel: the daemon steps aside (its machines run on), the bench speaks to the
     // agent itself.
     daemon.stop();
-    let agent = AgentClient::connect(&machine_paths(&root, id).agent_socket())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let agent = AgentClient::new(
+        tokio::net::UnixStream::connect(machine_paths(&root, id).agent_socket()).await?,
+    );
     agent
         .handshake("bench", Instant::now() + Duration::from_secs(10), || true)
         .await

@@ -20,8 +20,9 @@ use clap::{Parser, Subcommand};
 use hearth_api::client::Client;
 use hearth_api::{ArtifactRef, CreateMachineRequest, ExecRequest};
 use hearthd::config::AccelChoice;
+use hearthd::vmm::qemu::MemoryBacking;
 use hearthd::vmm::qemu::Qemu;
-use hearthd::vmm::{MachinePaths, MemoryBacking, VmSpec};
+use hearthd::vmm::{MachinePaths, VmSpec};
 use hearthd::{host, storage, vmm::process};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -138,6 +139,7 @@ fn qemu() -> Qemu {
         tsc_khz: host::measure_tsc_khz(),
         console_log_bytes: 1 << 20,
         user: None,
+        clone: hearthd::config::CloneMode::Auto,
     }
 }
 
@@ -177,6 +179,7 @@ async fn boot(image: &Path, rounds: usize, memory_mib: u32) -> Result<()> {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     };
     // Warm-up: the artifact cache imports the image once.
     daemon
@@ -264,7 +267,6 @@ fn raw_spec(image: &Path, dir: &Path, memory_mib: u32) -> Result<VmSpec> {
         memory_mib,
         vcpus: 1,
         disks: vec![paths.system_disk()],
-        memory: MemoryBacking::SharedFile(paths.memory()),
         paths,
         network: None,
         cgroup: None,
@@ -289,10 +291,11 @@ async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Res
     let spec = raw_machine(image, dir, memory_mib)?;
     let paths = spec.paths.clone();
     let t = Instant::now();
+    let memory = MemoryBacking::SharedFile(paths.memory());
     let p = qemu
-        .spawn(&spec, false)
+        .spawn(&spec, &memory, false)
         .await
-        .map_err(|e| anyhow::anyhow!("raw QEMU failed: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("raw QEMU failed: {e}"))?;
     let mut sock = tokio::net::UnixStream::connect(paths.agent_socket()).await?;
     let mut byte = [0u8; 1];
     tokio::time::timeout(Duration::from_secs(60), sock.read_exact(&mut byte))

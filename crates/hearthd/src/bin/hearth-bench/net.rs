@@ -12,6 +12,7 @@ use hearth_api::{
 };
 use hearth_proto::{Configure, GuestNetwork, Op, Reply};
 use hearthd::agent::AgentClient;
+use hearthd::vmm::qemu::MemoryBacking;
 use hearthd::vmm::{process, NetAttach};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -197,6 +198,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
                 host_port: None,
             }]
         }),
+        vmm: None,
     };
 
     // Through hearth's network, and the same guest on a plain tap in the host's namespace (no
@@ -277,6 +279,7 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     };
     let (mut rwith, mut rwithout) = (Vec::new(), Vec::new());
     // The daemon's own phases (Server-Timing), to tell the namespace's cost from the NIC's.
@@ -359,14 +362,13 @@ async fn plain_tap(image: &Path, tap: &str, dir: &Path, mib: u64) -> Result<(f64
         mac: hearthd::net::GUEST_MAC.to_string(),
     });
     let paths = spec.paths.clone();
+    let memory = MemoryBacking::SharedFile(paths.memory());
     let proc = qemu()
-        .spawn(&spec, false)
+        .spawn(&spec, &memory, false)
         .await
-        .map_err(|e| anyhow::anyhow!("plain QEMU failed: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("plain QEMU failed: {e}"))?;
     let result = async {
-        let agent = AgentClient::connect(&paths.agent_socket())
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let agent = AgentClient::new(tokio::net::UnixStream::connect(paths.agent_socket()).await?);
         let deadline = Instant::now() + Duration::from_secs(60);
         agent
             .handshake("bench", deadline, || process::is_alive(&proc))

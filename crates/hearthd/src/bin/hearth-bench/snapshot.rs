@@ -7,8 +7,9 @@ use hearth_api::{
     CreateMachineRequest, ExecRequest, LocalSnapshotRef, RestoreRequest, SnapshotKind,
 };
 use hearthd::service::machine_paths;
+use hearthd::vmm::process;
+use hearthd::vmm::qemu::MemoryBacking;
 use hearthd::vmm::qmp::Qmp;
-use hearthd::vmm::{process, MemoryBacking};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -92,6 +93,7 @@ fn create(id: &str, image: &Path, memory_mib: u32) -> CreateMachineRequest {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     }
 }
 
@@ -108,6 +110,7 @@ fn restore(snap: &str, id: &str, image: &Path) -> RestoreRequest {
         guest_config: None,
         network: None,
         ports: None,
+        vmm: None,
     }
 }
 
@@ -219,8 +222,7 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     let (hearth_running, hearth_agent) = (phase(&t, "running"), phase(&t, "agent"));
 
     // Plain restore: the same machine started on anonymous RAM, fed the whole stream.
-    let mut spec = super::raw_spec(image, &work.join(format!("plain{mib}")), mib)?;
-    spec.memory = MemoryBacking::Anonymous;
+    let spec = super::raw_spec(image, &work.join(format!("plain{mib}")), mib)?;
     let paths = spec.paths.clone();
     std::fs::copy(
         d.root.join("snapshots").join(&snap).join("system.img"),
@@ -228,9 +230,9 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     )?;
     let t0 = Instant::now();
     let p = qemu()
-        .spawn(&spec, true)
+        .spawn(&spec, &MemoryBacking::Anonymous, true)
         .await
-        .map_err(|e| anyhow::anyhow!("plain restore QEMU failed to start: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("plain restore QEMU failed to start: {e}"))?;
     let mut qmp = Qmp::connect(&paths.control_socket())
         .await
         .map_err(anyhow::Error::msg)?;

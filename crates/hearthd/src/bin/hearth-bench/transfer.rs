@@ -80,6 +80,7 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
             guest_config: None,
             network: None,
             ports: None,
+            vmm: None,
         })
         .await?;
     let script = format!(
@@ -192,7 +193,7 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
 
     // hearthd's download + sha256 verification, on a fresh data root (nothing cached).
     let cfg = Config::parse_from(["hearthd", "--root", work.join("dl").to_str().unwrap()]);
-    let svc = Service::new(cfg.clone(), hearthd::make_vmm(&cfg)?, None, None)
+    let svc = Service::new(cfg.clone(), hearthd::make_vmms(&cfg)?, None, None)
         .map_err(|e| anyhow::anyhow!(e.message))?;
     let t = Instant::now();
     svc.fetch_verified(
