@@ -178,6 +178,18 @@ pub enum VmmKind {
     Firecracker,
 }
 
+impl std::str::FromStr for VmmKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<VmmKind, String> {
+        match s {
+            "qemu" => Ok(VmmKind::Qemu),
+            "firecracker" => Ok(VmmKind::Firecracker),
+            _ => Err(format!("unknown VMM {s:?}: qemu or firecracker")),
+        }
+    }
+}
+
 impl std::fmt::Display for VmmKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -39,6 +39,9 @@ pub struct CreateArgs {
     pub no_network: bool,
     #[command(flatten)]
     pub net: NetworkArgs,
+    /// The VMM that runs it, `qemu` or `firecracker` (by default the daemon's).
+    #[arg(long)]
+    pub vmm: Option<hearth_api::VmmKind>,
 }
 
 /// The artifact URLs of the image built under `root`.
@@ -109,7 +112,7 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
         }),
         network: args.net.request(args.no_network),
         ports: args.net.ports()?,
-        vmm: None,
+        vmm: args.vmm,
     };
     let bar = spinner(format!("creating {}", args.name));
     let t = Instant::now();

@@ -386,6 +386,14 @@ async fn disk_snapshots_and_bad_input() {
     d.assert_nothing_left("truncated").await;
     std::fs::write(&vmstate, &good).unwrap();
 
+    // Asked to run a QEMU snapshot on another VMM (here one not even enabled): 422 naming it.
+    let mut other_vmm = restore_req("mem1", "other-vmm");
+    other_vmm.vmm = Some(hearth_api::VmmKind::Firecracker);
+    let err = c.restore("mem1", &other_vmm).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Integrity), "{err}");
+    assert!(err.to_string().contains("firecracker"), "{err}");
+    d.assert_nothing_left("other-vmm").await;
+
     // Durable restores of mem1 from a store on loopback, each with one artifact replaced (and
     // given its true sha256, so hearth's own check passes). A manifest from another QEMU, or
     // from a host with a CPU flag this one lacks: 422 naming it, before anything is fetched
