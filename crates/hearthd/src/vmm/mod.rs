@@ -5,6 +5,7 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod user;
+pub mod vsock;
 
 use crate::error::Result;
 use crate::store::ProcessRecord;
