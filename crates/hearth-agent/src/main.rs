@@ -1,8 +1,9 @@
 //! hearth-agent: PID 1 of the default guest image.
 //!
 //! It prepares the system (mounts, hostname, zombie reaping), then serves the host over the agent
-//! channel. The channel is a virtio-serial port whose reads return EOF while no host is connected,
-//! so the agent never treats EOF as the end: it waits and reads again.
+//! channel: a virtio-serial port whose reads return EOF while no host is connected (so the agent
+//! never treats EOF as the end: it waits and reads again), or on a machine without one, a vsock
+//! listener whose every connection is a new host connection.
 
 mod channel;
 mod exec;
@@ -14,11 +15,12 @@ mod reaper;
 mod system;
 mod threads;
 mod users;
+mod vsock;
 mod workload;
 
 use channel::Port;
 use failure::Failure;
-use hearth_proto::{GuestMessage, Identity, Op, Reply, Request};
+use hearth_proto::{Identity, Op, Reply, Request};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -30,13 +32,12 @@ fn main() {
         reaper::start();
     }
     let port = Port::open_when_present();
-    port.send(&GuestMessage::Ready(identity()));
     // PID 1 must never end, or the kernel ends with it: a panic in the channel's reader starts
     // it again (its decoder finds the next frame), after a pause should it fail at once again.
     loop {
         let port = port.clone();
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            port.serve(move |req, port| dispatch(req, port, pid1));
+            port.serve(identity, move |req, port| dispatch(req, port, pid1));
         }));
         eprintln!("hearth-agent: the channel's reader failed; reading again");
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -9,7 +9,8 @@
 //! Requests carry an id; the agent serves them concurrently and tags each reply with the id of
 //! its request. A request's body (an upload) and a reply's content (a download, a watch) travel as
 //! the stream with the request's id. The agent also sends [`GuestMessage::Ready`] when it opens the
-//! channel, so the host can say hello at once instead of waiting for its next retry.
+//! channel (over vsock, on each connection), so the host can say hello at once instead of
+//! waiting for its next retry.
 
 pub mod credit;
 pub mod files;
@@ -21,6 +22,10 @@ use std::collections::BTreeMap;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT_NAME: &str = "org.hearth.agent";
+
+/// The vsock port the agent listens on where the machine has vsock and no virtio-serial
+/// (Firecracker).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Default cap on captured stdout and on captured stderr of one exec, each.
 pub const DEFAULT_OUTPUT_LIMIT: usize = 1 << 20;

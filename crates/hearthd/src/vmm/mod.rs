@@ -6,6 +6,7 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod user;
+pub mod vsock;
 
 pub use error::VmmError;
 pub use process::VmProcess;
