@@ -309,7 +309,7 @@ impl Service {
     ) -> Result<Arc<AgentClient>> {
         let deadline = Instant::now() + self.cfg.boot_timeout();
         let vmm = self.vmm(rec.spec.vmm)?;
-        let agent = AgentClient::new(vmm.connect_agent(paths).await?);
+        let agent = AgentClient::new(vmm.connect_agent(paths, deadline).await?);
         if let Err(e) = agent
             .handshake(&nonce(), deadline, || vmm.is_alive(&proc))
             .await

@@ -297,12 +297,12 @@ impl Service {
             return Ok(agent.clone());
         }
         let rec = self.record(id)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
         let stream = self
             .vmm(rec.spec.vmm)?
-            .connect_agent(&self.paths(id))
+            .connect_agent(&self.paths(id), deadline)
             .await?;
         let agent = Arc::new(AgentClient::new(stream));
-        let deadline = Instant::now() + Duration::from_secs(10);
         agent.handshake(&nonce(), deadline, || true).await?;
         *slot = Some(agent.clone());
         Ok(agent)
@@ -393,6 +393,7 @@ mod tests {
         async fn connect_agent(
             &self,
             _: &MachinePaths,
+            _: Instant,
         ) -> Result<tokio::net::UnixStream, VmmError> {
             none()
         }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use hearth_api::VmmKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 
 type Result<T, E = VmmError> = std::result::Result<T, E>;
@@ -155,8 +155,9 @@ pub trait Vmm: Send + Sync {
     /// removes what only a running VMM needs: sockets, FIFOs, its RAM file.
     async fn clean_up(&self, paths: &MachinePaths);
 
-    /// A new connection to the guest agent's channel.
-    async fn connect_agent(&self, paths: &MachinePaths) -> Result<UnixStream>;
+    /// A new connection to the guest agent's channel, tried until `deadline` where the VMM
+    /// answers only once the guest listens (a hybrid vsock).
+    async fn connect_agent(&self, paths: &MachinePaths, deadline: Instant) -> Result<UnixStream>;
 }
 
 /// The backends this daemon drives, one per kind, and the one new machines get by default.

@@ -666,7 +666,8 @@ impl Vmm for Qemu {
         }
     }
 
-    async fn connect_agent(&self, paths: &MachinePaths) -> Result<UnixStream> {
+    /// QEMU listens for the host before the guest is up: the connection is at once.
+    async fn connect_agent(&self, paths: &MachinePaths, _: Instant) -> Result<UnixStream> {
         let socket = paths.agent_socket();
         UnixStream::connect(&socket)
             .await
