@@ -167,7 +167,7 @@ async fn sample(c: &Client, root: &Path, daemon_pid: u32, span: Duration) -> Res
     Ok(s)
 }
 
-pub async fn run(image: &Path, seconds: u64) -> Result<()> {
+pub async fn run(image: &Path, seconds: u64, only: &[String]) -> Result<()> {
     let work = tempfile::Builder::new()
         .prefix("hbench")
         .tempdir_in("/tmp")?;
@@ -219,7 +219,8 @@ pub async fn run(image: &Path, seconds: u64) -> Result<()> {
         )
     };
     line("(idle)", idle, String::new());
-    for (name, script) in attacks {
+    let chosen = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    for (name, script) in attacks.into_iter().filter(|(name, _)| chosen(name)) {
         let hostile = {
             let c = c.clone();
             let script = script.to_string();

@@ -90,6 +90,9 @@ enum Bench {
         /// Seconds each attack runs.
         #[arg(long, default_value_t = 15)]
         seconds: u64,
+        /// Only the attacks whose names contain one of these (all by default).
+        #[arg(long)]
+        only: Vec<String>,
     },
     /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
     Snapshot {
@@ -121,7 +124,7 @@ async fn main() -> Result<()> {
         Bench::Transfer { data_mib } => transfer::run(&args.image, data_mib).await,
         Bench::Net { mib, rounds } => net::run(&args.image, mib, rounds).await,
         Bench::Files { mib, rounds } => files::run(&args.image, mib, rounds).await,
-        Bench::Hostile { seconds } => hostile::run(&args.image, seconds).await,
+        Bench::Hostile { seconds, only } => hostile::run(&args.image, seconds, &only).await,
         Bench::Snapshot {
             sizes,
             clones,
@@ -358,7 +361,10 @@ impl Daemon {
             .arg("--root")
             .arg(root)
             .args(args)
-            .env("HEARTH_LOG", "warn")
+            .env(
+                "HEARTH_LOG",
+                std::env::var("HEARTH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .spawn()
             .with_context(|| format!("starting {}", hearthd.display()))?;
         let client = Client::new(root.join("hearthd.sock"));
