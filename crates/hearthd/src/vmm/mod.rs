@@ -1,6 +1,7 @@
 //! VMM backends behind one trait, so the service never depends on which runs a machine.
 
 pub mod console;
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
