@@ -262,8 +262,8 @@ impl Firecracker {
     ) -> Result<Vec<&'static str>, FcError> {
         let wd = self.workdir(paths)?;
         let names = [VMSTATE, MEMORY];
-        // Firecracker writes into its own directory (a jailed one sees nothing else); a name
-        // left there by a restore is a link to a snapshot's file, which it must not overwrite.
+        // Firecracker writes into its own directory (a jailed one sees nothing else), where an
+        // earlier attempt may have left these names.
         for name in names {
             remove_file(&wd.join(name))?;
         }
@@ -304,9 +304,18 @@ impl Firecracker {
     }
 
     /// Kills a VMM that only the runtime directory's pid file names (a daemon stopped before
-    /// it recorded it), then removes what it leaves.
+    /// it recorded it), or in jailed mode one that only its jail knows (stopped before the
+    /// pid file was written), then removes what it leaves.
     pub async fn kill_unrecorded(&self, paths: &MachinePaths) {
         process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
+        if let (Some(_), Ok(id)) = (&self.jail, vm_id(paths)) {
+            let (uid, exec) = (self.vmm_uid(), self.exec_name());
+            for pid in pids().filter(|&pid| is_jailed_vmm(pid, &id, uid, exec)) {
+                if let Some(p) = process::record(pid) {
+                    process::kill_and_wait(&p).await;
+                }
+            }
+        }
         self.clear(paths);
     }
 
