@@ -103,7 +103,6 @@ pub struct SnapshotLoad {
     pub snapshot_path: String,
     pub mem_backend: MemBackend,
     pub resume_vm: bool,
-    pub vsock_override: VsockOverride,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,11 +110,6 @@ pub struct MemBackend {
     /// `File`: the memory file mapped private, so restored machines share its pages.
     pub backend_type: &'static str,
     pub backend_path: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct VsockOverride {
-    pub uds_path: String,
 }
 
 #[derive(Debug, Deserialize)]

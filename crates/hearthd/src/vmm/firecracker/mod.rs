@@ -153,9 +153,9 @@ fn disk_name(i: usize) -> String {
 /// The guest's CID on its vsock; 0-2 are reserved.
 const GUEST_CID: u32 = 3;
 
-/// Firecracker's only way out for a guest is the keyboard controller's reset (`reboot=k`,
-/// which `panic=-1` triggers at once too); the i8042 flags skip probing the rest of a
-/// controller it does not emulate.
+/// Firecracker ends when its guest resets through the keyboard controller (`reboot=k`; a panic
+/// resets at once, `panic=-1`); the i8042 flags skip probing the rest of a controller it does
+/// not emulate.
 const CMDLINE_EXTRA: &str = "reboot=k i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkb";
 
 /// How long Firecracker may take to set up before it answers on its API socket.
@@ -807,11 +807,6 @@ impl Firecracker {
                 backend_path: MEMORY.into(),
             },
             resume_vm: true,
-            // The name is the same in every VMM's directory; said anyway, so that a socket
-            // path recorded elsewhere (another layout, another hearth) never matters.
-            vsock_override: api::VsockOverride {
-                uds_path: AGENT_SOCKET.into(),
-            },
         };
         match api(paths).load_snapshot(&params, SNAPSHOT_LIMIT).await {
             Ok(()) => {}
