@@ -57,7 +57,8 @@ impl Host {
         for name in ["vmlinux", "initrd.img"] {
             std::fs::copy(image.join(name), images.join(name)).unwrap();
         }
-        let tag = format!("f{}", std::process::id() % 1000);
+        // Not four hex digits: no daemon's tag, so purging it touches no daemon's machines.
+        let tag = format!("fctest{}", std::process::id());
         Host {
             kernel: images.join("vmlinux"),
             initrd: images.join("initrd.img"),
@@ -205,7 +206,7 @@ fn status_field(pid: i32, field: &str) -> String {
         .to_string()
 }
 
-/// The inode of the network namespace process `pid` is in, and of the one bound at `ns`.
+/// The inode of the network namespace process `pid` is in.
 fn netns_of(pid: i32) -> u64 {
     std::fs::metadata(format!("/proc/{pid}/ns/net"))
         .unwrap()
