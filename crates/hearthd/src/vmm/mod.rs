@@ -2,6 +2,7 @@
 
 pub mod console;
 pub mod error;
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

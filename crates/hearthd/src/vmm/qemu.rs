@@ -65,7 +65,7 @@ pub struct Qemu {
 
 /// Kernel flags for a fast, quiet microVM boot. Under TCG the guest is also told the TSC rate:
 /// without it the kernel's clock calibration sometimes hangs at boot (5 boots in 10, measured).
-const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw panic=-1 quiet \
+pub(super) const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw panic=-1 quiet \
     cryptomgr.notests lsm=capability random.trust_cpu=on 8250.nr_uarts=1 pci=off";
 
 /// How long loading or saving device state may take. The state is small unless RAM travels
