@@ -62,6 +62,18 @@ pub struct Config {
     pub clone: CloneMode,
     #[arg(long, env = "HEARTH_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// The VMM of machines that do not name one: `qemu` or `firecracker`.
+    #[arg(long, env = "HEARTH_VMM", default_value = "qemu")]
+    pub vmm: hearth_api::VmmKind,
+    /// Firecracker's binary (1.13 or later): the Firecracker backend is enabled when it is
+    /// given, or with `--vmm firecracker` (then `firecracker` is looked up on PATH).
+    #[arg(long, env = "HEARTH_FIRECRACKER")]
+    pub firecracker: Option<PathBuf>,
+    /// Firecracker's jailer: every Firecracker VMM runs jailed (a chroot under
+    /// `<root>/jail`, a PID namespace of its own, the VMM user) when it is given; without it,
+    /// plainly (for development).
+    #[arg(long, env = "HEARTH_JAILER")]
+    pub jailer: Option<PathBuf>,
     /// The unprivileged user VMMs run as (`root` keeps them root, with a warning).
     #[arg(long, env = "HEARTH_VMM_USER", default_value = "hearth-vmm")]
     pub vmm_user: String,

@@ -22,6 +22,7 @@ use anyhow::{Context, Result};
 use config::Config;
 use service::Service;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Builds the configured VMM backends. QEMU must have its seccomp sandbox; it runs as
@@ -47,16 +48,40 @@ pub fn make_vmms(cfg: &Config) -> Result<vmm::Vmms> {
         ),
     }
     tracing::info!(?accel, tsc_khz, user = %cfg.vmm_user, "QEMU backend");
-    let qemu: Arc<dyn vmm::Vmm> = Arc::new(vmm::qemu::Qemu {
+    let mut backends: Vec<Arc<dyn vmm::Vmm>> = vec![Arc::new(vmm::qemu::Qemu {
         version: vmm::qemu::version_of(&cfg.qemu),
         binary: cfg.qemu.clone(),
         accel,
         tsc_khz,
         console_log_bytes: cfg.console_log_bytes,
-        user,
+        user: user.clone(),
         clone: cfg.clone,
-    });
-    Ok(vmm::Vmms::new(hearth_api::VmmKind::Qemu, vec![qemu]))
+    })];
+    let firecracker = match (&cfg.firecracker, cfg.vmm) {
+        (Some(binary), _) => Some(binary.clone()),
+        (None, hearth_api::VmmKind::Firecracker) => Some(PathBuf::from("firecracker")),
+        (None, hearth_api::VmmKind::Qemu) => None,
+    };
+    if let Some(binary) = firecracker {
+        let version = vmm::firecracker::version_of(&binary);
+        anyhow::ensure!(
+            version.starts_with("Firecracker v"),
+            "{} does not run as Firecracker (`--version` says {version:?})",
+            binary.display()
+        );
+        tracing::info!(%version, jailed = cfg.jailer.is_some(), "Firecracker backend");
+        backends.push(Arc::new(vmm::firecracker::Firecracker {
+            binary,
+            version,
+            jail: cfg.jailer.clone().map(|jailer| vmm::firecracker::Jail {
+                jailer,
+                chroot_base: cfg.root.join("jail"),
+            }),
+            user,
+            console_log_bytes: cfg.console_log_bytes,
+        }));
+    }
+    Ok(vmm::Vmms::new(cfg.vmm, backends))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running after it exits.

@@ -10,7 +10,7 @@ mod common;
 use hearthd::cgroup::{Cgroups, Limits, Mode};
 use hearthd::vmm::firecracker::{FcError, Firecracker, Jail};
 use hearthd::vmm::user::VmmUser;
-use hearthd::vmm::{MachinePaths, MemoryBacking, NetAttach, VmSpec};
+use hearthd::vmm::{MachinePaths, NetAttach, VmSpec};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -80,6 +80,7 @@ impl Host {
     fn jailed(&self) -> Firecracker {
         Firecracker {
             binary: self.bins.firecracker.clone(),
+            version: String::new(),
             jail: Some(Jail {
                 jailer: self.bins.jailer.clone(),
                 chroot_base: self.jail_base(),
@@ -92,6 +93,7 @@ impl Host {
     fn plain(&self) -> Firecracker {
         Firecracker {
             binary: self.bins.firecracker.clone(),
+            version: String::new(),
             jail: None,
             user: None,
             console_log_bytes: 1 << 20,
@@ -134,7 +136,6 @@ impl Host {
             memory_mib: MEMORY_MIB,
             vcpus: 1,
             disks: vec![paths.system_disk()],
-            memory: MemoryBacking::Anonymous,
             paths: paths.clone(),
             network,
             cgroup: Some(cgroup),
@@ -371,7 +372,7 @@ async fn jailed_boot_snapshot_restore_in_another_namespace_reattach_and_kill() {
     // A daemon restarted: a new backend value finds the VMM by its record.
     let again = host.jailed();
     again.reattach(&p2, &m2).await.unwrap();
-    let reused = hearthd::store::ProcessRecord {
+    let reused = hearthd::vmm::VmProcess {
         start_time: m2.start_time + 1,
         ..m2
     };
@@ -493,4 +494,77 @@ async fn refusals_leave_nothing() {
         .to_string();
     assert!(e.contains("no-snapshot/vmstate"), "{e}");
     host.assert_nothing_left(&p, "r1").await;
+}
+
+/// Processes whose root directory lies under `dir`: jailed VMMs (their command lines name only
+/// their jail ids).
+fn jailed_under(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|r| r.starts_with(dir))
+        })
+        .collect()
+}
+
+/// Through the daemon: the machine names its VMM. A Firecracker machine boots jailed in its
+/// network namespace; its agent never answers here, so the create fails when the boot times
+/// out and leaves nothing (record, files, sockets, jail, process). A QEMU snapshot asked to
+/// run on Firecracker is refused before anything is spawned.
+#[tokio::test]
+async fn the_daemon_drives_firecracker_machines_and_a_failed_one_leaves_nothing() {
+    let Some(_bins) = binaries() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let d = common::Daemon::start_with(&["--vmm", "firecracker", "--boot-timeout-secs", "6"]).await;
+    let c = &d.client;
+    let create = |id: &str, vmm| hearth_api::CreateMachineRequest {
+        machine_id: id.into(),
+        artifact: common::artifact(),
+        memory_mib: Some(MEMORY_MIB),
+        vmm,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let err = c.create_machine(&create("fc1", None)).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(hearth_api::ErrorCode::Unavailable),
+        "{err}"
+    );
+    assert!(err.to_string().contains("vsock"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    d.assert_nothing_left("fc1").await;
+    let jails = d.path().join("jail");
+    assert!(jailed_under(&jails).is_empty(), "jailed VMMs left");
+    let left: Vec<_> = std::fs::read_dir(jails.join("firecracker"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "jails left: {left:?}");
+
+    // A QEMU machine beside it, by name; its snapshot is QEMU's.
+    let m = c
+        .create_machine(&create("q1", Some(hearth_api::VmmKind::Qemu)))
+        .await
+        .unwrap();
+    assert_eq!(m.vmm, hearth_api::VmmKind::Qemu);
+    c.create_snapshot("q1", "qs", hearth_api::SnapshotKind::Memory)
+        .await
+        .unwrap();
+    let mut req = common::restore_req("qs", "on-fc");
+    req.vmm = Some(hearth_api::VmmKind::Firecracker);
+    let err = c.restore("qs", &req).await.unwrap_err();
+    assert_eq!(err.code(), Some(hearth_api::ErrorCode::Integrity), "{err}");
+    assert!(err.to_string().contains("firecracker"), "{err}");
+    d.assert_nothing_left("on-fc").await;
+    c.delete_machine("q1").await.unwrap();
+    assert!(d.vmm_pids().is_empty());
 }

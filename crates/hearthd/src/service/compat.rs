@@ -19,7 +19,7 @@ const FLAGS_NAMED: usize = 16;
 /// One way a snapshot does not fit what a restore would run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Mismatch {
-    #[error("VMM: the snapshot was taken with {snapshot:?}, this host runs {host:?}")]
+    #[error("VMM: the snapshot was taken with {snapshot}, and cannot run on {host}")]
     VmmKind { snapshot: VmmKind, host: VmmKind },
     #[error("VMM version: the snapshot was taken with {snapshot:?}, this host runs {host:?}")]
     VmmVersion { snapshot: String, host: String },

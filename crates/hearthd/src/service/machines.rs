@@ -294,7 +294,7 @@ impl Service {
                 Ok(())
             }
             Err(e) => {
-                self.vmm(rec.spec.vmm)?.kill(&proc).await;
+                self.vmm(rec.spec.vmm)?.kill(paths, &proc).await;
                 Err(e)
             }
         }
@@ -377,7 +377,7 @@ impl Service {
                     svc.power_off(&id, vmm.as_ref(), &proc).await;
                 }
                 failpoint::stall("stop-powered-off").await;
-                vmm.kill(&proc).await;
+                vmm.kill(&svc.paths(&id), &proc).await;
             }
             svc.clear_runtime_files(&id).await;
             rec.phase = Phase::Stopped;
@@ -416,7 +416,7 @@ impl Service {
                 )));
             }
             if let Some(proc) = rec.process.take() {
-                svc.vmm(rec.spec.vmm)?.kill(&proc).await;
+                svc.vmm(rec.spec.vmm)?.kill(&svc.paths(&id), &proc).await;
             }
             svc.clear_runtime_files(&id).await;
             rec.phase = Phase::Starting;
@@ -457,7 +457,7 @@ impl Service {
     pub(super) async fn destroy(&self, id: &str, rec: Option<&MachineRecord>) {
         if let Some((rec, proc)) = rec.and_then(|r| r.process.as_ref().map(|p| (r, p))) {
             match self.vmm(rec.spec.vmm) {
-                Ok(vmm) => vmm.kill(proc).await,
+                Ok(vmm) => vmm.kill(&self.paths(id), proc).await,
                 Err(e) => tracing::warn!(machine = %id, "{}", e.message),
             }
         }

@@ -388,7 +388,7 @@ mod tests {
         async fn wait_exit(&self, _: &VmProcess, _: Duration) -> bool {
             true
         }
-        async fn kill(&self, _: &VmProcess) {}
+        async fn kill(&self, _: &MachinePaths, _: &VmProcess) {}
         async fn clean_up(&self, _: &MachinePaths) {}
         async fn connect_agent(
             &self,

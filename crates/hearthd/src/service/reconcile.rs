@@ -92,7 +92,7 @@ impl Service {
                     if rec.phase == Phase::Running && alive {
                         self.power_off(&rec.id, vmm.as_ref(), &p).await;
                     }
-                    vmm.kill(&p).await;
+                    vmm.kill(&self.paths(&rec.id), &p).await;
                 }
                 self.clear_runtime_files(&rec.id).await;
                 rec.phase = Phase::Stopped;
@@ -223,7 +223,7 @@ impl Service {
     pub(super) async fn mark_failed(&self, mut rec: MachineRecord, reason: &str) {
         tracing::warn!(machine = %rec.id, "machine failed: {reason}");
         if let (Some(p), Ok(vmm)) = (rec.process.take(), self.vmm(rec.spec.vmm)) {
-            vmm.kill(&p).await;
+            vmm.kill(&self.paths(&rec.id), &p).await;
         }
         self.clear_runtime_files(&rec.id).await;
         rec.phase = Phase::Failed;

@@ -149,7 +149,7 @@ pub trait Vmm: Send + Sync {
     async fn wait_exit(&self, process: &VmProcess, limit: Duration) -> bool;
 
     /// Kills the VMM and waits until it is gone.
-    async fn kill(&self, process: &VmProcess);
+    async fn kill(&self, paths: &MachinePaths, process: &VmProcess);
 
     /// Kills a VMM of this machine that no record names (a daemon that stopped between its
     /// start and the record of its pid leaves only the runtime directory to find it by) and

@@ -649,7 +649,7 @@ impl Vmm for Qemu {
         process::wait_gone(proc, limit).await
     }
 
-    async fn kill(&self, proc: &VmProcess) {
+    async fn kill(&self, _: &MachinePaths, proc: &VmProcess) {
         process::kill_and_wait(proc).await;
     }
 

@@ -21,8 +21,11 @@ mod api;
 
 pub use api::InstanceInfo;
 
-use super::{console, process, qemu, user::VmmUser, MachinePaths, VmSpec};
-use crate::store::ProcessRecord;
+use super::{
+    console, process, qemu, user::VmmUser, vsock, MachinePaths, StateFile, StateKind, VmProcess,
+    VmSpec, Vmm, VmmError,
+};
+
 use api::{Api, VmState};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -35,6 +38,8 @@ use tokio::process::Command;
 /// The Firecracker backend. With `jail`, every VMM runs through the jailer.
 pub struct Firecracker {
     pub binary: PathBuf,
+    /// `firecracker --version`'s first line, for snapshot manifests.
+    pub version: String,
     pub jail: Option<Jail>,
     /// Whom Firecracker runs as; None keeps it root.
     pub user: Option<VmmUser>,
@@ -190,7 +195,7 @@ enum Start<'a> {
 
 impl Firecracker {
     /// Starts Firecracker with the guest booting.
-    pub async fn boot(&self, spec: &VmSpec) -> Result<ProcessRecord, FcError> {
+    pub async fn boot(&self, spec: &VmSpec) -> Result<VmProcess, FcError> {
         let config = self.config(spec);
         let proc = self.spawn(spec, Start::Boot(&config)).await?;
         if let Err(e) = self.link_socket(&spec.paths, AGENT_SOCKET) {
@@ -202,7 +207,7 @@ impl Firecracker {
 
     /// Starts a fresh Firecracker on the files [`Firecracker::save_state`] wrote into
     /// `state`, running. On failure nothing is left (process, jail, sockets, links).
-    pub async fn restore(&self, spec: &VmSpec, state: &Path) -> Result<ProcessRecord, FcError> {
+    pub async fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmProcess, FcError> {
         let proc = self.spawn(spec, Start::Restore(state)).await?;
         if let Err(e) = self.load(&spec.paths).await {
             // A failed load ends Firecracker (its reason is in the error); one that did not
@@ -216,7 +221,7 @@ impl Firecracker {
 
     /// Checks that a recorded VMM is alive and answers for this machine on its API socket, as
     /// after a daemon restart, and takes up its console and log again.
-    pub async fn reattach(&self, paths: &MachinePaths, p: &ProcessRecord) -> Result<(), FcError> {
+    pub async fn reattach(&self, paths: &MachinePaths, p: &VmProcess) -> Result<(), FcError> {
         if !process::is_alive(p) {
             return Err(FcError::Gone);
         }
@@ -235,7 +240,7 @@ impl Firecracker {
     }
 
     /// The recorded process still runs.
-    pub fn is_alive(&self, p: &ProcessRecord) -> bool {
+    pub fn is_alive(&self, p: &VmProcess) -> bool {
         process::is_alive(p)
     }
 
@@ -292,13 +297,13 @@ impl Firecracker {
     }
 
     /// Waits up to `timeout` for the VMM to exit by itself (the guest powered off).
-    pub async fn wait_exit(&self, p: &ProcessRecord, timeout: Duration) -> bool {
+    pub async fn wait_exit(&self, p: &VmProcess, timeout: Duration) -> bool {
         process::wait_gone(p, timeout).await
     }
 
     /// Kills the VMM, waits until it is gone and removes its directory (the jail) and the
     /// links to its sockets.
-    pub async fn kill(&self, paths: &MachinePaths, p: &ProcessRecord) {
+    pub async fn kill(&self, paths: &MachinePaths, p: &VmProcess) {
         process::kill_and_wait(p).await;
         self.clear(paths);
     }
@@ -510,7 +515,7 @@ impl Firecracker {
     /// a session of its own, in the machine's network namespace and cgroup, as the VMM user.
     /// Returns once it answers on its API socket (booted, or waiting for a snapshot); on
     /// failure nothing is left.
-    async fn spawn(&self, spec: &VmSpec, start: Start<'_>) -> Result<ProcessRecord, FcError> {
+    async fn spawn(&self, spec: &VmSpec, start: Start<'_>) -> Result<VmProcess, FcError> {
         let p = &spec.paths;
         let id = vm_id(p)?;
         std::fs::create_dir_all(&p.sock_dir).map_err(io("making", &p.sock_dir))?;
@@ -538,7 +543,7 @@ impl Firecracker {
         spec: &VmSpec,
         id: &str,
         start: &Start<'_>,
-    ) -> Result<ProcessRecord, FcError> {
+    ) -> Result<VmProcess, FcError> {
         let p = &spec.paths;
         // Everything Firecracker and the jailer report, from the first line, and the log
         // Firecracker writes into the same FIFO.
@@ -699,7 +704,7 @@ impl Firecracker {
         p: &MachinePaths,
         id: &str,
         jailer: &mut tokio::process::Child,
-    ) -> Result<ProcessRecord, FcError> {
+    ) -> Result<VmProcess, FcError> {
         let status = match tokio::time::timeout(START_LIMIT, jailer.wait()).await {
             Ok(status) => status.map_err(|source| FcError::Spawn {
                 binary: self
@@ -761,7 +766,7 @@ impl Firecracker {
     async fn await_ready(
         &self,
         p: &MachinePaths,
-        proc: &ProcessRecord,
+        proc: &VmProcess,
         start: &Start<'_>,
     ) -> Result<(), FcError> {
         let (booting, state) = match start {
@@ -915,6 +920,145 @@ fn remove_file(path: &Path) -> Result<(), FcError> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("removing", path)(e)),
         _ => Ok(()),
+    }
+}
+
+impl From<FcError> for VmmError {
+    fn from(e: FcError) -> VmmError {
+        const VMM: &str = "Firecracker";
+        let reason = e.to_string();
+        match e {
+            FcError::Io { what, path, source } => VmmError::Io { what, path, source },
+            FcError::Setup(e) => VmmError::Host(e),
+            FcError::Spawn { binary, source } => VmmError::Spawn { binary, source },
+            // Firecracker refusing what it was given, or ending on it: the request's fault.
+            FcError::Exited { log } => VmmError::Refused {
+                vmm: VMM,
+                reason: log,
+            },
+            FcError::Refused { .. } => VmmError::Refused { vmm: VMM, reason },
+            FcError::Load { fault } => VmmError::StateRejected {
+                vmm: VMM,
+                reason: fault,
+            },
+            FcError::StartTimeout(limit) => VmmError::StartTimeout {
+                vmm: VMM,
+                limit,
+                detail: "its API socket never answered".into(),
+            },
+            FcError::Gone => VmmError::Gone,
+            FcError::BadId(_)
+            | FcError::Jailer { .. }
+            | FcError::NoProcess { .. }
+            | FcError::NotItsSocket { .. }
+            | FcError::NotItsFile { .. }
+            | FcError::Connect { .. }
+            | FcError::Http { .. }
+            | FcError::Answer { .. }
+            | FcError::Json { .. }
+            | FcError::Timeout { .. }
+            | FcError::WrongVm { .. } => VmmError::Control {
+                what: "Firecracker",
+                reason,
+            },
+        }
+    }
+}
+
+/// How long one hybrid-vsock `CONNECT` waits for the guest: before its agent listens there is
+/// no answer at all, so the connection is tried again until the caller's deadline.
+const CONNECT_TRY: Duration = Duration::from_millis(500);
+
+#[async_trait::async_trait]
+impl Vmm for Firecracker {
+    fn kind(&self) -> hearth_api::VmmKind {
+        hearth_api::VmmKind::Firecracker
+    }
+
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+
+    async fn boot(&self, spec: &VmSpec) -> Result<VmProcess, VmmError> {
+        Ok(Firecracker::boot(self, spec).await?)
+    }
+
+    async fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmProcess, VmmError> {
+        Ok(Firecracker::restore(self, spec, state).await?)
+    }
+
+    async fn reattach(&self, paths: &MachinePaths, p: &VmProcess) -> Result<(), VmmError> {
+        Ok(Firecracker::reattach(self, paths, p).await?)
+    }
+
+    fn is_alive(&self, p: &VmProcess) -> bool {
+        Firecracker::is_alive(self, p)
+    }
+
+    async fn pause(&self, paths: &MachinePaths) -> Result<(), VmmError> {
+        Ok(Firecracker::pause(self, paths).await?)
+    }
+
+    async fn resume(&self, paths: &MachinePaths) -> Result<(), VmmError> {
+        Ok(Firecracker::resume(self, paths).await?)
+    }
+
+    /// Always a full snapshot: the device state and guest RAM as a file.
+    async fn save_state(
+        &self,
+        paths: &MachinePaths,
+        dir: &Path,
+    ) -> Result<Vec<StateFile>, VmmError> {
+        Firecracker::save_state(self, paths, dir).await?;
+        Ok(vec![
+            StateFile {
+                name: VMSTATE,
+                kind: StateKind::DeviceState,
+            },
+            StateFile {
+                name: MEMORY,
+                kind: StateKind::Memory,
+            },
+        ])
+    }
+
+    async fn wait_exit(&self, p: &VmProcess, limit: Duration) -> bool {
+        Firecracker::wait_exit(self, p, limit).await
+    }
+
+    async fn kill(&self, paths: &MachinePaths, p: &VmProcess) {
+        Firecracker::kill(self, paths, p).await
+    }
+
+    async fn clean_up(&self, paths: &MachinePaths) {
+        self.kill_unrecorded(paths).await;
+        for removed in [
+            crate::storage::remove_tree(&paths.sock_dir).await,
+            crate::storage::remove_tree(&paths.state_dir()).await,
+        ] {
+            if let Err(e) = removed {
+                tracing::warn!(dir = %paths.dir.display(), "{}", e.message);
+            }
+        }
+    }
+
+    async fn connect_agent(
+        &self,
+        paths: &MachinePaths,
+        deadline: Instant,
+    ) -> Result<tokio::net::UnixStream, VmmError> {
+        let socket = self.agent_socket(paths);
+        loop {
+            let tried = Instant::now();
+            match vsock::connect(&socket, hearth_proto::AGENT_VSOCK_PORT, CONNECT_TRY).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(VmmError::control("connecting to the agent over vsock", e))
+                }
+                // Refused or closed at once (no socket yet, no listener): not a busy loop.
+                Err(_) => tokio::time::sleep(CONNECT_TRY.saturating_sub(tried.elapsed())).await,
+            }
+        }
     }
 }
 
