@@ -8,6 +8,9 @@
 //! `hearth-bench files`: file upload and download through the API against the raw agent channel;
 //! exec round trip; process start → first output byte.
 //!
+//! `hearth-bench firecracker`: Firecracker beside QEMU through the `Vmm` trait: save_state and
+//! restore → running at the same memory size.
+//!
 //! `hearth-bench hostile`: one machine attacks (console flood, memory hog, fork bomb, disk
 //! filler, an endless message and a reply flood on its agent channel) while the host's memory, the API's latency and a quiet machine's exec are sampled.
 //!
@@ -29,6 +32,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 mod files;
+mod firecracker;
 mod hostile;
 mod net;
 mod snapshot;
@@ -86,6 +90,14 @@ enum Bench {
     },
     /// Hostile guest: console flood, memory hog, fork bomb, disk filler, an endless message
     /// and a reply flood on the agent channel, in one machine; the host's memory, the API's and a quiet machine's latency meanwhile.
+    /// Firecracker beside QEMU through the Vmm trait: save_state and restore → running at the
+    /// same memory size (needs HEARTH_FIRECRACKER; jailed with HEARTH_JAILER).
+    Firecracker {
+        #[arg(long, default_value_t = 256)]
+        mib: u32,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     Hostile {
         /// Seconds each attack runs.
         #[arg(long, default_value_t = 15)]
@@ -125,6 +137,7 @@ async fn main() -> Result<()> {
         Bench::Net { mib, rounds } => net::run(&args.image, mib, rounds).await,
         Bench::Files { mib, rounds } => files::run(&args.image, mib, rounds).await,
         Bench::Hostile { seconds, only } => hostile::run(&args.image, seconds, &only).await,
+        Bench::Firecracker { mib, rounds } => firecracker::run(&args.image, mib, rounds).await,
         Bench::Snapshot {
             sizes,
             clones,
