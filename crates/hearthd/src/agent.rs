@@ -12,8 +12,9 @@
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use hearth_proto::credit::{RecvWindow, SendWindow};
-use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD};
+use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD, RESYNC_PADDING};
 use hearth_proto::{encode, ErrorKind, GuestMessage, Identity, Op, Reply, Request, MAX_MESSAGE};
+use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -88,6 +89,12 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
+        self.write_locked(&mut w, parts).await
+    }
+
+    /// Writes `parts` whole on the writer, which the caller holds; closes the connection when
+    /// the guest takes nothing for the stall timeout.
+    async fn write_locked(&self, w: &mut OwnedWriteHalf, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut slices: Vec<std::io::IoSlice> =
             parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
         let mut bufs = &mut slices[..];
@@ -160,6 +167,13 @@ impl AgentClient {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|e| Error::unavailable(format!("agent socket {}: {e}", socket.display())))?;
+        // Room for the preamble in the kernel: QEMU reads nothing until the guest opens its
+        // port, and a guest still booting has not stopped reading. Where the kernel allows less,
+        // the preamble waits for the guest, under the stall timeout like every write.
+        let room = 2 * (RESYNC_PADDING + HEADER_LEN);
+        if setsockopt(&stream, sockopt::SndBufForce, &room).is_err() {
+            let _ = setsockopt(&stream, sockopt::SndBuf, &room);
+        }
         Ok(AgentClient::over(stream, WRITE_STALL))
     }
 
@@ -171,7 +185,8 @@ impl AgentClient {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         // The preamble puts the guest's reader back in step and voids whatever a previous
         // connection left. It goes first (the lock is taken here) but is not waited for: a
-        // guest that dies at boot never reads it, and that shows as a closed connection.
+        // guest that dies at boot never reads it, and that shows as a closed connection; one
+        // that does not read it is cut off like any other write.
         let mut first = writer
             .clone()
             .try_lock_owned()
@@ -196,10 +211,13 @@ impl AgentClient {
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
-            if first.write_all(&frame::resync_preamble()).await.is_err() {
-                if let Some(shared) = weak.upgrade() {
-                    shared.close();
-                }
+            let Some(shared) = weak.upgrade() else { return };
+            if shared
+                .write_locked(&mut first, &[&frame::resync_preamble()])
+                .await
+                .is_err()
+            {
+                shared.close();
             }
         });
         let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
@@ -328,48 +346,57 @@ impl AgentClient {
     }
 
     /// Says hello until the agent echoes `nonce`, the connection closes, `alive` reports the
-    /// VMM gone, or `deadline` passes.
+    /// VMM gone, or `deadline` passes: whatever the guest does, it returns by `deadline` (a
+    /// guest that reads nothing holds a hello's write, not the caller).
     pub async fn handshake(
         &self,
         nonce: &str,
         deadline: Instant,
         alive: impl Fn() -> bool,
     ) -> Result<()> {
-        loop {
-            let ready = self.shared.ready.notified();
-            let mut call = self
-                .request(
-                    Op::Hello {
-                        nonce: nonce.to_string(),
+        let late = || Error::unavailable("the guest agent did not answer in time");
+        tokio::time::timeout_at(deadline.into(), async {
+            loop {
+                let ready = self.shared.ready.notified();
+                let mut call = self
+                    .request(
+                        Op::Hello {
+                            nonce: nonce.to_string(),
+                        },
+                        false,
+                    )
+                    .await?;
+                let wait = HELLO_RETRY.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::select! {
+                    answer = call.answer(None) => match answer {
+                        Ok((Reply::Hello { nonce: n, identity }, _)) if n == nonce => {
+                            *self.identity.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(identity);
+                            return Ok(());
+                        }
+                        Ok((other, _)) => {
+                            return Err(Error::internal(format!(
+                                "unexpected hello reply: {other:?}"
+                            )))
+                        }
+                        Err(_) => {}
                     },
-                    false,
-                )
-                .await?;
-            let wait = HELLO_RETRY.min(deadline.saturating_duration_since(Instant::now()));
-            tokio::select! {
-                answer = call.answer(None) => match answer {
-                    Ok((Reply::Hello { nonce: n, identity }, _)) if n == nonce => {
-                        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
-                        return Ok(());
-                    }
-                    Ok((other, _)) => {
-                        return Err(Error::internal(format!("unexpected hello reply: {other:?}")))
-                    }
-                    Err(_) => {}
-                },
-                // The agent just opened its port: say hello again right away.
-                _ = ready => {}
-                _ = tokio::time::sleep(wait) => {}
+                    // The agent just opened its port: say hello again right away.
+                    _ = ready => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if self.is_closed() || !alive() {
+                    return Err(Error::unavailable(
+                        "the VM exited before its agent answered",
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    return Err(late());
+                }
             }
-            if self.is_closed() || !alive() {
-                return Err(Error::unavailable(
-                    "the VM exited before its agent answered",
-                ));
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::unavailable("the guest agent did not answer in time"));
-            }
-        }
+        })
+        .await
+        .unwrap_or_else(|_| Err(late()))
     }
 }
 
@@ -691,7 +718,6 @@ mod tests {
 
     use super::*;
     use hearth_proto::credit::WINDOW;
-    use hearth_proto::frame::RESYNC_PADDING;
 
     struct Guest {
         stream: UnixStream,
@@ -882,6 +908,71 @@ mod tests {
         // Later calls fail at once.
         let err = client.call(Op::Sync, None).await.unwrap_err();
         assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+    }
+
+    /// A client on a socket pair whose send buffer holds less than the preamble, and the
+    /// guest's end, which the test never reads: a guest whose port is not open, or that
+    /// stopped reading.
+    fn connected_to_a_deaf_guest(write_stall: Duration) -> (AgentClient, UnixStream) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        setsockopt(&host, sockopt::SndBuf, &(64 << 10)).unwrap();
+        (AgentClient::over(host, write_stall), guest)
+    }
+
+    #[tokio::test]
+    async fn a_handshake_ends_by_its_deadline_when_the_guest_reads_nothing() {
+        let (client, _guest) = connected_to_a_deaf_guest(WRITE_STALL);
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(500);
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.handshake("n", deadline, || true),
+        )
+        .await
+        .expect("the handshake outlived its deadline")
+        .unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(tables_empty(&client));
+    }
+
+    #[tokio::test]
+    async fn a_preamble_the_guest_does_not_read_closes_the_connection() {
+        let (client, mut guest) = connected_to_a_deaf_guest(Duration::from_millis(300));
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            while !client.is_closed() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the connection stayed open behind its preamble"
+        );
+        // Shut down both ways: the guest reads what was queued, then the end.
+        let mut buf = vec![0u8; 1 << 16];
+        while guest.read(&mut buf).await.unwrap() > 0 {}
+        let err = client.call(Op::Sync, None).await.unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_guest_still_booting_does_not_hold_the_first_requests() {
+        // The guest's port is not open yet: nothing is read from the socket.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (client, accepted) = tokio::join!(AgentClient::connect(&path), listener.accept());
+        let (client, _guest) = (client.unwrap(), accepted.unwrap());
+        let sent = tokio::time::timeout(Duration::from_secs(5), client.request(Op::Sync, false))
+            .await
+            .expect("a request waited behind the preamble for a guest that has not read yet");
+        drop(sent.unwrap());
+        assert!(!client.is_closed());
     }
 
     #[tokio::test]
