@@ -10,12 +10,12 @@
 //! [`WRITE_STALL`] closes the connection, failing every call on it.
 
 use crate::error::{Error, Result};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hearth_proto::credit::{RecvWindow, SendWindow};
 use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD, RESYNC_PADDING};
 use hearth_proto::{encode, ErrorKind, GuestMessage, Identity, Op, Reply, Request, MAX_MESSAGE};
 use nix::sys::socket::{setsockopt, sockopt};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,14 +36,60 @@ pub const WRITE_STALL: Duration = Duration::from_secs(30);
 /// A reply and, when the reply has one, its content.
 type Answer = (Reply, Option<Content>);
 
-enum Chunk {
-    Data(Bytes),
-    End,
+/// A reply's content between the reader task and its consumer: the pieces not taken yet, and
+/// how the stream ended. Data that arrives while the last piece waits is appended to it, up to
+/// a frame's size, so what a stream holds is about its bytes whatever the frames: queued one
+/// by one, a guest's one-byte frames would cost some 80 bytes of memory per byte of credit.
+#[derive(Default)]
+struct Pipe {
+    state: Mutex<PipeState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct PipeState {
+    pieces: VecDeque<BytesMut>,
+    /// `Some(true)` once the stream ended, `Some(false)` once it was cut short.
+    end: Option<bool>,
+}
+
+impl Pipe {
+    fn state(&self) -> MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, data: &[u8]) {
+        {
+            let mut st = self.state();
+            match st.pieces.back_mut() {
+                Some(last) if last.len() + data.len() <= MAX_PAYLOAD => {
+                    last.extend_from_slice(data)
+                }
+                // A copy: a slice would keep the whole read buffer it came from alive.
+                _ => st.pieces.push_back(BytesMut::from(data)),
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// The stream ended (`clean`) or was cut short; the first word stands.
+    fn end(&self, clean: bool) {
+        self.state().end.get_or_insert(clean);
+        self.ready.notify_one();
+    }
 }
 
 struct Inbound {
-    tx: mpsc::UnboundedSender<Chunk>,
+    pipe: Arc<Pipe>,
     window: Arc<Mutex<RecvWindow>>,
+}
+
+impl Drop for Inbound {
+    /// A stream forgotten before its end (cancelled by the guest, past its credit, the channel
+    /// closed) ends its content in an error.
+    fn drop(&mut self) {
+        self.pipe.end(false);
+    }
 }
 
 #[derive(Default)]
@@ -502,7 +548,7 @@ impl Drop for Call {
 pub struct Content {
     shared: Arc<Shared>,
     id: u64,
-    rx: mpsc::UnboundedReceiver<Chunk>,
+    pipe: Arc<Pipe>,
     window: Arc<Mutex<RecvWindow>>,
     ended: bool,
 }
@@ -514,37 +560,45 @@ impl Content {
         if self.ended {
             return None;
         }
-        match self.rx.recv().await {
-            Some(Chunk::Data(bytes)) => {
-                let grant = self
-                    .window
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .consumed(bytes.len());
-                if let Some(grant) = grant {
-                    if let Err(e) = self
-                        .shared
-                        .write(&[&frame::encode_credit(self.id, grant)])
-                        .await
-                    {
-                        return Some(Err(Error::unavailable(format!(
-                            "writing to the agent: {e}"
-                        ))));
-                    }
+        let bytes = loop {
+            {
+                let mut st = self.pipe.state();
+                if let Some(piece) = st.pieces.pop_front() {
+                    break piece.freeze();
                 }
-                Some(Ok(bytes))
+                match st.end {
+                    Some(true) => {
+                        self.ended = true;
+                        return None;
+                    }
+                    Some(false) => {
+                        self.ended = true;
+                        return Some(Err(Error::unavailable(
+                            "the guest agent cut the transfer short",
+                        )));
+                    }
+                    None => {}
+                }
             }
-            Some(Chunk::End) => {
-                self.ended = true;
-                None
-            }
-            None => {
-                self.ended = true;
-                Some(Err(Error::unavailable(
-                    "the guest agent cut the transfer short",
-                )))
+            self.pipe.ready.notified().await;
+        };
+        let grant = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .consumed(bytes.len());
+        if let Some(grant) = grant {
+            if let Err(e) = self
+                .shared
+                .write(&[&frame::encode_credit(self.id, grant)])
+                .await
+            {
+                return Some(Err(Error::unavailable(format!(
+                    "writing to the agent: {e}"
+                ))));
             }
         }
+        Some(Ok(bytes))
     }
 }
 
@@ -616,19 +670,19 @@ async fn on_event(
                     return true;
                 };
                 let content = stream.then(|| {
-                    let (tx, rx) = mpsc::unbounded_channel();
+                    let pipe = Arc::new(Pipe::default());
                     let window = Arc::new(Mutex::new(RecvWindow::default()));
                     shared.tables().inbound.insert(
                         id,
                         Inbound {
-                            tx,
+                            pipe: pipe.clone(),
                             window: window.clone(),
                         },
                     );
                     Content {
                         shared: shared.clone(),
                         id,
-                        rx,
+                        pipe,
                         window,
                         ended: false,
                     }
@@ -654,8 +708,7 @@ async fn on_event(
                     .received(payload.len())
                     .is_ok();
                 if ok {
-                    // A copy: a slice would keep the whole read buffer it came from alive.
-                    let _ = inb.tx.send(Chunk::Data(Bytes::copy_from_slice(&payload)));
+                    inb.pipe.push(&payload);
                 } else {
                     // Past its credit: the guest broke the stream; it ends in an error.
                     tracing::warn!(stream, "the guest agent sent past its credit");
@@ -667,7 +720,7 @@ async fn on_event(
         }
         Event::End { stream } => {
             if let Some(inb) = shared.tables().inbound.remove(&stream) {
-                let _ = inb.tx.send(Chunk::End);
+                inb.pipe.end(true);
             }
         }
         Event::Credit { stream, bytes } => {
@@ -873,6 +926,64 @@ mod tests {
         drop(content);
         drop(_call);
         assert!(tables_empty(&client));
+    }
+
+    /// This process's resident memory, in bytes.
+    fn rss() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb << 10
+    }
+
+    #[tokio::test]
+    async fn a_window_of_one_byte_frames_costs_about_its_bytes() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let guest_side = async {
+            let req = guest.request().await;
+            guest.reply(req.id, Reply::Streaming, true).await;
+            // A whole window in frames of one byte each, as fast as the socket takes them,
+            // then the answer to a later call: by then the host has taken every frame in.
+            let mut batch = Vec::new();
+            for i in 0..1 << 16 {
+                batch.extend_from_slice(&frame::data_header(req.id, 1));
+                batch.push(i as u8);
+            }
+            for _ in 0..WINDOW >> 16 {
+                guest.send(&batch).await;
+            }
+            let later = guest.request().await;
+            guest.reply(later.id, Reply::Done, false).await;
+        };
+        let host_side = async {
+            let mut call = client.request(Op::Sync, false).await.unwrap();
+            let (_, content) = call.answer(None).await.unwrap();
+            let before = rss();
+            let later = client.call(Op::Sync, LONG).await.unwrap();
+            assert_eq!(later, Reply::Done);
+            (call, content.unwrap(), rss().saturating_sub(before))
+        };
+        let ((_call, mut content, grown), ()) = tokio::join!(host_side, guest_side);
+        eprintln!("{} MiB held for a window of one-byte frames", grown >> 20);
+        assert!(
+            grown < 64 << 20,
+            "the host grew by {} MiB holding {} bytes of content",
+            grown >> 20,
+            WINDOW
+        );
+        // Every byte is there, in order.
+        let mut received = 0usize;
+        while received < WINDOW as usize {
+            let piece = content.next().await.unwrap().unwrap();
+            for (k, b) in piece.iter().enumerate() {
+                assert_eq!(*b, (received + k) as u8, "byte {}", received + k);
+            }
+            received += piece.len();
+        }
+        assert_eq!(received, WINDOW as usize);
     }
 
     #[tokio::test]
