@@ -10,11 +10,12 @@
 //! [`WRITE_STALL`] closes the connection, failing every call on it.
 
 use crate::error::{Error, Result};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hearth_proto::credit::{RecvWindow, SendWindow};
-use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD};
+use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD, RESYNC_PADDING};
 use hearth_proto::{encode, ErrorKind, GuestMessage, Identity, Op, Reply, Request, MAX_MESSAGE};
-use std::collections::HashMap;
+use nix::sys::socket::{setsockopt, sockopt};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,14 +35,60 @@ pub const WRITE_STALL: Duration = Duration::from_secs(30);
 /// A reply and, when the reply has one, its content.
 type Answer = (Reply, Option<Content>);
 
-enum Chunk {
-    Data(Bytes),
-    End,
+/// A reply's content between the reader task and its consumer: the pieces not taken yet, and
+/// how the stream ended. Data that arrives while the last piece waits is appended to it, up to
+/// a frame's size, so what a stream holds is about its bytes whatever the frames: queued one
+/// by one, a guest's one-byte frames would cost some 80 bytes of memory per byte of credit.
+#[derive(Default)]
+struct Pipe {
+    state: Mutex<PipeState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct PipeState {
+    pieces: VecDeque<BytesMut>,
+    /// `Some(true)` once the stream ended, `Some(false)` once it was cut short.
+    end: Option<bool>,
+}
+
+impl Pipe {
+    fn state(&self) -> MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, data: &[u8]) {
+        {
+            let mut st = self.state();
+            match st.pieces.back_mut() {
+                Some(last) if last.len() + data.len() <= MAX_PAYLOAD => {
+                    last.extend_from_slice(data)
+                }
+                // A copy: a slice would keep the whole read buffer it came from alive.
+                _ => st.pieces.push_back(BytesMut::from(data)),
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// The stream ended (`clean`) or was cut short; the first word stands.
+    fn end(&self, clean: bool) {
+        self.state().end.get_or_insert(clean);
+        self.ready.notify_one();
+    }
 }
 
 struct Inbound {
-    tx: mpsc::UnboundedSender<Chunk>,
+    pipe: Arc<Pipe>,
     window: Arc<Mutex<RecvWindow>>,
+}
+
+impl Drop for Inbound {
+    /// A stream forgotten before its end (cancelled by the guest, past its credit, the channel
+    /// closed) ends its content in an error.
+    fn drop(&mut self) {
+        self.pipe.end(false);
+    }
 }
 
 #[derive(Default)]
@@ -87,6 +134,12 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
+        self.write_locked(&mut w, parts).await
+    }
+
+    /// Writes `parts` whole on the writer, which the caller holds; closes the connection when
+    /// the guest takes nothing for the stall timeout.
+    async fn write_locked(&self, w: &mut OwnedWriteHalf, parts: &[&[u8]]) -> std::io::Result<()> {
         let mut slices: Vec<std::io::IoSlice> =
             parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
         let mut bufs = &mut slices[..];
@@ -157,6 +210,13 @@ impl Drop for AgentClient {
 impl AgentClient {
     /// A client on a new connection to the agent's channel (from [`crate::vmm::Vmm`]).
     pub fn new(stream: UnixStream) -> AgentClient {
+        // Room for the preamble in the kernel: QEMU reads nothing until the guest opens its
+        // port, and a guest still booting has not stopped reading. Where the kernel allows less,
+        // the preamble waits for the guest, under the stall timeout like every write.
+        let room = 2 * (RESYNC_PADDING + HEADER_LEN);
+        if setsockopt(&stream, sockopt::SndBufForce, &room).is_err() {
+            let _ = setsockopt(&stream, sockopt::SndBuf, &room);
+        }
         AgentClient::over(stream, WRITE_STALL)
     }
 
@@ -168,7 +228,8 @@ impl AgentClient {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         // The preamble puts the guest's reader back in step and voids whatever a previous
         // connection left. It goes first (the lock is taken here) but is not waited for: a
-        // guest that dies at boot never reads it, and that shows as a closed connection.
+        // guest that dies at boot never reads it, and that shows as a closed connection; one
+        // that does not read it is cut off like any other write.
         let mut first = writer
             .clone()
             .try_lock_owned()
@@ -193,10 +254,13 @@ impl AgentClient {
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
-            if first.write_all(&frame::resync_preamble()).await.is_err() {
-                if let Some(shared) = weak.upgrade() {
-                    shared.close();
-                }
+            let Some(shared) = weak.upgrade() else { return };
+            if shared
+                .write_locked(&mut first, &[&frame::resync_preamble()])
+                .await
+                .is_err()
+            {
+                shared.close();
             }
         });
         let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
@@ -325,48 +389,57 @@ impl AgentClient {
     }
 
     /// Says hello until the agent echoes `nonce`, the connection closes, `alive` reports the
-    /// VMM gone, or `deadline` passes.
+    /// VMM gone, or `deadline` passes: whatever the guest does, it returns by `deadline` (a
+    /// guest that reads nothing holds a hello's write, not the caller).
     pub async fn handshake(
         &self,
         nonce: &str,
         deadline: Instant,
         alive: impl Fn() -> bool,
     ) -> Result<()> {
-        loop {
-            let ready = self.shared.ready.notified();
-            let mut call = self
-                .request(
-                    Op::Hello {
-                        nonce: nonce.to_string(),
+        let late = || Error::unavailable("the guest agent did not answer in time");
+        tokio::time::timeout_at(deadline.into(), async {
+            loop {
+                let ready = self.shared.ready.notified();
+                let mut call = self
+                    .request(
+                        Op::Hello {
+                            nonce: nonce.to_string(),
+                        },
+                        false,
+                    )
+                    .await?;
+                let wait = HELLO_RETRY.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::select! {
+                    answer = call.answer(None) => match answer {
+                        Ok((Reply::Hello { nonce: n, identity }, _)) if n == nonce => {
+                            *self.identity.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(identity);
+                            return Ok(());
+                        }
+                        Ok((other, _)) => {
+                            return Err(Error::internal(format!(
+                                "unexpected hello reply: {other:?}"
+                            )))
+                        }
+                        Err(_) => {}
                     },
-                    false,
-                )
-                .await?;
-            let wait = HELLO_RETRY.min(deadline.saturating_duration_since(Instant::now()));
-            tokio::select! {
-                answer = call.answer(None) => match answer {
-                    Ok((Reply::Hello { nonce: n, identity }, _)) if n == nonce => {
-                        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(identity);
-                        return Ok(());
-                    }
-                    Ok((other, _)) => {
-                        return Err(Error::internal(format!("unexpected hello reply: {other:?}")))
-                    }
-                    Err(_) => {}
-                },
-                // The agent just opened its port: say hello again right away.
-                _ = ready => {}
-                _ = tokio::time::sleep(wait) => {}
+                    // The agent just opened its port: say hello again right away.
+                    _ = ready => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if self.is_closed() || !alive() {
+                    return Err(Error::unavailable(
+                        "the VM exited before its agent answered",
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    return Err(late());
+                }
             }
-            if self.is_closed() || !alive() {
-                return Err(Error::unavailable(
-                    "the VM exited before its agent answered",
-                ));
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::unavailable("the guest agent did not answer in time"));
-            }
-        }
+        })
+        .await
+        .unwrap_or_else(|_| Err(late()))
     }
 }
 
@@ -472,7 +545,7 @@ impl Drop for Call {
 pub struct Content {
     shared: Arc<Shared>,
     id: u64,
-    rx: mpsc::UnboundedReceiver<Chunk>,
+    pipe: Arc<Pipe>,
     window: Arc<Mutex<RecvWindow>>,
     ended: bool,
 }
@@ -484,37 +557,45 @@ impl Content {
         if self.ended {
             return None;
         }
-        match self.rx.recv().await {
-            Some(Chunk::Data(bytes)) => {
-                let grant = self
-                    .window
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .consumed(bytes.len());
-                if let Some(grant) = grant {
-                    if let Err(e) = self
-                        .shared
-                        .write(&[&frame::encode_credit(self.id, grant)])
-                        .await
-                    {
-                        return Some(Err(Error::unavailable(format!(
-                            "writing to the agent: {e}"
-                        ))));
-                    }
+        let bytes = loop {
+            {
+                let mut st = self.pipe.state();
+                if let Some(piece) = st.pieces.pop_front() {
+                    break piece.freeze();
                 }
-                Some(Ok(bytes))
+                match st.end {
+                    Some(true) => {
+                        self.ended = true;
+                        return None;
+                    }
+                    Some(false) => {
+                        self.ended = true;
+                        return Some(Err(Error::unavailable(
+                            "the guest agent cut the transfer short",
+                        )));
+                    }
+                    None => {}
+                }
             }
-            Some(Chunk::End) => {
-                self.ended = true;
-                None
-            }
-            None => {
-                self.ended = true;
-                Some(Err(Error::unavailable(
-                    "the guest agent cut the transfer short",
-                )))
+            self.pipe.ready.notified().await;
+        };
+        let grant = self
+            .window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .consumed(bytes.len());
+        if let Some(grant) = grant {
+            if let Err(e) = self
+                .shared
+                .write(&[&frame::encode_credit(self.id, grant)])
+                .await
+            {
+                return Some(Err(Error::unavailable(format!(
+                    "writing to the agent: {e}"
+                ))));
             }
         }
+        Some(Ok(bytes))
     }
 }
 
@@ -586,19 +667,19 @@ async fn on_event(
                     return true;
                 };
                 let content = stream.then(|| {
-                    let (tx, rx) = mpsc::unbounded_channel();
+                    let pipe = Arc::new(Pipe::default());
                     let window = Arc::new(Mutex::new(RecvWindow::default()));
                     shared.tables().inbound.insert(
                         id,
                         Inbound {
-                            tx,
+                            pipe: pipe.clone(),
                             window: window.clone(),
                         },
                     );
                     Content {
                         shared: shared.clone(),
                         id,
-                        rx,
+                        pipe,
                         window,
                         ended: false,
                     }
@@ -624,8 +705,7 @@ async fn on_event(
                     .received(payload.len())
                     .is_ok();
                 if ok {
-                    // A copy: a slice would keep the whole read buffer it came from alive.
-                    let _ = inb.tx.send(Chunk::Data(Bytes::copy_from_slice(&payload)));
+                    inb.pipe.push(&payload);
                 } else {
                     // Past its credit: the guest broke the stream; it ends in an error.
                     tracing::warn!(stream, "the guest agent sent past its credit");
@@ -637,7 +717,7 @@ async fn on_event(
         }
         Event::End { stream } => {
             if let Some(inb) = shared.tables().inbound.remove(&stream) {
-                let _ = inb.tx.send(Chunk::End);
+                inb.pipe.end(true);
             }
         }
         Event::Credit { stream, bytes } => {
@@ -688,7 +768,6 @@ mod tests {
 
     use super::*;
     use hearth_proto::credit::WINDOW;
-    use hearth_proto::frame::RESYNC_PADDING;
 
     struct Guest {
         stream: UnixStream,
@@ -846,6 +925,64 @@ mod tests {
         assert!(tables_empty(&client));
     }
 
+    /// This process's resident memory, in bytes.
+    fn rss() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb << 10
+    }
+
+    #[tokio::test]
+    async fn a_window_of_one_byte_frames_costs_about_its_bytes() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let guest_side = async {
+            let req = guest.request().await;
+            guest.reply(req.id, Reply::Streaming, true).await;
+            // A whole window in frames of one byte each, as fast as the socket takes them,
+            // then the answer to a later call: by then the host has taken every frame in.
+            let mut batch = Vec::new();
+            for i in 0..1 << 16 {
+                batch.extend_from_slice(&frame::data_header(req.id, 1));
+                batch.push(i as u8);
+            }
+            for _ in 0..WINDOW >> 16 {
+                guest.send(&batch).await;
+            }
+            let later = guest.request().await;
+            guest.reply(later.id, Reply::Done, false).await;
+        };
+        let host_side = async {
+            let mut call = client.request(Op::Sync, false).await.unwrap();
+            let (_, content) = call.answer(None).await.unwrap();
+            let before = rss();
+            let later = client.call(Op::Sync, LONG).await.unwrap();
+            assert_eq!(later, Reply::Done);
+            (call, content.unwrap(), rss().saturating_sub(before))
+        };
+        let ((_call, mut content, grown), ()) = tokio::join!(host_side, guest_side);
+        eprintln!("{} MiB held for a window of one-byte frames", grown >> 20);
+        assert!(
+            grown < 64 << 20,
+            "the host grew by {} MiB holding {} bytes of content",
+            grown >> 20,
+            WINDOW
+        );
+        // Every byte is there, in order.
+        let mut received = 0usize;
+        while received < WINDOW as usize {
+            let piece = content.next().await.unwrap().unwrap();
+            for (k, b) in piece.iter().enumerate() {
+                assert_eq!(*b, (received + k) as u8, "byte {}", received + k);
+            }
+            received += piece.len();
+        }
+        assert_eq!(received, WINDOW as usize);
+    }
+
     #[tokio::test]
     async fn a_guest_that_stops_reading_is_cut_off() {
         let stall = Duration::from_millis(300);
@@ -879,6 +1016,71 @@ mod tests {
         // Later calls fail at once.
         let err = client.call(Op::Sync, None).await.unwrap_err();
         assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+    }
+
+    /// A client on a socket pair whose send buffer holds less than the preamble, and the
+    /// guest's end, which the test never reads: a guest whose port is not open, or that
+    /// stopped reading.
+    fn connected_to_a_deaf_guest(write_stall: Duration) -> (AgentClient, UnixStream) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        setsockopt(&host, sockopt::SndBuf, &(64 << 10)).unwrap();
+        (AgentClient::over(host, write_stall), guest)
+    }
+
+    #[tokio::test]
+    async fn a_handshake_ends_by_its_deadline_when_the_guest_reads_nothing() {
+        let (client, _guest) = connected_to_a_deaf_guest(WRITE_STALL);
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(500);
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.handshake("n", deadline, || true),
+        )
+        .await
+        .expect("the handshake outlived its deadline")
+        .unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(tables_empty(&client));
+    }
+
+    #[tokio::test]
+    async fn a_preamble_the_guest_does_not_read_closes_the_connection() {
+        let (client, mut guest) = connected_to_a_deaf_guest(Duration::from_millis(300));
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            while !client.is_closed() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the connection stayed open behind its preamble"
+        );
+        // Shut down both ways: the guest reads what was queued, then the end.
+        let mut buf = vec![0u8; 1 << 16];
+        while guest.read(&mut buf).await.unwrap() > 0 {}
+        let err = client.call(Op::Sync, None).await.unwrap_err();
+        assert_eq!(err.code, hearth_api::ErrorCode::Unavailable, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_guest_still_booting_does_not_hold_the_first_requests() {
+        // The guest's port is not open yet: nothing is read from the socket.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (stream, accepted) = tokio::join!(UnixStream::connect(&path), listener.accept());
+        let (client, _guest) = (AgentClient::new(stream.unwrap()), accepted.unwrap());
+        let sent = tokio::time::timeout(Duration::from_secs(5), client.request(Op::Sync, false))
+            .await
+            .expect("a request waited behind the preamble for a guest that has not read yet");
+        drop(sent.unwrap());
+        assert!(!client.is_closed());
     }
 
     #[tokio::test]

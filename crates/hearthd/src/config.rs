@@ -45,6 +45,11 @@ pub struct Config {
     /// network in the clear): for networks that are encrypted already.
     #[arg(long, env = "HEARTH_INSECURE_TCP")]
     pub insecure_tcp: bool,
+    /// TCP connections served at once (an attached terminal holds one as long as it lasts);
+    /// further ones wait in the kernel's backlog.
+    #[arg(long, env = "HEARTH_MAX_TCP_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tcp_connections: u32,
     /// Where `file://` artifact URLs may point (repeatable; `:`-separated in the environment).
     /// Default: <root>/images.
     #[arg(

@@ -5,17 +5,22 @@
 
 use crate::config::Config;
 use anyhow::{bail, ensure, Context, Result};
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
+use axum::extract::{ConnectInfo, Request};
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
@@ -27,11 +32,22 @@ use tokio_rustls::TlsAcceptor;
 const MAX_HANDSHAKES: usize = 256;
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's headers, counted from the end of the previous
+/// answer on a kept-alive connection (so also how long a connection may sit idle).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The bound TCP listener and the token its requests must carry.
 pub struct TcpApi {
     listener: Listener,
     token: String,
+    limits: ConnLimits,
+}
+
+/// What the clients of the TCP listener may hold.
+#[derive(Clone, Copy, Debug)]
+struct ConnLimits {
+    header_timeout: Duration,
+    max_connections: u32,
 }
 
 enum Listener {
@@ -65,7 +81,15 @@ impl TcpApi {
             Some(acceptor) => Listener::Tls(TlsListener::new(tcp, acceptor)?),
             None => Listener::Plain(tcp),
         };
-        Ok(TcpApi { listener, token })
+        let limits = ConnLimits {
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: cfg.max_tcp_connections,
+        };
+        Ok(TcpApi {
+            listener,
+            token,
+            limits,
+        })
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -79,21 +103,18 @@ impl TcpApi {
     pub fn spawn(
         self,
         app: Router,
-        stop: impl std::future::Future<Output = ()> + Send + 'static,
+        stop: impl Future<Output = ()> + Send + 'static,
         servers: &mut tokio::task::JoinSet<std::io::Result<()>>,
     ) -> std::io::Result<()> {
         let addr = self.local_addr()?;
-        let service = app
-            .layer(axum::middleware::from_fn_with_state(
-                Arc::new(self.token),
-                crate::api::require_bearer,
-            ))
-            .into_make_service_with_connect_info::<RemoteAddr>();
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            Arc::new(self.token),
+            crate::api::require_bearer,
+        ));
         match self.listener {
             Listener::Tls(l) => {
                 tracing::info!(%addr, "hearthd listening on TCP with TLS (bearer token required)");
-                let server = axum::serve(l, service).with_graceful_shutdown(stop);
-                servers.spawn(std::future::IntoFuture::into_future(server));
+                servers.spawn(serve(l, app, self.limits, stop));
             }
             Listener::Plain(l) => {
                 if addr.ip().is_loopback() {
@@ -101,11 +122,119 @@ impl TcpApi {
                 } else {
                     tracing::warn!(%addr, "hearthd listening on TCP without TLS (--insecure-tcp): the bearer token crosses the network in the clear");
                 }
-                let server = axum::serve(l, service).with_graceful_shutdown(stop);
-                servers.spawn(std::future::IntoFuture::into_future(server));
+                servers.spawn(serve(l, app, self.limits, stop));
             }
         }
         Ok(())
+    }
+}
+
+/// Serves `app` on the connections `listener` hands out until `stop`, then lets them finish.
+/// HTTP/1.1 through hyper, whose timer closes a connection whose client takes longer than the
+/// header timeout to send a request's headers (or to start its next request); at most
+/// `max_connections` at once, an attached terminal's included, further ones waiting in the
+/// kernel's backlog. (`axum::serve` has neither: a client that sends nothing would hold its
+/// connection for ever.)
+async fn serve<L>(
+    mut listener: L,
+    app: Router,
+    limits: ConnLimits,
+    stop: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let places = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let (stopping, stopped) = watch::channel(false);
+    tokio::pin!(stop);
+    loop {
+        let place = tokio::select! {
+            _ = &mut stop => break,
+            place = places.clone().acquire_owned() => place.expect("never closed"),
+        };
+        let (io, remote) = tokio::select! {
+            _ = &mut stop => break,
+            conn = listener.accept() => conn,
+        };
+        let service = tower::ServiceExt::map_request(app.clone(), move |mut req: Request<_>| {
+            req.extensions_mut().insert(ConnectInfo(RemoteAddr(remote)));
+            req
+        });
+        let conn = http
+            .serve_connection(
+                TokioIo::new(Held { io, _place: place }),
+                TowerToHyperService::new(service),
+            )
+            .with_upgrades();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                _ = async { stopped.wait_for(|stop| *stop).await.map(drop) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%remote, "TCP connection: {e}");
+            }
+        });
+    }
+    let _ = stopping.send(true);
+    // A connection holds its place until it ends.
+    let _ = places.acquire_many(limits.max_connections).await;
+    Ok(())
+}
+
+/// A connection with its place among those served at once: the place is given back when the
+/// connection closes, also after an upgrade (an attached terminal's WebSocket keeps it).
+struct Held<I> {
+    io: I,
+    _place: OwnedSemaphorePermit,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Held<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Held<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -229,21 +358,103 @@ impl axum::serve::Listener for TlsListener {
 #[derive(Clone, Copy, Debug)]
 pub struct RemoteAddr(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, TcpListener>> for RemoteAddr {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> RemoteAddr {
-        RemoteAddr(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for RemoteAddr {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> RemoteAddr {
-        RemoteAddr(*stream.remote_addr())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads until the connection closes, within `limit`; what came before the end.
+    async fn until_closed(conn: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+        let mut all = Vec::new();
+        tokio::time::timeout(limit, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .ok()
+        .map(|()| all)
+    }
+
+    /// Sends a whole GET and reads until its answer's body, `ok`, has come.
+    async fn get(conn: &mut TcpStream) -> String {
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: hearth\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn slow_and_idle_clients_are_cut_off_and_connections_are_capped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnLimits {
+            header_timeout: Duration::from_millis(500),
+            max_connections: 1,
+        };
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, limits, async {
+            let _ = stopped.await;
+        }));
+
+        // Half a request's headers, then nothing: the only place is taken.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: hearth\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        // A second client waits in the backlog until the first is cut off.
+        let second = tokio::spawn(async move {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            let answer = get(&mut conn).await;
+            (conn, answer, started.elapsed())
+        });
+        let said = until_closed(&mut slow, Duration::from_secs(10))
+            .await
+            .expect("a client that never finished its headers kept its connection");
+        assert!(
+            said.is_empty() || said.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&said)
+        );
+        let (mut idle, answer, waited) = second.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            waited >= Duration::from_millis(400),
+            "the second connection was served beside the first after {waited:?}"
+        );
+        // Kept alive and then idle: closed too.
+        assert!(
+            until_closed(&mut idle, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "an idle connection stayed open"
+        );
+
+        // The place is free again, and a stop ends the server.
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        assert!(get(&mut conn).await.starts_with("HTTP/1.1 200"));
+        drop(conn);
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server did not stop")
+            .unwrap()
+            .unwrap();
+    }
 
     #[test]
     fn a_token_file_others_may_read_is_refused() {

@@ -1,7 +1,8 @@
 //! Limits with clear answers, through a real daemon (none of these boots a machine): sizes past
 //! what the host allows are 400, a full host 409, too many boots at once 429, a JSON body past
-//! its limit 413; a durable restore's claimed sizes are checked before anything is downloaded,
-//! and a server that sends without end does not grow the daemon's memory.
+//! its limit 413; a durable restore's claimed sizes, and its manifest's, are checked before
+//! anything is downloaded, and a server that sends without end does not grow the daemon's
+//! memory.
 
 mod common;
 
@@ -112,7 +113,11 @@ fn durable(id: &str, artifacts: Vec<SnapshotArtifact>) -> RestoreRequest {
 
 /// A manifest as a snapshot of a 256 MiB machine with a 1 GiB disk would have.
 fn manifest() -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
+    serde_json::to_vec(&manifest_json()).unwrap()
+}
+
+fn manifest_json() -> serde_json::Value {
+    serde_json::json!({
         "format_version": 1,
         "snapshot_id": "s",
         "machine_id": "src",
@@ -128,8 +133,26 @@ fn manifest() -> Vec<u8> {
         "disks": [{"name": "system.img", "role": "system"}],
         "guest_kernel": null,
         "host": {"cpu_model": "x", "cpu_flags": []},
-    }))
-    .unwrap()
+    })
+}
+
+/// A manifest of a memory snapshot this host could restore from the test image: its kernel,
+/// initrd and QEMU.
+fn restorable_manifest() -> serde_json::Value {
+    let sha = |name| {
+        hex::encode(Sha256::digest(
+            std::fs::read(image_dir().join(name)).unwrap(),
+        ))
+    };
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let mut m = manifest_json();
+    m["vmm"]["version"] = String::from_utf8_lossy(&qemu.stdout).lines().next().into();
+    m["images"]["kernel_sha256"] = sha("vmlinux").into();
+    m["images"]["initrd_sha256"] = sha("initrd.img").into();
+    m
 }
 
 fn artifact_ref() -> serde_json::Value {
@@ -280,6 +303,113 @@ async fn a_durable_restore_checks_claimed_sizes_before_downloading() {
         .unwrap();
     eprintln!("daemon peak memory: {} MiB", peak >> 10);
     assert!(peak < 100 << 10, "the daemon's peak memory was {peak} kB");
+    d.assert_nothing_left("r").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_durable_restore_holds_its_manifest_to_the_host_limits() {
+    let d = Daemon::start_with(&[
+        "--max-storage-bytes",
+        "2147483648",
+        "--max-memory-mib",
+        "512",
+    ])
+    .await;
+    let c = &d.client;
+    let (flood_url, gets) = flood(256 << 20).await;
+    let zeros = "0".repeat(64);
+    let from_flood = |kind, name: &str, size| artifact(kind, name, size, &flood_url, &zeros);
+    let dir = tempfile::tempdir().unwrap();
+    let files = FileServer::start(dir.path().to_path_buf()).await;
+    // A manifest served under `name`, as its artifact.
+    let serve = |name: &str, m: &serde_json::Value| {
+        let text = serde_json::to_vec(m).unwrap();
+        std::fs::write(dir.path().join(name), &text).unwrap();
+        artifact(
+            ArtifactKind::Manifest,
+            "manifest.json",
+            text.len() as u64,
+            &format!("{}/{name}", files.endpoint),
+            &hex::encode(Sha256::digest(&text)),
+        )
+    };
+
+    // Snapshots this host could restore but for their size: a disk snapshot of a 10 TiB disk
+    // and a memory snapshot of 1 TiB of RAM (their artifacts claiming as much), each restored
+    // as it is and with sizes in the limits: refused before any download, whatever the
+    // request says.
+    let huge_disk = 10u64 << 40;
+    let mut m = restorable_manifest();
+    m["kind"] = "disk".into();
+    m["storage_bytes"] = huge_disk.into();
+    let disk_10t = vec![
+        serve("disk-10t.json", &m),
+        from_flood(ArtifactKind::Disk, "system.img", huge_disk),
+    ];
+    let mut m = restorable_manifest();
+    m["memory_mib"] = (1u32 << 20).into();
+    let ram_1t = vec![
+        serve("ram-1t.json", &m),
+        from_flood(ArtifactKind::Disk, "system.img", 1 << 30),
+        from_flood(ArtifactKind::Vmstate, "vmstate", 1000),
+        from_flood(ArtifactKind::Memory, "memory", 1 << 40),
+    ];
+    for (artifacts, memory, storage, says) in [
+        (&disk_10t, None, None, "--max-storage-bytes"),
+        (&disk_10t, None, Some(1 << 30), "disks never shrink"),
+        (&ram_1t, None, None, "--max-memory-mib"),
+        (
+            &ram_1t,
+            Some(256),
+            None,
+            "differs from the memory snapshot's",
+        ),
+    ] {
+        let mut req = durable("r", artifacts.clone());
+        (req.memory_mib, req.storage_bytes) = (memory, storage);
+        let (code, msg) = refused(c.restore("s", &req).await.unwrap_err());
+        assert_eq!(code, ErrorCode::Invalid, "{msg}");
+        assert!(msg.contains(says), "{msg}");
+        assert_eq!(gets.load(Ordering::SeqCst), 0, "something was downloaded");
+        d.assert_nothing_left("r").await;
+    }
+
+    // A disk snapshot restorable here whose disk is corrupt: the memory artifact listed with
+    // it is never fetched (a disk snapshot boots from its disk alone).
+    let disk_bytes = 64u64 << 20;
+    std::fs::File::create(dir.path().join("system.img"))
+        .unwrap()
+        .set_len(disk_bytes)
+        .unwrap();
+    let mut m = restorable_manifest();
+    m["kind"] = "disk".into();
+    m["storage_bytes"] = disk_bytes.into();
+    let artifacts = vec![
+        serve("disk-snapshot.json", &m),
+        artifact(
+            ArtifactKind::Disk,
+            "system.img",
+            disk_bytes,
+            &format!("{}/system.img", files.endpoint),
+            &zeros,
+        ),
+        // A digest of its own: a fetch of the same blob would wait for the disk's.
+        artifact(
+            ArtifactKind::Memory,
+            "memory",
+            256 << 20,
+            &flood_url,
+            &"1".repeat(64),
+        ),
+    ];
+    let (code, msg) = refused(c.restore("s", &durable("r", artifacts)).await.unwrap_err());
+    assert_eq!(code, ErrorCode::Integrity, "{msg}");
+    assert!(msg.contains("system.img"), "{msg}");
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        0,
+        "the memory artifact was fetched"
+    );
     d.assert_nothing_left("r").await;
 }
 

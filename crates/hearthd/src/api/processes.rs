@@ -3,7 +3,7 @@
 
 use super::{query, ApiJson};
 use crate::error::{Error, Result};
-use crate::service::Service;
+use crate::service::{Service, MAX_STDIN};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -19,6 +19,7 @@ use hearth_api::{
 };
 use serde::Deserialize;
 use std::sync::Arc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 type Svc = State<Arc<Service>>;
 
@@ -101,14 +102,22 @@ pub async fn stdin(
     body: Body,
 ) -> Result<StatusCode> {
     let Query(q) = query(q)?;
-    let limit = crate::service::MAX_STDIN;
-    let data = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        Error::too_large(format!(
-            "a stdin write may carry at most {limit} bytes (or the body could not be read)"
-        ))
-    })?;
+    let data = read_stdin(body).await?;
     svc.process_stdin(&id, &process, &data, q.close).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A stdin body, whole: 413 past [`MAX_STDIN`], 400 when it could not be read (the client went
+/// away in the middle of it).
+async fn read_stdin(body: Body) -> Result<Bytes> {
+    axum::body::to_bytes(body, MAX_STDIN).await.map_err(|e| {
+        let e = e.into_inner();
+        if e.is::<http_body_util::LengthLimitError>() {
+            Error::too_large(format!("a stdin write may carry at most {MAX_STDIN} bytes"))
+        } else {
+            Error::invalid(format!("reading the stdin body: {e}"))
+        }
+    })
 }
 
 pub async fn signal(
@@ -149,9 +158,46 @@ pub async fn attach(
     let info = svc.get_process(&id, &process).await?;
     // The pid, not the tag: a tag may pass to a newer process while this one is attached.
     let pid = info.pid.to_string();
-    Ok(ws
+    Ok(limited(ws)
         .on_upgrade(move |socket| session(svc, id, pid, q.offset, socket))
         .into_response())
+}
+
+/// A client's message, and each frame of it, is at most what one stdin write carries (axum's
+/// default, 64 MiB, is what it would make the daemon hold).
+fn limited(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    ws.max_message_size(MAX_STDIN).max_frame_size(MAX_STDIN)
+}
+
+/// Stdin from an attached client on its way to the process, in order. At most `bytes` (and
+/// [`STDIN_QUEUE`] messages) wait: a client that sends faster than the process reads is held
+/// back, not buffered. Each message's share is given back once it was written.
+struct StdinQueue {
+    tx: mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
+    room: Arc<Semaphore>,
+    bytes: usize,
+}
+
+/// Messages an attach session queues for the process, whatever their size.
+const STDIN_QUEUE: usize = 64;
+
+fn stdin_queue(bytes: usize) -> (StdinQueue, mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>) {
+    let (tx, rx) = mpsc::channel(STDIN_QUEUE);
+    let room = Arc::new(Semaphore::new(bytes));
+    (StdinQueue { tx, room, bytes }, rx)
+}
+
+impl StdinQueue {
+    /// Queues `data` once there is room for it; false when nobody writes any more.
+    async fn push(&self, data: Bytes) -> bool {
+        // A message is never larger than the queue (`limited`); were it, it waits for an empty
+        // queue rather than for ever.
+        let share = u32::try_from(data.len().min(self.bytes)).unwrap_or(u32::MAX);
+        let Ok(permit) = self.room.clone().acquire_many_owned(share).await else {
+            return false;
+        };
+        self.tx.send((data, permit)).await.is_ok()
+    }
 }
 
 /// Output goes to the client while its input goes to the process, until the process exits
@@ -200,10 +246,10 @@ async fn session(svc: Arc<Service>, id: String, pid: String, offset: u64, socket
     };
     // Stdin is written in order by one task; controls (a resize, a signal) do not wait behind a
     // write that a process is slow to read.
-    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<(Bytes, bool)>(64);
+    let (stdin_tx, mut stdin_rx) = stdin_queue(MAX_STDIN);
     let stdin = async {
-        while let Some((data, close)) = stdin_rx.recv().await {
-            if let Err(e) = svc.process_stdin(&id, &pid, &data, close).await {
+        while let Some((data, _share)) = stdin_rx.recv().await {
+            if let Err(e) = svc.process_stdin(&id, &pid, &data, false).await {
                 tracing::debug!(machine = %id, pid, "attach stdin: {}", e.message);
             }
         }
@@ -213,7 +259,7 @@ async fn session(svc: Arc<Service>, id: String, pid: String, offset: u64, socket
         while let Some(Ok(msg)) = rx.next().await {
             let done = match msg {
                 Message::Binary(data) => {
-                    if stdin_tx.send((data, false)).await.is_err() {
+                    if !stdin_tx.push(data).await {
                         break;
                     }
                     Ok(())
@@ -242,5 +288,90 @@ async fn session(svc: Arc<Service>, id: String, pid: String, offset: u64, socket
         _ = output => {}
         _ = input => {}
         _ = stdin => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hearth_api::ErrorCode;
+    use tokio_tungstenite::tungstenite::Message as ClientMessage;
+
+    #[tokio::test]
+    async fn a_stdin_body_past_the_limit_is_413_and_one_cut_short_400() {
+        let whole = read_stdin(Body::from(vec![7u8; MAX_STDIN])).await.unwrap();
+        assert_eq!(whole.len(), MAX_STDIN);
+        let err = read_stdin(Body::from(vec![7u8; MAX_STDIN + 1]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge, "{err}");
+        // A client that hangs up in the middle of its body.
+        let cut = futures_util::stream::iter([
+            Ok(Bytes::from_static(b"abc")),
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        ]);
+        let err = read_stdin(Body::from_stream(cut)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Invalid, "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_attach_message_past_the_stdin_limit_ends_the_session() {
+        // The attach route's limits on a session that answers each message with its length.
+        let app = axum::Router::new().route(
+            "/ws",
+            axum::routing::get(|ws: WebSocketUpgrade| async {
+                limited(ws).on_upgrade(|mut socket| async move {
+                    while let Some(Ok(Message::Binary(data))) = socket.recv().await {
+                        let len = Message::Text(data.len().to_string().into());
+                        if socket.send(len).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp)
+            .await
+            .unwrap();
+        ws.send(ClientMessage::binary(vec![1u8; MAX_STDIN]))
+            .await
+            .unwrap();
+        let answer = ws.next().await.unwrap().unwrap();
+        assert_eq!(answer, ClientMessage::text(MAX_STDIN.to_string()));
+        // One byte more: refused from its header, never read whole; the session ends.
+        let _ = ws
+            .send(ClientMessage::binary(vec![1u8; MAX_STDIN + 1]))
+            .await;
+        match ws.next().await {
+            Some(Ok(ClientMessage::Text(len))) => panic!("a message of {len} bytes was taken"),
+            end => assert!(
+                matches!(end, None | Some(Err(_)) | Some(Ok(ClientMessage::Close(_)))),
+                "{end:?}"
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn attached_stdin_waits_for_room_counted_in_bytes() {
+        let (queue, mut rx) = stdin_queue(100);
+        assert!(queue.push(Bytes::from(vec![0u8; 60])).await);
+        // 60 more bytes do not fit beside the first 60: the client is held back…
+        let second = queue.push(Bytes::from(vec![1u8; 60]));
+        tokio::pin!(second);
+        assert!(futures_util::poll!(second.as_mut()).is_pending());
+        // …until the first was written.
+        let (first, share) = rx.recv().await.unwrap();
+        assert_eq!(first.len(), 60);
+        assert!(futures_util::poll!(second.as_mut()).is_pending());
+        drop(share);
+        assert!(second.await);
+        assert_eq!(rx.recv().await.unwrap().0.len(), 60);
+        // Once nobody writes, a push says so instead of waiting.
+        drop(rx);
+        assert!(!queue.push(Bytes::from_static(b"x")).await);
     }
 }

@@ -389,7 +389,15 @@ impl Service {
     }
 
     pub(super) async fn power_off(&self, id: &str, vmm: &dyn Vmm, proc: &VmProcess) {
-        match self.agent(id).await {
+        // Bounded: a guest that does not answer gets the stop timeout, then the kill.
+        let agent = tokio::time::timeout(AGENT_CALL, self.agent(id))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::unavailable(format!(
+                    "the guest agent did not answer within {AGENT_CALL:?}"
+                )))
+            });
+        match agent {
             Ok(agent) => {
                 if let Err(e) = agent.call(Op::PowerOff, Some(AGENT_CALL)).await {
                     tracing::warn!(machine = %id, "agent power-off: {}", e.message);

@@ -72,6 +72,7 @@ impl Service {
         }
         let ports = req.ports.clone().unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
+        guest_hostname(&req.machine_id, req.guest_config.as_ref())?;
         if let Some(durable) = &req.snapshot {
             check_claimed_sizes(durable)?;
         }
@@ -173,11 +174,13 @@ impl Service {
             .ok_or_else(|| Error::invalid("the snapshot's manifest artifact is required"))?;
         let text = std::fs::read(fetch(manifest).await?)?;
         let m = compat::parse_manifest(&d.snapshot_id, &text)?;
-        self.check_size(
-            req.memory_mib.unwrap_or(m.memory_mib),
-            m.vcpus,
-            req.storage_bytes.unwrap_or(m.storage_bytes),
-        )?;
+        // The manifest is the guest's word as much as the request's: the machine it describes
+        // (whose disk and memory are what gets downloaded) is held to this host's limits, and
+        // the restore to the manifest, before anything large is fetched.
+        let (memory_mib, storage_bytes) =
+            restored_sizes(m.kind, m.memory_mib, m.storage_bytes, req)?;
+        self.check_size(memory_mib, m.vcpus, storage_bytes)?;
+        self.inherited_network(&m.network, req.network.as_ref())?;
         for a in &d.artifacts {
             check_against_manifest(a, &m)?;
         }
@@ -220,8 +223,14 @@ impl Service {
         };
         // Before the large downloads: a snapshot that cannot run here is not fetched.
         self.check_restorable(&m, req.vmm, m.memory_mib, &kernel.sha256, initrd.as_deref())?;
+        // Only what the restore uses: a disk snapshot cold-boots from its disk alone, and a
+        // memory snapshot whose RAM travels in its device state has no memory file.
+        let needed = |kind| match kind {
+            ArtifactKind::Vmstate => m.kind == SnapshotKind::Memory,
+            _ => m.kind == SnapshotKind::Memory && !m.memory_in_vmstate,
+        };
         let optional = |kind| async move {
-            match find(kind) {
+            match find(kind).filter(|_| needed(kind)) {
                 Some(a) => fetch(a).await.map(Some),
                 None => Ok(None),
             }
@@ -426,35 +435,46 @@ fn check_against_manifest(a: &hearth_api::SnapshotArtifact, m: &SnapshotManifest
     }
 }
 
-/// The new machine's spec: the source's, with the request's identity and sizes.
-fn restored_spec(src: &Source, req: &RestoreRequest) -> Result<MachineSpec> {
-    let from = &src.spec;
-    let memory_mib = match (src.kind, req.memory_mib) {
-        (SnapshotKind::Memory, Some(m)) if m != from.memory_mib => {
+/// The memory and disk of a machine restored by `req` from a snapshot of `kind` taken of a
+/// machine with `memory_mib` and `storage_bytes`.
+fn restored_sizes(
+    kind: SnapshotKind,
+    memory_mib: u32,
+    storage_bytes: u64,
+    req: &RestoreRequest,
+) -> Result<(u32, u64)> {
+    let memory = match (kind, req.memory_mib) {
+        (SnapshotKind::Memory, Some(m)) if m != memory_mib => {
             return Err(Error::invalid(format!(
-                "memory_mib {m} differs from the memory snapshot's {}",
-                from.memory_mib
+                "memory_mib {m} differs from the memory snapshot's {memory_mib}"
             )))
         }
-        (_, m) => m.unwrap_or(from.memory_mib),
+        (_, m) => m.unwrap_or(memory_mib),
     };
-    let storage_bytes = req.storage_bytes.unwrap_or(from.storage_bytes);
-    if storage_bytes < from.storage_bytes {
+    let storage = req.storage_bytes.unwrap_or(storage_bytes);
+    if storage < storage_bytes {
         return Err(Error::invalid(format!(
-            "storage_bytes {storage_bytes} is smaller than the snapshot's disk ({}); disks never shrink",
-            from.storage_bytes
+            "storage_bytes {storage} is smaller than the snapshot's disk ({storage_bytes}); disks \
+             never shrink"
         )));
     }
     // Growing the filesystem under a running kernel that mounted it at the old size would
     // corrupt it: only a cold boot (a disk snapshot) may grow the disk.
-    if src.kind == SnapshotKind::Memory && storage_bytes > from.storage_bytes {
+    if kind == SnapshotKind::Memory && storage > storage_bytes {
         return Err(Error::invalid(format!(
-            "storage_bytes {storage_bytes} is larger than the memory snapshot's disk ({}): the \
-             restored kernel has that filesystem mounted and would not see it grow; restore at \
-             the snapshot's size, or from a disk snapshot",
-            from.storage_bytes
+            "storage_bytes {storage} is larger than the memory snapshot's disk ({storage_bytes}): \
+             the restored kernel has that filesystem mounted and would not see it grow; restore \
+             at the snapshot's size, or from a disk snapshot"
         )));
     }
+    Ok((memory, storage))
+}
+
+/// The new machine's spec: the source's, with the request's identity and sizes.
+fn restored_spec(src: &Source, req: &RestoreRequest) -> Result<MachineSpec> {
+    let from = &src.spec;
+    let (memory_mib, storage_bytes) =
+        restored_sizes(src.kind, from.memory_mib, from.storage_bytes, req)?;
     Ok(MachineSpec {
         artifact: req.artifact.clone(),
         memory_mib,
