@@ -187,6 +187,11 @@ struct Inbound {
 impl Port {
     /// Opens the agent's channel, waiting for its device to appear (its driver may still be
     /// probing): the virtio-serial port when the machine has one, else vsock.
+    /// The channel is a vsock (Firecracker's only one) rather than a virtio-serial port.
+    pub fn is_vsock(&self) -> bool {
+        matches!(self.source, Source::Listener(_))
+    }
+
     pub fn open_when_present() -> Arc<Port> {
         loop {
             if let Some(path) = find_port() {

@@ -69,7 +69,7 @@ fn serve(req: Request, port: &Arc<Port>, pid1: bool) {
         Err(failure) => port.reply(id, failure.into_reply()),
     }
     if power_off {
-        system::power_off(pid1);
+        system::power_off(pid1, port.is_vsock());
     }
 }
 

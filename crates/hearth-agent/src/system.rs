@@ -187,10 +187,17 @@ pub fn prepare_power_off() {
     nix::unistd::sync();
 }
 
-pub fn power_off(pid1: bool) {
+/// Ends the machine. On a vsock channel the VMM is Firecracker, which on x86 has no power-off
+/// device: a halted guest would leave it running, but a reset (through the keyboard
+/// controller, `reboot=k`) ends it. QEMU powers off through ACPI.
+pub fn power_off(pid1: bool, vsock: bool) {
     if pid1 {
         // Give the reply a moment to leave the port before the machine goes away.
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let _ = reboot(RebootMode::RB_POWER_OFF);
+        let _ = reboot(if vsock {
+            RebootMode::RB_AUTOBOOT
+        } else {
+            RebootMode::RB_POWER_OFF
+        });
     }
 }

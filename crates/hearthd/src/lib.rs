@@ -59,19 +59,25 @@ pub fn make_vmms(cfg: &Config) -> Result<vmm::Vmms> {
     })];
     let firecracker = match (&cfg.firecracker, cfg.vmm) {
         (Some(binary), _) => Some(binary.clone()),
-        (None, hearth_api::VmmKind::Firecracker) => Some(PathBuf::from("firecracker")),
+        (None, hearth_api::VmmKind::Firecracker) => Some(on_path("firecracker")?),
         (None, hearth_api::VmmKind::Qemu) => None,
     };
     if let Some(binary) = firecracker {
         let version = vmm::firecracker::version_of(&binary);
         anyhow::ensure!(
-            version.starts_with("Firecracker v"),
-            "{} does not run as Firecracker (`--version` says {version:?})",
+            vmm::firecracker::supported(&version),
+            "{} is not Firecracker 1.13 or later (`--version` says {version:?})",
             binary.display()
+        );
+        anyhow::ensure!(
+            cfg.jailer.is_none() || user.is_some(),
+            "the jailer runs Firecracker as the VMM user, which may not be root (--vmm-user)"
         );
         tracing::info!(%version, jailed = cfg.jailer.is_some(), "Firecracker backend");
         backends.push(Arc::new(vmm::firecracker::Firecracker {
-            binary,
+            // The jailer copies it into each chroot by this path: absolute, not looked up.
+            binary: std::fs::canonicalize(&binary)
+                .with_context(|| format!("finding {}", binary.display()))?,
             version,
             jail: cfg.jailer.clone().map(|jailer| vmm::firecracker::Jail {
                 jailer,
@@ -82,6 +88,16 @@ pub fn make_vmms(cfg: &Config) -> Result<vmm::Vmms> {
         }));
     }
     Ok(vmm::Vmms::new(cfg.vmm, backends))
+}
+
+/// `name` as found on `PATH`.
+fn on_path(name: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .with_context(|| format!("no {name} on PATH (give its path with --{name})"))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Machines keep running after it exits.

@@ -8,7 +8,7 @@ use crate::blobs::Leases;
 use crate::cgroup::{Cgroup, Limits};
 use crate::error::{Error, Result};
 use crate::store::{MachineRecord, MachineSpec, OpKind};
-use crate::vmm::{console, MachinePaths, NetAttach, VmProcess, VmSpec, Vmm};
+use crate::vmm::{console, MachinePaths, NetAttach, VmProcess, VmSpec, Vmm, VmmError};
 use crate::{failpoint, storage};
 use base64::Engine;
 use chrono::Utc;
@@ -309,7 +309,17 @@ impl Service {
     ) -> Result<Arc<AgentClient>> {
         let deadline = Instant::now() + self.cfg.boot_timeout();
         let vmm = self.vmm(rec.spec.vmm)?;
-        let agent = AgentClient::new(vmm.connect_agent(paths, deadline).await?);
+        let agent = match vmm.connect_agent(paths, &proc, deadline).await {
+            Ok(stream) => AgentClient::new(stream),
+            Err(VmmError::Gone) => {
+                console::drained(paths, console::Log::Console).await;
+                return Err(Error::invalid(format!(
+                    "the machine shut down during boot; console:\n{}",
+                    paths.console_tail(15)
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Err(e) = agent
             .handshake(&nonce(), deadline, || vmm.is_alive(&proc))
             .await

@@ -297,10 +297,13 @@ impl Service {
             return Ok(agent.clone());
         }
         let rec = self.record(id)?;
+        let process = rec
+            .process
+            .ok_or_else(|| Error::conflict(format!("machine {id} is not running")))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = self
             .vmm(rec.spec.vmm)?
-            .connect_agent(&self.paths(id), deadline)
+            .connect_agent(&self.paths(id), &process, deadline)
             .await?;
         let agent = Arc::new(AgentClient::new(stream));
         agent.handshake(&nonce(), deadline, || true).await?;
@@ -393,6 +396,7 @@ mod tests {
         async fn connect_agent(
             &self,
             _: &MachinePaths,
+            _: &VmProcess,
             _: Instant,
         ) -> Result<tokio::net::UnixStream, VmmError> {
             none()

@@ -102,6 +102,8 @@ impl Service {
                     }
                 };
                 let mut spec = restored_spec(&source, &req)?;
+                // Before anything is made: a disk snapshot asked onto a backend not enabled.
+                svc.vmm(spec.vmm)?;
                 svc.check_size(spec.memory_mib, spec.vcpus, spec.storage_bytes)?;
                 spec.network = svc.inherited_network(&source.spec.network, req.network.as_ref())?;
                 let rec = MachineRecord::starting(&id, spec);
@@ -304,6 +306,9 @@ impl Service {
         );
         connected?;
         timings.extend(resumed?);
+        // Loaded: only the memory file is still in use (a device state may hold all the RAM
+        // of a restored machine's snapshot).
+        let _ = storage::remove_file(&state.join(VMSTATE)).await;
         Ok(timings)
     }
 
@@ -482,6 +487,12 @@ fn restored_spec(src: &Source, req: &RestoreRequest) -> Result<MachineSpec> {
         hostname: guest_hostname(&req.machine_id, req.guest_config.as_ref())?,
         machine_uuid: nonce(),
         restored_from: Some(src.id.clone()),
+        // A memory snapshot runs on the VMM that wrote it (`check_restorable` refused any
+        // other); a disk snapshot boots on whichever was asked.
+        vmm: match src.kind {
+            SnapshotKind::Disk => req.vmm.unwrap_or(from.vmm),
+            SnapshotKind::Memory => from.vmm,
+        },
         ..from.clone()
     })
 }

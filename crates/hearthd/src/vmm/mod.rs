@@ -158,7 +158,13 @@ pub trait Vmm: Send + Sync {
 
     /// A new connection to the guest agent's channel, tried until `deadline` where the VMM
     /// answers only once the guest listens (a hybrid vsock).
-    async fn connect_agent(&self, paths: &MachinePaths, deadline: Instant) -> Result<UnixStream>;
+    /// Gives up early when `process` is gone.
+    async fn connect_agent(
+        &self,
+        paths: &MachinePaths,
+        process: &VmProcess,
+        deadline: Instant,
+    ) -> Result<UnixStream>;
 }
 
 /// The backends this daemon drives, one per kind, and the one new machines get by default.

@@ -667,7 +667,12 @@ impl Vmm for Qemu {
     }
 
     /// QEMU listens for the host before the guest is up: the connection is at once.
-    async fn connect_agent(&self, paths: &MachinePaths, _: Instant) -> Result<UnixStream> {
+    async fn connect_agent(
+        &self,
+        paths: &MachinePaths,
+        _: &VmProcess,
+        _: Instant,
+    ) -> Result<UnixStream> {
         let socket = paths.agent_socket();
         UnixStream::connect(&socket)
             .await

@@ -185,6 +185,19 @@ pub fn version_of(binary: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Whether `version` (`Firecracker vX.Y.Z`) is one this backend drives: 1.13 or later, for
+/// its ACPI device descriptions and `snapshot/load`'s memory backend.
+pub fn supported(version: &str) -> bool {
+    let Some(number) = version.strip_prefix("Firecracker v") else {
+        return false;
+    };
+    let mut parts = number.split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (1, 13),
+        _ => false,
+    }
+}
+
 /// What a new Firecracker process starts with.
 enum Start<'a> {
     /// Boots from the configuration file.
@@ -313,9 +326,9 @@ impl Firecracker {
     /// pid file was written), then removes what it leaves.
     pub async fn kill_unrecorded(&self, paths: &MachinePaths) {
         process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
-        if let (Some(_), Ok(id)) = (&self.jail, vm_id(paths)) {
+        if let (Some(_), Ok(id), Ok(root)) = (&self.jail, vm_id(paths), self.workdir(paths)) {
             let (uid, exec) = (self.vmm_uid(), self.exec_name());
-            for pid in pids().filter(|&pid| is_jailed_vmm(pid, &id, uid, exec)) {
+            for pid in pids().filter(|&pid| is_jailed_vmm(pid, &id, uid, exec, &root)) {
                 if let Some(p) = process::record(pid) {
                     process::kill_and_wait(&p).await;
                 }
@@ -728,7 +741,8 @@ impl Firecracker {
         }
         let mut name = self.exec_name().to_os_string();
         name.push(".pid");
-        let pidfile = self.workdir(p)?.join(name);
+        let root = self.workdir(p)?;
+        let pidfile = root.join(name);
         let named: Option<i32> = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|t| t.trim().parse().ok());
@@ -739,7 +753,7 @@ impl Firecracker {
         let (uid, exec) = (self.vmm_uid(), self.exec_name());
         let deadline = Instant::now() + START_LIMIT;
         while let Some(proc) = named.and_then(process::record) {
-            if is_jailed_vmm(proc.pid, id, uid, exec) {
+            if is_jailed_vmm(proc.pid, id, uid, exec, &root) {
                 return Ok(proc);
             }
             if Instant::now() >= deadline {
@@ -748,7 +762,7 @@ impl Firecracker {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let found: Vec<i32> = pids()
-            .filter(|&pid| is_jailed_vmm(pid, id, uid, exec))
+            .filter(|&pid| is_jailed_vmm(pid, id, uid, exec, &root))
             .collect();
         if found.is_empty() {
             // It exited already (and was reaped): its log says why.
@@ -888,7 +902,13 @@ fn pids() -> impl Iterator<Item = i32> {
 
 /// Process `pid` is a jailed Firecracker of id `id`: `exec` run by `uid`, PID 1 of its own PID
 /// namespace, `--id <id>` on its command line (which the jailer puts there).
-fn is_jailed_vmm(pid: i32, id: &str, uid: u32, exec: &std::ffi::OsStr) -> bool {
+fn is_jailed_vmm(pid: i32, id: &str, uid: u32, exec: &std::ffi::OsStr, root: &Path) -> bool {
+    // Its root is this daemon's jail: ids are per data root, and another daemon's VMM may
+    // have the same one.
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    if std::fs::read_link(format!("/proc/{pid}/root")).ok() != Some(root) {
+        return false;
+    }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
     };
@@ -936,7 +956,21 @@ impl From<FcError> for VmmError {
                 vmm: VMM,
                 reason: log,
             },
+            // A refused configuration is the machine's; a refused pause, resume or snapshot is
+            // the host's (a full disk, a VMM in a bad state).
+            FcError::Refused { ref request, .. }
+                if request.starts_with("PUT /snapshot/create")
+                    || request.starts_with("PATCH /vm") =>
+            {
+                VmmError::Control {
+                    what: "Firecracker",
+                    reason,
+                }
+            }
             FcError::Refused { .. } => VmmError::Refused { vmm: VMM, reason },
+            FcError::BadId(_) | FcError::Jailer { .. } => {
+                VmmError::Host(crate::error::Error::internal(reason))
+            }
             FcError::Load { fault } => VmmError::StateRejected {
                 vmm: VMM,
                 reason: fault,
@@ -947,9 +981,7 @@ impl From<FcError> for VmmError {
                 detail: "its API socket never answered".into(),
             },
             FcError::Gone => VmmError::Gone,
-            FcError::BadId(_)
-            | FcError::Jailer { .. }
-            | FcError::NoProcess { .. }
+            FcError::NoProcess { .. }
             | FcError::NotItsSocket { .. }
             | FcError::NotItsFile { .. }
             | FcError::Connect { .. }
@@ -1042,21 +1074,32 @@ impl Vmm for Firecracker {
         }
     }
 
+    /// Tried until the deadline, or until the VMM is gone (a guest that died while booting:
+    /// the caller then reports its console).
     async fn connect_agent(
         &self,
         paths: &MachinePaths,
+        p: &VmProcess,
         deadline: Instant,
     ) -> Result<tokio::net::UnixStream, VmmError> {
         let socket = self.agent_socket(paths);
         loop {
             let tried = Instant::now();
-            match vsock::connect(&socket, hearth_proto::AGENT_VSOCK_PORT, CONNECT_TRY).await {
+            let limit = CONNECT_TRY.min(deadline.saturating_duration_since(tried));
+            match vsock::connect(&socket, hearth_proto::AGENT_VSOCK_PORT, limit).await {
                 Ok(stream) => return Ok(stream),
+                Err(_) if !self.is_alive(p) => return Err(VmmError::Gone),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(VmmError::control("connecting to the agent over vsock", e))
                 }
                 // Refused or closed at once (no socket yet, no listener): not a busy loop.
-                Err(_) => tokio::time::sleep(CONNECT_TRY.saturating_sub(tried.elapsed())).await,
+                Err(_) => {
+                    let pause = CONNECT_TRY.saturating_sub(tried.elapsed());
+                    tokio::time::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await
+                }
             }
         }
     }
@@ -1065,6 +1108,16 @@ impl Vmm for Firecracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_from_1_13_are_supported() {
+        assert!(supported("Firecracker v1.16.1"));
+        assert!(supported("Firecracker v1.13.0"));
+        assert!(supported("Firecracker v2.0.0"));
+        assert!(!supported("Firecracker v1.12.1"));
+        assert!(!supported("Firecracker v1"));
+        assert!(!supported("QEMU emulator version 7.2.0"));
+    }
 
     fn paths(sock_dir: &str) -> MachinePaths {
         MachinePaths {
@@ -1099,7 +1152,13 @@ mod tests {
         // SAFETY: getuid cannot fail.
         let uid = unsafe { libc::getuid() };
         assert!(pids().any(|p| p == pid));
-        assert!(!is_jailed_vmm(pid, "abc", uid, "sh".as_ref()));
+        assert!(!is_jailed_vmm(
+            pid,
+            "abc",
+            uid,
+            "sh".as_ref(),
+            Path::new("/")
+        ));
         child.kill().unwrap();
         child.wait().unwrap();
     }
