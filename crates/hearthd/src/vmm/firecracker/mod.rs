@@ -905,9 +905,13 @@ fn pids() -> impl Iterator<Item = i32> {
 fn is_jailed_vmm(pid: i32, id: &str, uid: u32, exec: &std::ffi::OsStr, root: &Path) -> bool {
     // Its root is this daemon's jail: ids are per data root, and another daemon's VMM may
     // have the same one.
-    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    if std::fs::read_link(format!("/proc/{pid}/root")).ok() != Some(root) {
-        return false;
+    // The jailer pivots into its chroot in a mount namespace of its own, where the link reads
+    // "/": the directory itself is compared.
+    let id_of = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let theirs = std::fs::metadata(format!("/proc/{pid}/root")).map(id_of);
+    match (theirs, std::fs::metadata(root).map(id_of)) {
+        (Ok(theirs), Ok(ours)) if theirs == ours => {}
+        _ => return false,
     }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
