@@ -50,7 +50,7 @@ pub fn make_vmms(cfg: &Config) -> Result<vmm::Vmms> {
     }
     tracing::info!(?accel, tsc_khz, user = %cfg.vmm_user, "QEMU backend");
     let mut backends: Vec<Arc<dyn vmm::Vmm>> = vec![Arc::new(vmm::qemu::Qemu {
-        version: vmm::qemu::version_of(&cfg.qemu),
+        version: vmm::version_of(&cfg.qemu),
         binary: cfg.qemu.clone(),
         accel,
         tsc_khz,
@@ -64,7 +64,7 @@ pub fn make_vmms(cfg: &Config) -> Result<vmm::Vmms> {
         (None, hearth_api::VmmKind::Qemu) => None,
     };
     if let Some(binary) = firecracker {
-        let version = vmm::firecracker::version_of(&binary);
+        let version = vmm::version_of(&binary);
         anyhow::ensure!(
             vmm::firecracker::supported(&version),
             "{} is not Firecracker 1.13 or later (`--version` says {version:?})",

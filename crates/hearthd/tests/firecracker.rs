@@ -400,9 +400,7 @@ async fn plain_boot_and_a_vmm_known_only_by_its_pid_file() {
     let _one = ONE_AT_A_TIME.lock().await;
     let host = Host::new(bins);
     let fc = host.plain();
-    assert!(
-        hearthd::vmm::firecracker::version_of(&host.bins.firecracker).starts_with("Firecracker v")
-    );
+    assert!(hearthd::vmm::version_of(&host.bins.firecracker).starts_with("Firecracker v"));
 
     // A kernel that is not there: said, and nothing made.
     let p = host.machine("p1");

@@ -510,6 +510,14 @@ impl Service {
         for vmm in self.vmms.all() {
             vmm.clean_up(&paths).await;
         }
+        for removed in [
+            storage::remove_tree(&paths.sock_dir).await,
+            storage::remove_tree(&paths.state_dir()).await,
+        ] {
+            if let Err(e) = removed {
+                tracing::warn!(machine = %id, "{}", e.message);
+            }
+        }
         self.remove_cgroup(id).await;
     }
 }

@@ -292,6 +292,7 @@ impl Service {
             for vmm in self.vmms.all() {
                 vmm.clean_up(&paths).await;
             }
+            let _ = storage::remove_tree(&paths.sock_dir).await;
         }
     }
 }

@@ -21,6 +21,22 @@ use tokio::net::UnixStream;
 
 type Result<T, E = VmmError> = std::result::Result<T, E>;
 
+/// A VMM binary's `--version` first line (`QEMU emulator version 7.2.…`, `Firecracker
+/// v1.16.1`), for snapshot manifests.
+pub fn version_of(binary: &Path) -> String {
+    std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Everything a backend needs to boot a machine.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -153,7 +169,8 @@ pub trait Vmm: Send + Sync {
 
     /// Kills a VMM of this machine that no record names (a daemon that stopped between its
     /// start and the record of its pid leaves only the runtime directory to find it by) and
-    /// removes what only a running VMM needs: sockets, FIFOs, its RAM file.
+    /// removes what only this backend's running VMM needs (a RAM file, a jail). The caller
+    /// removes the machine's runtime and state directories afterwards.
     async fn clean_up(&self, paths: &MachinePaths);
 
     /// A new connection to the guest agent's channel, tried until `deadline` where the VMM

@@ -72,21 +72,6 @@ pub(super) const BASE_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw panic=-1 q
 /// in it (a snapshot of a restored machine), which is bounded by the guest's size.
 const MIGRATION_LIMIT: Duration = Duration::from_secs(300);
 
-/// `qemu-system-x86_64 --version`'s first line.
-pub fn version_of(binary: &Path) -> String {
-    std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// A clear error unless `binary` has the seccomp sandbox (QEMU built with libseccomp): it
 /// refuses `-sandbox` then, before it would print its version.
 pub fn check_sandbox(binary: &Path) -> Result<()> {
@@ -655,14 +640,8 @@ impl Vmm for Qemu {
 
     async fn clean_up(&self, paths: &MachinePaths) {
         process::kill_vmm_of(&paths.sock_dir, &paths.pidfile()).await;
-        for removed in [
-            storage::remove_tree(&paths.sock_dir).await,
-            storage::remove_file(&paths.memory()).await,
-            storage::remove_tree(&paths.state_dir()).await,
-        ] {
-            if let Err(e) = removed {
-                tracing::warn!(dir = %paths.dir.display(), "{}", e.message);
-            }
+        if let Err(e) = storage::remove_file(&paths.memory()).await {
+            tracing::warn!(dir = %paths.dir.display(), "{}", e.message);
         }
     }
 

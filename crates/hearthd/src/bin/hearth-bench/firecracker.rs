@@ -97,7 +97,7 @@ pub async fn run(image: &Path, mib: u32, rounds: usize) -> Result<()> {
         None => None,
     };
     let firecracker = Firecracker {
-        version: hearthd::vmm::firecracker::version_of(&binary),
+        version: hearthd::vmm::version_of(&binary),
         binary,
         jail,
         user,

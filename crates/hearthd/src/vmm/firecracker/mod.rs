@@ -170,21 +170,6 @@ const CALL_LIMIT: Duration = Duration::from_secs(10);
 /// Writing or loading a snapshot: its memory file is as large as the guest's RAM.
 const SNAPSHOT_LIMIT: Duration = Duration::from_secs(300);
 
-/// `firecracker --version`'s first line (`Firecracker v1.16.1`).
-pub fn version_of(binary: &Path) -> String {
-    std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// Whether `version` (`Firecracker vX.Y.Z`) is one this backend drives: 1.13 or later, for
 /// its ACPI device descriptions and `snapshot/load`'s memory backend.
 pub fn supported(version: &str) -> bool {
@@ -1068,14 +1053,6 @@ impl Vmm for Firecracker {
 
     async fn clean_up(&self, paths: &MachinePaths) {
         self.kill_unrecorded(paths).await;
-        for removed in [
-            crate::storage::remove_tree(&paths.sock_dir).await,
-            crate::storage::remove_tree(&paths.state_dir()).await,
-        ] {
-            if let Err(e) = removed {
-                tracing::warn!(dir = %paths.dir.display(), "{}", e.message);
-            }
-        }
     }
 
     /// Tried until the deadline, or until the VMM is gone (a guest that died while booting:
