@@ -181,17 +181,25 @@ async fn restore_continues_and_forks_are_independent() {
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Conflict), "{err}");
 
-    // A fork of a fork: the clone's RAM is a private mapping, so its snapshot carries RAM in
-    // the device state; it still restores and continues.
+    // A tree: the clone's snapshot, its restore, that one's snapshot and restore. A restored
+    // machine maps its snapshot's memory private; its own snapshot is a full memory file again
+    // (the base's clone plus the pages it wrote) with a small device state, and no longer
+    // needs the snapshot it came from.
+    let r = sh(
+        c,
+        "clone",
+        "dd if=/dev/urandom of=/tmp/big bs=1M count=24 2>/dev/null && sha256sum < /tmp/big",
+    )
+    .await;
+    let written = r.stdout;
+    assert_eq!(written.len(), 64 + 4, "{written:?} {}", r.stderr);
     let mark = read_counter(c, "clone").await;
-    let resp = c
+    let s2 = c
         .create_snapshot("clone", "s2", SnapshotKind::Memory)
         .await
         .unwrap();
-    assert!(resp
-        .artifacts
-        .iter()
-        .all(|a| a.kind != ArtifactKind::Memory));
+    assert_layered_snapshot(&s2.snapshot);
+    c.delete_snapshot("s1").await.unwrap();
     c.restore("s2", &restore_req("s2", "grandchild"))
         .await
         .unwrap();
@@ -202,20 +210,85 @@ async fn restore_continues_and_forks_are_independent() {
         "grandchild stalled"
     );
     assert_eq!(
-        sh(c, "grandchild", "cat /root/only-clone").await.stdout,
-        "c\n"
+        sh(c, "grandchild", "cat /root/only-clone /tmp/only-clone")
+            .await
+            .stdout,
+        "c\nc\n"
     );
+    // Reading what the clone wrote copies none of it: the pages stay the snapshot's, shared.
+    assert_eq!(
+        sh(c, "grandchild", "sha256sum < /tmp/big").await.stdout,
+        written
+    );
+    let own = private_ram_mib(&d, "grandchild");
+    assert!(own < 16, "the grandchild holds {own} MiB of RAM of its own");
 
-    for m in ["grandchild", "clone2", "clone", "src"] {
+    sh(c, "grandchild", "echo g > /tmp/only-grandchild").await;
+    let s3 = c
+        .create_snapshot("grandchild", "s3", SnapshotKind::Memory)
+        .await
+        .unwrap();
+    assert_layered_snapshot(&s3.snapshot);
+    c.restore("s3", &restore_req("s3", "great")).await.unwrap();
+    assert_eq!(
+        sh(
+            c,
+            "great",
+            "cat /tmp/only-clone /tmp/only-grandchild; sha256sum < /tmp/big"
+        )
+        .await
+        .stdout,
+        format!("c\ng\n{written}")
+    );
+    let gg = read_counter(c, "great").await;
+    assert!(counter_passes(c, "great", gg).await, "great stalled");
+
+    for m in ["great", "grandchild", "clone2", "clone", "src"] {
         c.delete_machine(m).await.unwrap();
     }
-    for s in ["s1", "s2"] {
+    for s in ["s2", "s3"] {
         c.delete_snapshot(s).await.unwrap();
         assert!(!d.path().join("snapshots").join(s).exists());
     }
     let err = c.delete_snapshot("s1").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound));
     assert!(d.vmm_pids().is_empty());
+}
+
+/// A snapshot of a restored machine: its RAM in a memory file, not in the device state.
+fn assert_layered_snapshot(snap: &hearth_api::Snapshot) {
+    let size = |kind| {
+        snap.artifacts
+            .iter()
+            .find(|a| a.kind == kind)
+            .map(|a| a.size_bytes)
+    };
+    assert_eq!(size(ArtifactKind::Memory), Some(256 << 20), "{snap:?}");
+    let vmstate = size(ArtifactKind::Vmstate).unwrap();
+    assert!(vmstate < 1 << 20, "device state holds RAM: {vmstate} bytes");
+}
+
+/// MiB of the machine's guest RAM that its VMM holds privately (the pages it wrote since its
+/// restore); the rest reads from the snapshot's memory file, shared.
+fn private_ram_mib(d: &Daemon, id: &str) -> u64 {
+    let ram = d.path().join("machines").join(id).join("state/memory");
+    let (pid, _) = processes_mentioning(&d.path().join("machines").join(id))
+        .into_iter()
+        .next()
+        .expect("the machine's VMM");
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut in_ram = false;
+    let mut kib = None;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            in_ram = line.ends_with(&*ram.to_string_lossy());
+        } else if in_ram && first == "Anonymous:" {
+            let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            kib = Some(kib.unwrap_or(0) + n);
+        }
+    }
+    kib.unwrap_or_else(|| panic!("{} is not mapped by {pid}", ram.display())) >> 10
 }
 
 #[tokio::test(flavor = "multi_thread")]

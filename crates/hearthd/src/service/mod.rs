@@ -385,7 +385,12 @@ mod tests {
         async fn resume(&self, _: &MachinePaths) -> Result<(), VmmError> {
             none()
         }
-        async fn save_state(&self, _: &MachinePaths, _: &Path) -> Result<Vec<StateFile>, VmmError> {
+        async fn save_state(
+            &self,
+            _: &MachinePaths,
+            _: &VmProcess,
+            _: &Path,
+        ) -> Result<Vec<StateFile>, VmmError> {
             none()
         }
         async fn wait_exit(&self, _: &VmProcess, _: Duration) -> bool {

@@ -325,7 +325,10 @@ impl Service {
         let paths = self.paths(&rec.id);
         let mut written = Vec::new();
         if kind == SnapshotKind::Memory {
-            for file in vmm.save_state(&paths, dir).await? {
+            let process = rec
+                .process
+                .ok_or_else(|| Error::conflict(format!("machine {} has no VMM", rec.id)))?;
+            for file in vmm.save_state(&paths, &process, dir).await? {
                 written.push(match file.kind {
                     StateKind::DeviceState => Written {
                         id: "vmstate",

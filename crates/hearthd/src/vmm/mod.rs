@@ -3,6 +3,7 @@
 pub mod console;
 pub mod error;
 pub mod firecracker;
+pub mod pagemap;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -158,7 +159,12 @@ pub trait Vmm: Send + Sync {
 
     /// Writes the state of a paused machine (device state and guest RAM, in the backend's
     /// layout) into `dir`; returns what it wrote.
-    async fn save_state(&self, paths: &MachinePaths, dir: &Path) -> Result<Vec<StateFile>>;
+    async fn save_state(
+        &self,
+        paths: &MachinePaths,
+        process: &VmProcess,
+        dir: &Path,
+    ) -> Result<Vec<StateFile>>;
 
     /// Waits up to `limit` for the VMM to exit by itself (its guest powered off); true when it
     /// did.

@@ -9,10 +9,17 @@
 //! milliseconds. A restore starts QEMU with `-incoming defer -S` on the snapshot's memory file
 //! mapped private, loads the device state and continues. The device state travels through a
 //! descriptor the daemon opens (`fd:` migration), as the sandbox forbids `exec:`.
+//!
+//! A restored machine's RAM is that private mapping, which migration would stream whole (RAM
+//! is left out only when it is shared). Its snapshot takes the device state alone
+//! (`xen-save-devices-state`, which any QEMU has: it writes every section but RAM) and builds
+//! the memory file from a clone of the file the machine was restored from plus the pages the
+//! machine wrote since ([`pagemap`]): as fast as an original's, and a full file again, so
+//! machines restored from it share its pages and nothing depends on the snapshot before.
 
 use super::{
-    console, process, qmp::Qmp, user::VmmUser, MachinePaths, StateFile, StateKind, VmProcess,
-    VmSpec, Vmm, VmmError,
+    console, pagemap, process, qmp::Qmp, user::VmmUser, MachinePaths, StateFile, StateKind,
+    VmProcess, VmSpec, Vmm, VmmError,
 };
 use crate::config::CloneMode;
 use crate::error::Error;
@@ -36,6 +43,22 @@ type Result<T, E = VmmError> = std::result::Result<T, E>;
 const VMSTATE: &str = "vmstate";
 /// Guest RAM's name in a snapshot directory, when it is not in the device state.
 const MEMORY: &str = "memory";
+
+/// A migration stream's first section after its 8-byte header, when QEMU wrote the machine's
+/// configuration (it does in every `migrate`; `xen-save-devices-state` never does).
+const CONFIGURATION_SECTION: u8 = 0x07;
+
+/// How QEMU starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Boots the kernel.
+    Boot,
+    /// Waits paused for a migration stream.
+    Incoming,
+    /// Waits paused for device state without a configuration section (what
+    /// `xen-save-devices-state` writes): told not to expect one.
+    IncomingDevices,
+}
 
 /// Where guest RAM lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,13 +172,12 @@ impl Qemu {
         }
     }
 
-    /// The full command line for `spec`, given the descriptors it inherits; `incoming` waits
-    /// for device state.
+    /// The full command line for `spec`, given the descriptors it inherits.
     fn command(
         &self,
         spec: &VmSpec,
         memory: &MemoryBacking,
-        incoming: bool,
+        start: Start,
         fds: &Inherited,
     ) -> Command {
         let p = &spec.paths;
@@ -244,9 +266,12 @@ impl Qemu {
             fds.qmp.as_raw_fd()
         ))
         .args(["-mon", "chardev=qmp,mode=control"]);
-        if incoming {
+        if start != Start::Boot {
             // Wait for the device state, and stay paused once it is loaded.
             cmd.args(["-incoming", "defer", "-S"]);
+        }
+        if start == Start::IncomingDevices {
+            cmd.args(["-global", "migration.send-configuration=off"]);
         }
         cmd
     }
@@ -289,7 +314,7 @@ impl Qemu {
         Ok(())
     }
 
-    /// Starts QEMU for `spec` (waiting for device state when `incoming`) in the background:
+    /// Starts QEMU for `spec` (waiting for device state unless it boots) in the background:
     /// in a session of its own, in the machine's network namespace and cgroup, as the VMM
     /// user, sandboxed. Returns once it has set up and answers on its control socket; on
     /// failure no process is left.
@@ -297,7 +322,7 @@ impl Qemu {
         &self,
         spec: &VmSpec,
         memory: &MemoryBacking,
-        incoming: bool,
+        start: Start,
     ) -> Result<VmProcess> {
         let p = &spec.paths;
         std::fs::create_dir_all(&p.sock_dir)
@@ -334,7 +359,7 @@ impl Qemu {
         }
         let log = console::writer(p, console::Log::Vmm)?;
         console::follow(p, console::Log::Vmm, self.console_log_bytes);
-        let mut cmd = self.command(spec, memory, incoming, &fds);
+        let mut cmd = self.command(spec, memory, start, &fds);
         let ns: Option<OwnedFd> = match &spec.network {
             Some(net) => Some(
                 std::fs::File::open(&net.netns)
@@ -503,6 +528,65 @@ impl Qemu {
         Ok(qmp)
     }
 
+    /// A restored machine's state: its devices into `vmstate`, its RAM as a clone of `base`
+    /// (the memory file it maps private) with the pages it wrote copied over.
+    async fn save_over_base(
+        &self,
+        paths: &MachinePaths,
+        process: &VmProcess,
+        vmstate: std::fs::File,
+        base: &Path,
+        dir: &Path,
+    ) -> Result<Vec<StateFile>> {
+        let copy = dir.join(MEMORY);
+        let (from, to, mode) = (base.to_path_buf(), copy.clone(), self.clone);
+        let cloned = tokio::task::spawn_blocking(move || storage::clone_file(&from, &to, mode));
+        let (cloned, saved) = tokio::join!(cloned, self.save_devices(paths, vmstate));
+        cloned.map_err(|e| Error::internal(e.to_string()))??;
+        saved?;
+        let (pid, from, to) = (process.pid, base.to_path_buf(), copy.clone());
+        let copied =
+            tokio::task::spawn_blocking(move || pagemap::copy_written_pages(pid, &from, &to))
+                .await
+                .map_err(|e| Error::internal(e.to_string()))?
+                .map_err(|e| VmmError::io("copying the pages written over", base, e))?;
+        tracing::debug!(dir = %paths.dir.display(), bytes = copied, "memory written since the restore");
+        Ok(vec![
+            StateFile {
+                name: VMSTATE,
+                kind: StateKind::DeviceState,
+            },
+            StateFile {
+                name: MEMORY,
+                kind: StateKind::Memory,
+            },
+        ])
+    }
+
+    /// Every device's state, RAM left out, into `file` (`xen-save-devices-state`, opened by
+    /// QEMU as an fd set). Not `live`: that would hand the disks over to a migration target.
+    async fn save_devices(&self, paths: &MachinePaths, file: std::fs::File) -> Result<()> {
+        let what = "saving the device state";
+        let fail = |e: String| VmmError::control(what, e);
+        let mut qmp = self.qmp(paths).await?;
+        let set = qmp.add_fd(file.as_fd()).await.map_err(fail)?;
+        drop(file);
+        let saved = qmp
+            .execute(
+                "xen-save-devices-state",
+                Some(json!({ "filename": format!("/dev/fdset/{set}"), "live": false })),
+            )
+            .await;
+        // QEMU's copy of the descriptor goes with its set.
+        if let Err(e) = qmp
+            .execute("remove-fd", Some(json!({ "fdset-id": set })))
+            .await
+        {
+            tracing::warn!(dir = %paths.dir.display(), "removing fd set {set}: {e}");
+        }
+        saved.map(drop).map_err(fail)
+    }
+
     async fn load_and_run(&self, paths: &MachinePaths, vmstate: &Path) -> Result<()> {
         let what = "loading the device state";
         let file = std::fs::File::open(vmstate).map_err(|e| VmmError::io("opening", vmstate, e))?;
@@ -522,6 +606,15 @@ impl Qemu {
     }
 }
 
+/// Whether the stream in `vmstate` starts with the machine's configuration (see
+/// [`Start::IncomingDevices`]).
+fn has_configuration(vmstate: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    std::fs::File::open(vmstate)?.read_exact(&mut head)?;
+    Ok(head[8] == CONFIGURATION_SECTION)
+}
+
 /// The name a migration's descriptor has in QEMU.
 const MIGRATION_FD: &str = "migration";
 
@@ -538,7 +631,7 @@ impl Vmm for Qemu {
     /// RAM in a shared file of the machine's own, so that a snapshot copies the file.
     async fn boot(&self, spec: &VmSpec) -> Result<VmProcess> {
         let memory = MemoryBacking::SharedFile(spec.paths.memory());
-        self.spawn(spec, &memory, false).await
+        self.spawn(spec, &memory, Start::Boot).await
     }
 
     async fn reattach(&self, paths: &MachinePaths, proc: &VmProcess) -> Result<()> {
@@ -565,8 +658,14 @@ impl Vmm for Qemu {
         } else {
             MemoryBacking::Anonymous
         };
-        let proc = self.spawn(spec, &memory, true).await?;
-        if let Err(e) = self.load_and_run(&spec.paths, &state.join(VMSTATE)).await {
+        let vmstate = state.join(VMSTATE);
+        let start = match has_configuration(&vmstate) {
+            Ok(true) => Start::Incoming,
+            Ok(false) => Start::IncomingDevices,
+            Err(e) => return Err(VmmError::io("reading", &vmstate, e)),
+        };
+        let proc = self.spawn(spec, &memory, start).await?;
+        if let Err(e) = self.load_and_run(&spec.paths, &vmstate).await {
             // QEMU exits when it cannot load a stream; the QMP error comes as it goes.
             let exited = process::wait_gone(&proc, Duration::from_secs(5)).await;
             process::kill_and_wait(&proc).await;
@@ -599,9 +698,16 @@ impl Vmm for Qemu {
     }
 
     /// A booted machine's RAM is its shared file: it stays out of the device state (some 60
-    /// KB) and is cloned beside it. A restored machine's RAM (a private mapping) is streamed
+    /// KB) and is cloned beside it. A restored machine's RAM, a private mapping of the memory
+    /// file it was restored from, is that file's clone with the pages it wrote since. RAM of
+    /// neither kind (a restore from a snapshot that had RAM in its device state) is streamed
     /// into the device state.
-    async fn save_state(&self, paths: &MachinePaths, dir: &Path) -> Result<Vec<StateFile>> {
+    async fn save_state(
+        &self,
+        paths: &MachinePaths,
+        process: &VmProcess,
+        dir: &Path,
+    ) -> Result<Vec<StateFile>> {
         let dest = dir.join(VMSTATE);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -610,13 +716,17 @@ impl Vmm for Qemu {
             .mode(0o600)
             .open(&dest)
             .map_err(|e| VmmError::io("creating", &dest, e))?;
+        let base = paths.state_dir().join(MEMORY);
+        let ram = paths.memory();
+        if !ram.exists() && base.exists() {
+            return self.save_over_base(paths, process, file, &base, dir).await;
+        }
         self.migrate(paths, "migrate", file, "saving the device state")
             .await?;
         let mut written = vec![StateFile {
             name: VMSTATE,
             kind: StateKind::DeviceState,
         }];
-        let ram = paths.memory();
         if ram.exists() {
             let (copy, mode) = (dir.join(MEMORY), self.clone);
             tokio::task::spawn_blocking(move || storage::clone_file(&ram, &copy, mode))

@@ -82,7 +82,28 @@ impl Qmp {
     /// migration to or from `fd:NAME`): QEMU needs to open nothing itself, which its sandbox
     /// and its unprivileged user might forbid.
     pub async fn pass_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), String> {
-        let line = Self::message("getfd", Some(json!({ "fdname": name })));
+        self.execute_with_fd("getfd", json!({ "fdname": name }), fd)
+            .await
+            .map(drop)
+    }
+
+    /// Adds a file descriptor to a new fd set (`add-fd`) and returns the set's id: commands
+    /// that take a file name open it as `/dev/fdset/ID`.
+    pub async fn add_fd(&mut self, fd: BorrowedFd<'_>) -> Result<u64, String> {
+        let ret = self.execute_with_fd("add-fd", json!({}), fd).await?;
+        ret.get("fdset-id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("QMP add-fd: no fdset-id in {ret}"))
+    }
+
+    /// Runs `command` with `fd` attached to it.
+    async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        args: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, String> {
+        let line = Self::message(command, Some(args));
         let stream: &UnixStream = self.writer.as_ref();
         let fds = [fd.as_raw_fd()];
         // The descriptor travels with the command's first byte; the rest follows plainly.
@@ -111,7 +132,7 @@ impl Qmp {
             .write_all(&line[sent..])
             .await
             .map_err(|e| format!("QMP write: {e}"))?;
-        self.reply("getfd").await.map(|_| ())
+        self.reply(command).await
     }
 
     fn message(command: &str, args: Option<Value>) -> Vec<u8> {

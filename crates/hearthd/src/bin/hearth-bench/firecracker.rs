@@ -45,7 +45,7 @@ async fn measure(
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let started = Instant::now();
         let files = vmm
-            .save_state(&spec.paths, &state)
+            .save_state(&spec.paths, &source, &state)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         t.save.push(started.elapsed());

@@ -23,8 +23,8 @@ use clap::{Parser, Subcommand};
 use hearth_api::client::Client;
 use hearth_api::{ArtifactRef, CreateMachineRequest, ExecRequest};
 use hearthd::config::AccelChoice;
-use hearthd::vmm::qemu::MemoryBacking;
 use hearthd::vmm::qemu::Qemu;
+use hearthd::vmm::qemu::{MemoryBacking, Start};
 use hearthd::vmm::{MachinePaths, VmSpec};
 use hearthd::{host, storage, vmm::process};
 use std::path::{Path, PathBuf};
@@ -309,7 +309,7 @@ async fn raw_boot(qemu: &Qemu, image: &Path, dir: &Path, memory_mib: u32) -> Res
     let t = Instant::now();
     let memory = MemoryBacking::SharedFile(paths.memory());
     let p = qemu
-        .spawn(&spec, &memory, false)
+        .spawn(&spec, &memory, Start::Boot)
         .await
         .map_err(|e| anyhow::anyhow!("raw QEMU failed: {e}"))?;
     let mut sock = tokio::net::UnixStream::connect(paths.agent_socket()).await?;

@@ -12,7 +12,7 @@ use hearth_api::{
 };
 use hearth_proto::{Configure, GuestNetwork, Op, Reply};
 use hearthd::agent::AgentClient;
-use hearthd::vmm::qemu::MemoryBacking;
+use hearthd::vmm::qemu::{MemoryBacking, Start};
 use hearthd::vmm::{process, NetAttach};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -364,7 +364,7 @@ async fn plain_tap(image: &Path, tap: &str, dir: &Path, mib: u64) -> Result<(f64
     let paths = spec.paths.clone();
     let memory = MemoryBacking::SharedFile(paths.memory());
     let proc = qemu()
-        .spawn(&spec, &memory, false)
+        .spawn(&spec, &memory, Start::Boot)
         .await
         .map_err(|e| anyhow::anyhow!("plain QEMU failed: {e}"))?;
     let result = async {

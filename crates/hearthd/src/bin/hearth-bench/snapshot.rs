@@ -8,7 +8,7 @@ use hearth_api::{
 };
 use hearthd::service::machine_paths;
 use hearthd::vmm::process;
-use hearthd::vmm::qemu::MemoryBacking;
+use hearthd::vmm::qemu::{MemoryBacking, Start};
 use hearthd::vmm::qmp::Qmp;
 use serde_json::json;
 use std::path::Path;
@@ -230,7 +230,7 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     )?;
     let t0 = Instant::now();
     let p = qemu()
-        .spawn(&spec, &MemoryBacking::Anonymous, true)
+        .spawn(&spec, &MemoryBacking::Anonymous, Start::Incoming)
         .await
         .map_err(|e| anyhow::anyhow!("plain restore QEMU failed to start: {e}"))?;
     let mut qmp = Qmp::connect(&paths.control_socket())

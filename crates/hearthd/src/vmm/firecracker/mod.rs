@@ -1028,6 +1028,7 @@ impl Vmm for Firecracker {
     async fn save_state(
         &self,
         paths: &MachinePaths,
+        _: &VmProcess,
         dir: &Path,
     ) -> Result<Vec<StateFile>, VmmError> {
         Firecracker::save_state(self, paths, dir).await?;
