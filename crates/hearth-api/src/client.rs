@@ -572,6 +572,18 @@ impl Client {
         Ok(env.snapshot)
     }
 
+    /// A snapshot with the sha256 of every artifact, computed by hearthd where not known yet.
+    pub async fn get_snapshot_hashed(&self, id: &str) -> Result<Snapshot, ClientError> {
+        let env: SnapshotEnvelope = self
+            .call(
+                Method::GET,
+                &format!("/snapshots/{id}?hashes=true"),
+                None::<&()>,
+            )
+            .await?;
+        Ok(env.snapshot)
+    }
+
     /// Asks hearthd to PUT a snapshot's artifacts to presigned part URLs.
     pub async fn upload_snapshot(
         &self,

@@ -469,6 +469,9 @@ pub struct CompletedPart {
 pub struct UploadedArtifact {
     pub artifact_id: String,
     pub completed_parts: Vec<CompletedPart>,
+    /// The artifact's digest, computed during the upload if it was not known yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256_hex: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -194,6 +194,10 @@ pub async fn push(ctx: &Ctx, snapshot: &str, dest: &str) -> Result<()> {
     }
     for a in &mut snap.artifacts {
         a.object_key = Some(store.key(&snap.id, &a.name));
+        // Digests hearthd had not computed before the upload come with its answer.
+        if let Some(d) = done.artifacts.iter().find(|d| d.artifact_id == a.id) {
+            a.sha256_hex = a.sha256_hex.take().or_else(|| d.sha256_hex.clone());
+        }
     }
     let key = store.key(&snap.id, DESCRIPTION);
     let url = store

@@ -135,7 +135,8 @@ async fn travel(a: &Daemon, snap: &Snapshot, s3: &S3Server, before: u64) -> Daem
         "faults not all hit"
     );
 
-    // Every object equals its local artifact.
+    // Every object equals its local artifact, whose digest the upload computed and recorded.
+    let snap = a.client.get_snapshot(&snap.id).await.unwrap();
     for art in &snap.artifacts {
         let sha = s3.boto(&format!(
             "print(hashlib.sha256(s3.get_object(Bucket=bucket, Key='fleet/travel/{}')['Body'].read()).hexdigest())",

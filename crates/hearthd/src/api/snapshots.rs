@@ -56,10 +56,29 @@ pub async fn list(State(svc): Svc) -> Result<Json<SnapshotList>> {
     }))
 }
 
-pub async fn get(State(svc): Svc, Path(id): Path<String>) -> Result<Json<SnapshotEnvelope>> {
-    Ok(Json(SnapshotEnvelope {
-        snapshot: svc.get_snapshot(&id)?,
-    }))
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    /// Compute (and keep) every artifact's digest not known yet.
+    #[serde(default)]
+    hashes: bool,
+}
+
+pub async fn get(
+    State(svc): Svc,
+    Path(id): Path<String>,
+    q: std::result::Result<
+        axum::extract::Query<GetQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Json<SnapshotEnvelope>> {
+    let axum::extract::Query(q) = super::query(q)?;
+    let snapshot = if q.hashes {
+        svc.get_snapshot_hashed(&id).await?
+    } else {
+        svc.get_snapshot(&id)?
+    };
+    Ok(Json(SnapshotEnvelope { snapshot }))
 }
 
 pub async fn delete(State(svc): Svc, Path(id): Path<String>) -> Result<StatusCode> {

@@ -320,10 +320,12 @@ impl Service {
             }
             Err(e) => return Err(e.into()),
         };
-        if let Err(e) = agent
+        let t = Instant::now();
+        let shaken = agent
             .handshake(&nonce(), deadline, || vmm.is_alive(&proc))
-            .await
-        {
+            .await;
+        tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent handshake");
+        if let Err(e) = shaken {
             // The agent socket closes when the VMM exits, a moment before the process is gone.
             let exited = agent.is_closed() || !vmm.is_alive(&proc);
             if exited {
@@ -342,10 +344,13 @@ impl Service {
                 Error::unavailable(msg)
             });
         }
+        let t = Instant::now();
         if restored {
             // The snapshot caught the filesystem frozen; nothing may write before the thaw.
             agent.call(Op::Thaw, Some(AGENT_CALL)).await?;
         }
+        tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent thaw");
+        let t = Instant::now();
         // A restored guest's clock stood still since the snapshot and its entropy pool is its
         // source's: both are reset, with its own identity.
         let wall_clock_unix_ns = SystemTime::now()
@@ -369,6 +374,7 @@ impl Service {
                 Some(AGENT_CALL),
             )
             .await?;
+        tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent configure");
         Ok(Arc::new(agent))
     }
 

@@ -1,5 +1,8 @@
 //! Snapshots: memory, device state and disks of a running machine, taken in a fraction of a
-//! second while it is paused; hashed after it runs again, outside its lock.
+//! second while it is paused. A snapshot is usable once its files are written: the small ones
+//! (manifest, device state) are hashed at once, for the integrity checks of local restores;
+//! memory and disks only when an upload needs their digests ([`Service::hashed_snapshot`]),
+//! all files in parallel, and the result is kept. Files reach the disk in the background.
 
 use super::{Operation, Service};
 use crate::error::{Error, Result};
@@ -106,6 +109,13 @@ impl Service {
 
     pub fn get_snapshot(&self, id: &str) -> Result<Snapshot> {
         self.ready_snapshot(id).map(|s| s.to_api())
+    }
+
+    /// [`Service::get_snapshot`] with every artifact's digest, computed where not known yet.
+    pub async fn get_snapshot_hashed(self: &Arc<Self>, id: &str) -> Result<Snapshot> {
+        self.ready_snapshot(id)?;
+        let _in_use = self.use_snapshot(id)?;
+        Ok(self.hashed_snapshot(id).await?.to_api())
     }
 
     /// A snapshot that is complete; one still being written is a conflict.
@@ -241,6 +251,14 @@ impl Service {
         std::fs::create_dir_all(dir)?;
         let paths = self.paths(&rec.id);
         let agent = self.agent(&rec.id).await?;
+        let vmm = self.vmm(rec.spec.vmm)?;
+        let mut timings = Vec::new();
+        if kind == SnapshotKind::Memory {
+            // While the guest runs, not even frozen.
+            let t = Instant::now();
+            vmm.prepare_state(&paths, dir).await?;
+            timings.push(("prepare", t.elapsed()));
+        }
         let t = Instant::now();
         agent.call(Op::Sync, Some(AGENT_CALL)).await?;
         // A frozen filesystem is clean on disk; where freezing is not supported a synced one
@@ -248,10 +266,9 @@ impl Service {
         if let Err(e) = agent.call(Op::Freeze, Some(AGENT_CALL)).await {
             tracing::warn!(machine = %rec.id, "freeze: {}", e.message);
         }
-        let mut timings = vec![("quiesce", t.elapsed())];
+        timings.push(("quiesce", t.elapsed()));
 
         let paused_at = Instant::now();
-        let vmm = self.vmm(rec.spec.vmm)?;
         let written = match vmm.pause(&paths).await {
             Ok(()) => self.write_paused(rec, vmm.as_ref(), kind, dir).await,
             Err(e) => Err(e.into()),
@@ -353,7 +370,8 @@ impl Service {
         Ok(written)
     }
 
-    /// Writes the manifest, flushes and hashes every artifact, and marks the snapshot ready.
+    /// Writes the manifest, hashes the small artifacts, and marks the snapshot ready; its files
+    /// are flushed to disk in the background.
     async fn finish(
         &self,
         rec: &MachineRecord,
@@ -409,32 +427,74 @@ impl Service {
             name: MANIFEST,
         });
 
-        // Every file hashed on a thread of its own.
-        let jobs: Vec<_> = written
-            .into_iter()
-            .map(|w| {
-                let path = dir.join(w.name);
-                tokio::task::spawn_blocking(move || {
-                    storage::sync_file(&path)?;
-                    let (size, sha) = storage::sha256_sparse(&path)?;
-                    Ok::<_, Error>(SnapshotArtifact {
-                        id: w.id.to_string(),
-                        kind: w.kind,
-                        name: w.name.to_string(),
-                        size_bytes: size,
-                        sha256_hex: Some(sha),
-                        object_key: None,
-                        download_url: None,
-                    })
-                })
-            })
-            .collect();
         let mut artifacts = Vec::new();
-        for job in jobs {
-            artifacts.push(job.await.map_err(|e| Error::internal(e.to_string()))??);
+        for w in &written {
+            let path = dir.join(w.name);
+            let size = std::fs::metadata(&path)
+                .map_err(|e| Error::io("reading", &path, e))?
+                .len();
+            let sha = if matches!(w.kind, ArtifactKind::Manifest | ArtifactKind::Vmstate) {
+                Some(
+                    storage::blocking(move || storage::sha256_sparse(&path))
+                        .await??
+                        .1,
+                )
+            } else {
+                None
+            };
+            artifacts.push(SnapshotArtifact {
+                id: w.id.to_string(),
+                kind: w.kind,
+                name: w.name.to_string(),
+                size_bytes: size,
+                sha256_hex: sha,
+                object_key: None,
+                download_url: None,
+            });
         }
+        let files: Vec<PathBuf> = written.iter().map(|w| dir.join(w.name)).collect();
+        let dir = dir.to_path_buf();
+        // A restore on this host reads through the page cache and needs none of it on disk.
+        tokio::task::spawn_blocking(move || {
+            // A snapshot deleted meanwhile has nothing left to flush.
+            let synced = files.iter().try_for_each(|f| storage::sync_file(f));
+            if let Err(e) = synced.and_then(|()| storage::sync_dir(&dir)) {
+                tracing::debug!("{}", e.message);
+            }
+        });
         snap.artifacts = artifacts;
         snap.ready = true;
         self.store.update_snapshot(snap)
+    }
+
+    /// A ready snapshot with the digest of every artifact: those not known yet are computed,
+    /// each file on a thread of its own, and recorded. The caller keeps the snapshot from being
+    /// deleted meanwhile ([`Service::use_snapshot`]).
+    pub(super) async fn hashed_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        let mut snap = self.ready_snapshot(id)?;
+        let dir = self.snapshot_dir(id);
+        let jobs: Vec<_> = snap
+            .artifacts
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.sha256_hex.is_none())
+            .map(|(i, a)| {
+                let path = dir.join(&a.name);
+                (
+                    i,
+                    tokio::task::spawn_blocking(move || storage::sha256_sparse(&path)),
+                )
+            })
+            .collect();
+        if jobs.is_empty() {
+            return Ok(snap);
+        }
+        for (i, job) in jobs {
+            let (_, sha) = job.await.map_err(|e| Error::internal(e.to_string()))??;
+            snap.artifacts[i].sha256_hex = Some(sha);
+        }
+        // Concurrent hashers of one snapshot compute and record the same digests.
+        self.store.update_snapshot(&snap)?;
+        Ok(snap)
     }
 }

@@ -177,8 +177,32 @@ impl Service {
             .map(|a| UploadedArtifact {
                 artifact_id: a.artifact_id.clone(),
                 completed_parts: Vec::new(),
+                sha256_hex: None,
             })
             .collect();
+        // Digests not known yet are computed while the parts travel.
+        let (hashed, uploaded) = tokio::join!(
+            self.hashed_snapshot(id),
+            Self::finish_parts(&mut set, &mut done)
+        );
+        uploaded?;
+        let hashed = hashed?;
+        for d in &mut done {
+            d.completed_parts.sort_by_key(|p| p.part_number);
+            d.sha256_hex = hashed
+                .artifacts
+                .iter()
+                .find(|a| a.id == d.artifact_id)
+                .and_then(|a| a.sha256_hex.clone());
+        }
+        Ok(UploadResponse { artifacts: done })
+    }
+
+    /// Collects the parts' etags as their uploads finish.
+    async fn finish_parts(
+        set: &mut tokio::task::JoinSet<(String, u32, std::result::Result<String, String>)>,
+        done: &mut [UploadedArtifact],
+    ) -> Result<()> {
         while let Some(joined) = set.join_next().await {
             let (artifact, part_number, etag) =
                 joined.map_err(|e| Error::internal(e.to_string()))?;
@@ -195,10 +219,7 @@ impl Service {
                 .completed_parts
                 .push(CompletedPart { part_number, etag });
         }
-        for d in &mut done {
-            d.completed_parts.sort_by_key(|p| p.part_number);
-        }
-        Ok(UploadResponse { artifacts: done })
+        Ok(())
     }
 
     /// The blob with this sha256, downloading it from `url` when the store lacks it, leased to

@@ -157,6 +157,13 @@ pub trait Vmm: Send + Sync {
 
     async fn resume(&self, paths: &MachinePaths) -> Result<()>;
 
+    /// Writes into `dir` what of a machine's state is already fixed while it runs (the base
+    /// memory a restored machine maps), so that less is left for [`Vmm::save_state`] to do
+    /// while it is paused.
+    async fn prepare_state(&self, _paths: &MachinePaths, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+
     /// Writes the state of a paused machine (device state and guest RAM, in the backend's
     /// layout) into `dir`; returns what it wrote.
     async fn save_state(

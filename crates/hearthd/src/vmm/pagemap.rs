@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const PRESENT: u64 = 1 << 63;
 const SWAPPED: u64 = 1 << 62;
@@ -63,8 +64,50 @@ fn written(entry: u64) -> bool {
 /// Copies into `dest`, at their offsets in `file`, the pages that process `pid` wrote through
 /// private mappings of `file`; returns the bytes copied. The process must not run meanwhile
 /// (a paused VMM's vCPUs and devices write nothing). `dest` is expected to hold a clone of
-/// `file` already.
+/// `file` already. The copy runs on every core: a paused machine waits for it.
 pub fn copy_written_pages(pid: i32, file: &Path, dest: &Path) -> io::Result<u64> {
+    let runs = written_runs(pid, file)?;
+    let mem = File::open(format!("/proc/{pid}/mem"))?;
+    let out = std::fs::OpenOptions::new().write(true).open(dest)?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(runs.len().max(1));
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> io::Result<u64> {
+                    let mut buf = vec![0; MAX_RUN_BYTES];
+                    let mut copied = 0;
+                    while let Some(run) = runs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let buf = &mut buf[..run.len as usize];
+                        mem.read_exact_at(buf, run.addr)?;
+                        out.write_all_at(buf, run.at)?;
+                        copied += run.len;
+                    }
+                    Ok(copied)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a page copier panicked"))
+            .sum()
+    })
+}
+
+/// A run of written pages: `len` bytes at `addr` in the process, at `at` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    addr: u64,
+    len: u64,
+    at: u64,
+}
+
+/// The runs of pages `pid` wrote through its private mappings of `file`, each at most
+/// [`MAX_RUN_BYTES`].
+fn written_runs(pid: i32, file: &Path) -> io::Result<Vec<Run>> {
     let meta = std::fs::metadata(file)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let found = mappings(&maps, meta.dev(), meta.ino());
@@ -75,19 +118,11 @@ pub fn copy_written_pages(pid: i32, file: &Path, dest: &Path) -> io::Result<u64>
         ));
     }
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
-    let mem = File::open(format!("/proc/{pid}/mem"))?;
-    let out = std::fs::OpenOptions::new().write(true).open(dest)?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-    let mut copier = Copier {
-        mem: &mem,
-        out: &out,
-        buf: vec![0; MAX_RUN_BYTES],
-        copied: 0,
-    };
+    let mut runs: Vec<Run> = Vec::new();
     let mut entries = vec![0u8; ENTRIES_PER_READ * 8];
     for m in found {
-        let mut run: Option<(u64, u64)> = None; // (address, length)
         let mut addr = m.start;
         while addr < m.end {
             let count = (((m.end - addr) / page) as usize).min(ENTRIES_PER_READ);
@@ -96,45 +131,22 @@ pub fn copy_written_pages(pid: i32, file: &Path, dest: &Path) -> io::Result<u64>
             for chunk in bytes.chunks_exact(8) {
                 let entry = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
                 if written(entry) {
-                    match &mut run {
-                        Some((start, len))
-                            if *start + *len == addr && (*len as usize) < MAX_RUN_BYTES =>
-                        {
-                            *len += page
+                    match runs.last_mut() {
+                        Some(r) if r.addr + r.len == addr && r.len < MAX_RUN_BYTES as u64 => {
+                            r.len += page
                         }
-                        _ => {
-                            if let Some((start, len)) = run.take() {
-                                copier.copy(start, len, m.offset + (start - m.start))?;
-                            }
-                            run = Some((addr, page));
-                        }
+                        _ => runs.push(Run {
+                            addr,
+                            len: page,
+                            at: m.offset + (addr - m.start),
+                        }),
                     }
                 }
                 addr += page;
             }
         }
-        if let Some((start, len)) = run {
-            copier.copy(start, len, m.offset + (start - m.start))?;
-        }
     }
-    Ok(copier.copied)
-}
-
-struct Copier<'a> {
-    mem: &'a File,
-    out: &'a File,
-    buf: Vec<u8>,
-    copied: u64,
-}
-
-impl Copier<'_> {
-    fn copy(&mut self, addr: u64, len: u64, at: u64) -> io::Result<()> {
-        let buf = &mut self.buf[..len as usize];
-        self.mem.read_exact_at(buf, addr)?;
-        self.out.write_all_at(buf, at)?;
-        self.copied += len;
-        Ok(())
-    }
+    Ok(runs)
 }
 
 #[cfg(test)]

@@ -529,7 +529,8 @@ impl Qemu {
     }
 
     /// A restored machine's state: its devices into `vmstate`, its RAM as a clone of `base`
-    /// (the memory file it maps private) with the pages it wrote copied over.
+    /// (the memory file it maps private; cloned already by [`Vmm::prepare_state`] unless a
+    /// caller skipped it) with the pages it wrote copied over.
     async fn save_over_base(
         &self,
         paths: &MachinePaths,
@@ -539,17 +540,17 @@ impl Qemu {
         dir: &Path,
     ) -> Result<Vec<StateFile>> {
         let copy = dir.join(MEMORY);
-        let (from, to, mode) = (base.to_path_buf(), copy.clone(), self.clone);
-        let cloned = tokio::task::spawn_blocking(move || storage::clone_file(&from, &to, mode));
-        let (cloned, saved) = tokio::join!(cloned, self.save_devices(paths, vmstate));
-        cloned.map_err(|e| Error::internal(e.to_string()))??;
-        saved?;
+        if !copy.exists() {
+            self.clone_base(base, &copy).await?;
+        }
         let (pid, from, to) = (process.pid, base.to_path_buf(), copy.clone());
         let copied =
-            tokio::task::spawn_blocking(move || pagemap::copy_written_pages(pid, &from, &to))
-                .await
-                .map_err(|e| Error::internal(e.to_string()))?
-                .map_err(|e| VmmError::io("copying the pages written over", base, e))?;
+            tokio::task::spawn_blocking(move || pagemap::copy_written_pages(pid, &from, &to));
+        let (copied, saved) = tokio::join!(copied, self.save_devices(paths, vmstate));
+        saved?;
+        let copied = copied
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| VmmError::io("copying the pages written over", base, e))?;
         tracing::debug!(dir = %paths.dir.display(), bytes = copied, "memory written since the restore");
         Ok(vec![
             StateFile {
@@ -561,6 +562,14 @@ impl Qemu {
                 kind: StateKind::Memory,
             },
         ])
+    }
+
+    async fn clone_base(&self, base: &Path, copy: &Path) -> Result<()> {
+        let (from, to, mode) = (base.to_path_buf(), copy.to_path_buf(), self.clone);
+        tokio::task::spawn_blocking(move || storage::clone_file(&from, &to, mode))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))??;
+        Ok(())
     }
 
     /// Every device's state, RAM left out, into `file` (`xen-save-devices-state`, opened by
@@ -695,6 +704,15 @@ impl Vmm for Qemu {
 
     async fn resume(&self, paths: &MachinePaths) -> Result<()> {
         self.run(paths, "cont", "resuming").await
+    }
+
+    /// A restored machine's base memory does not change: it is cloned before the pause.
+    async fn prepare_state(&self, paths: &MachinePaths, dir: &Path) -> Result<()> {
+        let base = paths.state_dir().join(MEMORY);
+        if paths.memory().exists() || !base.exists() {
+            return Ok(());
+        }
+        self.clone_base(&base, &dir.join(MEMORY)).await
     }
 
     /// A booted machine's RAM is its shared file: it stays out of the device state (some 60

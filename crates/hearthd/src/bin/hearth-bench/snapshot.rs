@@ -1,10 +1,12 @@
 //! hearth snapshot/restore against plain QEMU migration with RAM in the stream, same guest,
-//! same run; then the PSS of clones sharing one snapshot's memory.
+//! same run; a snapshot tree (a restored machine snapshotted and restored in turn) against
+//! the previous path, which streamed a restored machine's RAM; fork end to end; then the PSS
+//! of clones sharing one snapshot's memory.
 
 use super::{image_artifact, ms, qemu, Daemon};
 use anyhow::{bail, Context, Result};
 use hearth_api::{
-    CreateMachineRequest, ExecRequest, LocalSnapshotRef, RestoreRequest, SnapshotKind,
+    CreateMachineRequest, ExecRequest, ForkRequest, LocalSnapshotRef, RestoreRequest, SnapshotKind,
 };
 use hearthd::service::machine_paths;
 use hearthd::vmm::process;
@@ -63,10 +65,15 @@ async fn plain_migration(qmp: &mut Qmp, command: &str, file: std::fs::File) -> R
 /// Fills half the guest's RAM with non-zero data in a tmpfs (zero pages would let plain
 /// migration skip them).
 async fn dirty_half(d: &Daemon, id: &str, memory_mib: u32) -> Result<()> {
+    dirty(d, id, "data", memory_mib as u64 / 2).await
+}
+
+/// Writes `mib` MiB of non-zero data into `/mnt/fill/NAME`, a tmpfs.
+async fn dirty(d: &Daemon, id: &str, name: &str, mib: u64) -> Result<()> {
     let script = format!(
-        "mkdir -p /mnt/fill && mount -t tmpfs -o size=90% tmpfs /mnt/fill && \
-         yes hearth-bench-dirty-page | head -c {} > /mnt/fill/data",
-        (memory_mib as u64 / 2) << 20
+        "mkdir -p /mnt/fill && (grep -q ' /mnt/fill ' /proc/mounts || mount -t tmpfs -o size=90% tmpfs /mnt/fill) && \
+         yes hearth-bench-dirty-page-{name} | head -c {} > /mnt/fill/{name}",
+        mib << 20
     );
     let r = d
         .client
@@ -91,7 +98,11 @@ fn create(id: &str, image: &Path, memory_mib: u32) -> CreateMachineRequest {
         storage_bytes: None,
         user_volume_ids: None,
         guest_config: None,
-        network: None,
+        // The plain baselines' QEMU has no network device; the compared machines neither.
+        network: Some(hearth_api::NetworkRequest {
+            enabled: Some(false),
+            ..Default::default()
+        }),
         ports: None,
         vmm: None,
     }
@@ -114,11 +125,31 @@ fn restore(snap: &str, id: &str, image: &Path) -> RestoreRequest {
     }
 }
 
-pub async fn run(image: &Path, sizes: &[u32], clones: usize, clone_mib: u32) -> Result<()> {
+pub async fn run(
+    image: &Path,
+    sizes: &[u32],
+    clones: usize,
+    clone_mib: u32,
+    xfs: bool,
+) -> Result<()> {
     let work = tempfile::Builder::new()
         .prefix("hbench")
         .tempdir_in("/tmp")?;
-    let daemon = Daemon::start(&work.path().join("root"), image).await?;
+    let mount = if xfs {
+        Some(XfsMount::new(work.path())?)
+    } else {
+        None
+    };
+    let root = match &mount {
+        Some(m) => m.dir.join("root"),
+        None => work.path().join("root"),
+    };
+    let fs = if xfs {
+        "XFS with reflinks"
+    } else {
+        "/tmp's filesystem"
+    };
+    let daemon = Daemon::start(&root, image).await?;
     let mut lines = Vec::new();
     for &mib in sizes {
         eprintln!("{mib} MiB guest: booting and dirtying half its memory…");
@@ -131,7 +162,10 @@ pub async fn run(image: &Path, sizes: &[u32], clones: usize, clone_mib: u32) -> 
         None
     };
 
-    println!("snapshot benchmark (half of guest memory dirtied; plain = QEMU migration with RAM in the stream)");
+    // The daemon goes before its filesystem.
+    drop(daemon);
+    drop(mount);
+    println!("snapshot benchmark, data root on {fs} (half of guest memory dirtied; plain = QEMU migration with RAM in the stream)");
     for l in &lines {
         println!("  {} MiB guest", l.mib);
         println!(
@@ -153,6 +187,43 @@ pub async fn run(image: &Path, sizes: &[u32], clones: usize, clone_mib: u32) -> 
         println!(
             "    restore → agent ready      hearth {:>10}",
             ms(l.hearth_agent)
+        );
+        let t = &l.tree;
+        println!(
+            "    a restored machine (it wrote {} MiB more), snapshotted and restored in turn; previous = its RAM streamed",
+            l.mib / 4
+        );
+        println!(
+            "      snapshot pause → resumed   hearth {:>10}   previous {:>10}   {:>6.1}×   ({:.2}× the original's)",
+            ms(t.paused),
+            ms(t.prev_paused),
+            t.prev_paused.as_secs_f64() / t.paused.as_secs_f64(),
+            t.paused.as_secs_f64() / l.hearth_paused.as_secs_f64()
+        );
+        println!(
+            "      snapshot total             hearth {:>10}",
+            ms(t.total)
+        );
+        println!(
+            "      restore → running          hearth {:>10}   previous {:>10}   {:>6.1}×   ({:.2}× the original's)",
+            ms(t.running),
+            ms(t.prev_running),
+            t.prev_running.as_secs_f64() / t.running.as_secs_f64(),
+            t.running.as_secs_f64() / l.hearth_running.as_secs_f64()
+        );
+        println!(
+            "      restore → agent ready      hearth {:>10}",
+            ms(t.agent)
+        );
+        println!(
+            "      RAM of its own, restored   hearth {:>7} MiB   previous {:>7} MiB",
+            t.own_kib >> 10,
+            t.prev_own_kib >> 10
+        );
+        println!(
+            "    fork → running, end to end   of the original {:>10}   of the restored machine {:>10}",
+            ms(l.fork_original),
+            ms(t.fork)
         );
     }
     if let Some(l) = lines.iter().find(|l| l.mib == 1024) {
@@ -184,6 +255,22 @@ struct Line {
     hearth_running: Duration,
     hearth_agent: Duration,
     plain_running: Duration,
+    fork_original: Duration,
+    tree: Tree,
+}
+
+/// A restored machine snapshotted and restored in turn.
+struct Tree {
+    paused: Duration,
+    total: Duration,
+    running: Duration,
+    agent: Duration,
+    /// KiB of guest RAM the machine restored from the tree's snapshot holds privately.
+    own_kib: u64,
+    prev_paused: Duration,
+    prev_running: Duration,
+    prev_own_kib: u64,
+    fork: Duration,
 }
 
 async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line> {
@@ -220,6 +307,7 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
         .restore_timed(&snap, &restore(&snap, &clone, image))
         .await?;
     let (hearth_running, hearth_agent) = (phase(&t, "running"), phase(&t, "agent"));
+    let fork_original = fork(d, &id, &format!("fork{mib}")).await?;
 
     // Plain restore: the same machine started on anonymous RAM, fed the whole stream.
     let spec = super::raw_spec(image, &work.join(format!("plain{mib}")), mib)?;
@@ -236,18 +324,22 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     let mut qmp = Qmp::connect(&paths.control_socket())
         .await
         .map_err(anyhow::Error::msg)?;
-    plain_migration(
+    let loaded = plain_migration(
         &mut qmp,
         "migrate-incoming",
         std::fs::File::open(&plain_file)?,
     )
-    .await?;
+    .await;
+    if let Err(e) = loaded {
+        bail!("plain restore: {e}: {}", paths.vmm_log_tail(10).await);
+    }
     let plain_running = t0.elapsed();
     drop(qmp);
     process::kill_and_wait(&p).await;
     std::fs::remove_dir_all(&paths.dir)?;
     std::fs::remove_file(&plain_file)?;
 
+    let tree = tree(d, image, mib, &clone, work).await?;
     d.client.delete_machine(&clone).await?;
     d.client.delete_machine(&id).await?;
     d.client.delete_snapshot(&snap).await?;
@@ -259,6 +351,180 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
         hearth_running,
         hearth_agent,
         plain_running,
+        fork_original,
+        tree,
+    })
+}
+
+/// Fork of `source` into `id`, end to end as the client sees it; the fork is deleted again.
+async fn fork(d: &Daemon, source: &str, id: &str) -> Result<Duration> {
+    let req = ForkRequest {
+        machine_id: id.into(),
+        guest_config: None,
+        network: None,
+        ports: None,
+    };
+    let t0 = Instant::now();
+    d.client.fork(source, &req).await?;
+    let took = t0.elapsed();
+    d.client.delete_machine(id).await?;
+    Ok(took)
+}
+
+/// A loop-mounted XFS with reflinks, unmounted when dropped.
+struct XfsMount {
+    dir: std::path::PathBuf,
+}
+
+impl XfsMount {
+    fn new(work: &Path) -> Result<XfsMount> {
+        let (file, dir) = (work.join("xfs.img"), work.join("xfs"));
+        std::fs::File::create(&file)?.set_len(24 << 30)?;
+        std::fs::create_dir_all(&dir)?;
+        let run = |cmd: &mut std::process::Command| -> Result<()> {
+            let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        run(std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&file))?;
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&file)
+            .arg(&dir))?;
+        Ok(XfsMount { dir })
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+/// Which of a process's mappings hold guest RAM.
+enum Ram<'a> {
+    /// The mappings of this file.
+    File(&'a Path),
+    /// Anonymous mappings of this size.
+    Anonymous { mib: u32 },
+}
+
+/// KiB of anonymous (private, written) memory in `pid`'s guest RAM mappings.
+fn anonymous_kib(pid: i32, ram: Ram) -> Result<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut kib = 0;
+    // Blocks: a header line (range, perms, offset, device, inode, path), then "Key: value".
+    let mut header = "";
+    let mut size_kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        let value = || {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        if first.contains('-') && !first.ends_with(':') {
+            header = line;
+        } else if first == "Size:" {
+            size_kib = value();
+        } else if first == "Anonymous:" {
+            let counted = match ram {
+                Ram::File(f) => header.ends_with(&*f.to_string_lossy()),
+                Ram::Anonymous { mib } => {
+                    header.split_whitespace().count() == 5 && size_kib == mib as u64 * 1024
+                }
+            };
+            if counted {
+                kib += value();
+            }
+        }
+    }
+    Ok(kib)
+}
+
+fn vmm_pid(d: &Daemon, id: &str) -> Result<i32> {
+    let pidfile = machine_paths(&d.root, id).pidfile();
+    let text = std::fs::read_to_string(&pidfile)?;
+    text.split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no pid in {}", pidfile.display()))
+}
+
+/// `clone` (restored) writes a quarter of its RAM, then is snapshotted and restored; then the
+/// previous path on the same machine: its whole RAM streamed, and loaded from the stream.
+async fn tree(d: &Daemon, image: &Path, mib: u32, clone: &str, work: &Path) -> Result<Tree> {
+    dirty(d, clone, "tree", mib as u64 / 4).await?;
+    let (snap, grand) = (format!("tree{mib}"), format!("grand{mib}"));
+    let (_, t) = d
+        .client
+        .create_snapshot_timed(clone, &snap, SnapshotKind::Memory)
+        .await?;
+    let (paused, total) = (phase(&t, "paused"), phase(&t, "total"));
+    let (_, t) = d
+        .client
+        .restore_timed(&snap, &restore(&snap, &grand, image))
+        .await?;
+    let (running, agent) = (phase(&t, "running"), phase(&t, "agent"));
+    let ram = machine_paths(&d.root, &grand).state_dir().join("memory");
+    let own_kib = anonymous_kib(vmm_pid(d, &grand)?, Ram::File(&ram))?;
+    d.client.delete_machine(&grand).await?;
+    d.client.delete_snapshot(&snap).await?;
+    let fork = fork(d, clone, &format!("tfork{mib}")).await?;
+
+    let src = machine_paths(&d.root, clone);
+    let stream = work.join(format!("prev{mib}.state"));
+    let mut qmp = Qmp::connect(&src.control_socket())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    qmp.execute("stop", None)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    plain_migration(&mut qmp, "migrate", std::fs::File::create(&stream)?).await?;
+    let prev_paused = t0.elapsed();
+    drop(qmp);
+    let spec = super::raw_spec(image, &work.join(format!("prev{mib}")), mib)?;
+    let paths = spec.paths.clone();
+    std::fs::copy(src.system_disk(), paths.system_disk())?;
+    let t0 = Instant::now();
+    let p = qemu()
+        .spawn(&spec, &MemoryBacking::Anonymous, Start::Incoming)
+        .await
+        .map_err(|e| anyhow::anyhow!("the previous path's QEMU failed to start: {e}"))?;
+    let mut qmp = Qmp::connect(&paths.control_socket())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let loaded = plain_migration(&mut qmp, "migrate-incoming", std::fs::File::open(&stream)?).await;
+    if let Err(e) = loaded {
+        bail!(
+            "the previous path's restore: {e}: {}",
+            paths.vmm_log_tail(10).await
+        );
+    }
+    let prev_running = t0.elapsed();
+    drop(qmp);
+    let prev_own_kib = anonymous_kib(p.pid, Ram::Anonymous { mib })?;
+    process::kill_and_wait(&p).await;
+    std::fs::remove_dir_all(&paths.dir)?;
+    std::fs::remove_file(&stream)?;
+    Ok(Tree {
+        paused,
+        total,
+        running,
+        agent,
+        own_kib,
+        prev_paused,
+        prev_running,
+        prev_own_kib,
+        fork,
     })
 }
 
