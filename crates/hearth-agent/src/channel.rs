@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// How long to wait before reading again after EOF (no host connected).
-const IDLE_RETRY: Duration = Duration::from_millis(20);
+/// How long to wait before reading again after EOF (no host connected: a restore or a daemon
+/// restart, when the host connects within milliseconds).
+const IDLE_RETRY: Duration = Duration::from_millis(5);
 /// How often to look for the channel's device while its driver may still be probing.
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// How long to wait after failing to listen on vsock, or to accept a connection (out of
@@ -714,6 +715,7 @@ mod tests {
             agent_version: "test".into(),
             kernel_release: "test".into(),
             hostname: "test".into(),
+            features: Vec::new(),
         }
     }
 

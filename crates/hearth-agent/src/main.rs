@@ -164,6 +164,7 @@ fn identity() -> Identity {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel_release: field(|u| u.release()),
         hostname: field(|u| u.nodename()),
+        features: vec![hearth_proto::FEATURE_CONFIGURE_THAW.to_string()],
     }
 }
 

@@ -88,6 +88,9 @@ pub fn init() {
 }
 
 pub fn configure(cfg: &Configure) -> Result<(), String> {
+    if cfg.thaw {
+        freeze_root(false)?;
+    }
     if let Some(ns) = cfg.wall_clock_unix_ns {
         let ts = TimeSpec::new((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as i64);
         clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("set clock: {e}"))?;

@@ -58,6 +58,9 @@ pub struct CreateMachineRequest {
     /// The VMM that runs it (ext); by default the daemon's (`--vmm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<VmmKind>,
+    /// Boot it, even where a template of its image could be restored (ext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold: Option<bool>,
 }
 
 /// Whether a guest may open connections out of its machine.

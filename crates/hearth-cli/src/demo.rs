@@ -95,6 +95,7 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
                 host_port: None,
             }]),
             vmm: None,
+            cold: None,
         })
         .await?;
     report.step(

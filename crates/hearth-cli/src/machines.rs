@@ -42,6 +42,9 @@ pub struct CreateArgs {
     /// The VMM that runs it, `qemu` or `firecracker` (by default the daemon's).
     #[arg(long)]
     pub vmm: Option<hearth_api::VmmKind>,
+    /// Boot the machine, even where a template of its image could be restored.
+    #[arg(long)]
+    pub cold: bool,
 }
 
 /// The artifact URLs of the image built under `root`.
@@ -113,6 +116,7 @@ pub async fn create(ctx: &Ctx, args: CreateArgs) -> Result<()> {
         network: args.net.request(args.no_network),
         ports: args.net.ports()?,
         vmm: args.vmm,
+        cold: args.cold.then_some(true),
     };
     let bar = spinner(format!("creating {}", args.name));
     let t = Instant::now();

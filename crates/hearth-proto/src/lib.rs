@@ -112,6 +112,10 @@ pub struct Configure {
     /// The guest's network, set up (again) on every configure: after a boot and a restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<GuestNetwork>,
+    /// Thaw the root filesystem first (a restore: the snapshot caught it frozen). Only for an
+    /// agent that lists [`FEATURE_CONFIGURE_THAW`]; others ignore it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub thaw: bool,
 }
 
 /// How the agent sets up the guest's network interface: no DHCP, no kernel autoconfiguration.
@@ -161,7 +165,13 @@ pub struct Identity {
     pub agent_version: String,
     pub kernel_release: String,
     pub hostname: String,
+    /// What this agent does beyond the first protocol (agents in older snapshots list none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// [`Configure::thaw`] is understood: a restore's thaw and fix-ups take one round trip.
+pub const FEATURE_CONFIGURE_THAW: &str = "configure-thaw";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]

@@ -65,6 +65,11 @@ pub struct Config {
     pub accel: AccelChoice,
     #[arg(long, env = "HEARTH_CLONE", value_enum, default_value = "auto")]
     pub clone: CloneMode,
+    /// Create machines from templates: the first machine of an image (per VMM, size and
+    /// network) is snapshotted once its agent answers, and later creates restore that
+    /// snapshot instead of booting. `false` boots every machine.
+    #[arg(long, env = "HEARTH_TEMPLATES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub templates: bool,
     #[arg(long, env = "HEARTH_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
     /// The VMM of machines that do not name one: `qemu` or `firecracker`.

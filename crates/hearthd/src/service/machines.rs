@@ -52,6 +52,7 @@ impl Service {
         caller: Caller,
     ) -> Result<Machine> {
         let spec = self.validate_create(&req)?;
+        let cold = req.cold.unwrap_or(false);
         self.artifacts.check(&req.artifact, caller)?;
         let ports = req.ports.unwrap_or_default();
         ports.iter().try_for_each(check_port)?;
@@ -64,7 +65,9 @@ impl Service {
                 let mut rec = MachineRecord::starting(&id, spec);
                 svc.insert_new_machine(&rec)?;
                 let leases = Leases::default();
-                let mut result = svc.provision_and_boot(&mut rec, caller, &leases).await;
+                let mut result = svc
+                    .provision_and_boot(&mut rec, caller, &leases, cold)
+                    .await;
                 if result.is_ok() {
                     result = svc.publish_all(&rec, &ports).await;
                 }
@@ -119,13 +122,15 @@ impl Service {
         Ok(())
     }
 
-    /// Fetches the artifacts, makes the system disk and boots.
-    /// What it fetches stays leased to the create until it ends.
+    /// Fetches the artifacts, then restores the template of machines like this one, or makes
+    /// the system disk and boots (`cold`: boots in any case) and makes the template. What it
+    /// fetches stays leased to the create until it ends.
     async fn provision_and_boot(
         &self,
         rec: &mut MachineRecord,
         caller: Caller,
         leases: &Leases,
+        cold: bool,
     ) -> Result<()> {
         let artifact = rec.spec.artifact.clone();
         let kernel = self
@@ -166,13 +171,23 @@ impl Service {
                 rec.spec.storage_bytes, rootfs.size_bytes
             )));
         }
+        let template = self.template_key(&rec.spec)?.filter(|_| !cold);
+        if let Some(dir) = template.as_deref().and_then(|k| self.template(k)) {
+            if self.create_from_template(rec, &dir).await.is_ok() {
+                return Ok(());
+            }
+        }
         let a = self.allocate_network(rec)?;
         let (disk, network) = tokio::join!(
             self.make_system_disk(rec, &rootfs.path),
             self.ensure_network(a.as_ref(), &rec.spec.network)
         );
         disk?;
-        self.boot(rec, network?).await
+        self.boot(rec, network?).await?;
+        if let Some(key) = template.filter(|k| self.template(k).is_none()) {
+            self.make_template(rec, &key).await;
+        }
+        Ok(())
     }
 
     /// The machine's system disk: a clone of `src` grown to the machine's storage size.
@@ -345,12 +360,17 @@ impl Service {
             });
         }
         let t = Instant::now();
-        if restored {
-            // The snapshot caught the filesystem frozen; nothing may write before the thaw.
+        // The snapshot caught the filesystem frozen; nothing may write before the thaw, which
+        // an agent that knows how does as part of the configure, in the same round trip.
+        let thaw_in_configure = restored
+            && agent.identity().is_some_and(|i| {
+                i.features
+                    .iter()
+                    .any(|f| f == hearth_proto::FEATURE_CONFIGURE_THAW)
+            });
+        if restored && !thaw_in_configure {
             agent.call(Op::Thaw, Some(AGENT_CALL)).await?;
         }
-        tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent thaw");
-        let t = Instant::now();
         // A restored guest's clock stood still since the snapshot and its entropy pool is its
         // source's: both are reset, with its own identity.
         let wall_clock_unix_ns = SystemTime::now()
@@ -370,11 +390,12 @@ impl Service {
                         .as_ref()
                         .filter(|_| rec.spec.network.enabled)
                         .map(|net| net.guest_config()),
+                    thaw: thaw_in_configure,
                 }),
                 Some(AGENT_CALL),
             )
             .await?;
-        tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent configure");
+        tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent thaw and configure");
         Ok(Arc::new(agent))
     }
 

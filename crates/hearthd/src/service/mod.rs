@@ -17,6 +17,7 @@ mod network;
 mod reconcile;
 mod restore;
 pub mod snapshots;
+mod templates;
 mod transfer;
 
 use crate::agent::AgentClient;

@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A snapshot's files, wherever they are, and what it was taken of.
-struct Source {
-    id: String,
-    kind: SnapshotKind,
-    memory_in_vmstate: bool,
-    spec: MachineSpec,
-    vmstate: PathBuf,
-    memory: PathBuf,
-    disk: PathBuf,
+pub(super) struct Source {
+    pub id: String,
+    pub kind: SnapshotKind,
+    pub memory_in_vmstate: bool,
+    pub spec: MachineSpec,
+    pub vmstate: PathBuf,
+    pub memory: PathBuf,
+    pub disk: PathBuf,
 }
 
 impl Service {
@@ -266,7 +266,11 @@ impl Service {
         })
     }
 
-    async fn restore_into(&self, rec: &mut MachineRecord, src: &Source) -> Result<Timings> {
+    pub(super) async fn restore_into(
+        &self,
+        rec: &mut MachineRecord,
+        src: &Source,
+    ) -> Result<Timings> {
         let started = Instant::now();
         let a = self.allocate_network(rec)?;
         let (disk, network) = tokio::join!(

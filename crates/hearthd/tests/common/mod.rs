@@ -54,6 +54,7 @@ pub fn create_req(id: &str) -> CreateMachineRequest {
         network: None,
         ports: None,
         vmm: None,
+        cold: None,
     }
 }
 
@@ -175,6 +176,8 @@ impl Daemon {
             ("--egress-interface", NO_EGRESS),
             ("--dns", "127.0.0.1"),
             ("--artifact-dir", image.to_str().unwrap()),
+            // Machines boot, as most tests assert of them; templates have tests of their own.
+            ("--templates", "false"),
         ] {
             let skip = flag == "--artifact-dir" && self.root_images;
             if !skip && !self.extra_args.iter().any(|a| a == flag) {

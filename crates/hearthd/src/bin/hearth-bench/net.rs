@@ -199,6 +199,8 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
             }]
         }),
         vmm: None,
+        // Booted, as the plain tap's guest is.
+        cold: Some(true),
     };
 
     // Through hearth's network, and the same guest on a plain tap in the host's namespace (no

@@ -105,6 +105,8 @@ fn create(id: &str, image: &Path, memory_mib: u32) -> CreateMachineRequest {
         }),
         ports: None,
         vmm: None,
+        // An original: booted, its RAM a shared file of its own.
+        cold: Some(true),
     }
 }
 

@@ -81,6 +81,7 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
             network: None,
             ports: None,
             vmm: None,
+            cold: None,
         })
         .await?;
     let script = format!(
