@@ -82,6 +82,7 @@ pub fn make_vmms(cfg: &Config) -> Result<vmm::Vmms> {
             }),
             user,
             console_log_bytes: cfg.console_log_bytes,
+            clone: cfg.clone,
         }));
     }
     Ok(vmm::Vmms::new(cfg.vmm, backends))

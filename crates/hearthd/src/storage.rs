@@ -57,6 +57,22 @@ fn sparse_copy(from: &File, to: &File, to_path: &Path) -> Result<()> {
     let len = from.metadata()?.len();
     to.set_len(len)
         .map_err(|e| Error::io("sizing", to_path, e))?;
+    copy_extents(from, to, to_path)
+}
+
+/// Writes the data of sparse file `from` over `to` at the same offsets, leaving the rest of
+/// `to` as it is: a diff laid over a clone of its base.
+pub fn copy_data_over(from: &Path, to: &Path) -> Result<()> {
+    let src = File::open(from).map_err(|e| Error::io("opening", from, e))?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .open(to)
+        .map_err(|e| Error::io("opening", to, e))?;
+    copy_extents(&src, &dst, to)
+}
+
+fn copy_extents(from: &File, to: &File, to_path: &Path) -> Result<()> {
+    let len = from.metadata()?.len();
     let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
     let mut pos: i64 = 0;
     while (pos as u64) < len {

@@ -87,6 +87,7 @@ impl Host {
             }),
             user: Some(vmm_user()),
             console_log_bytes: 1 << 20,
+            clone: hearthd::config::CloneMode::Auto,
         }
     }
 
@@ -97,6 +98,7 @@ impl Host {
             jail: None,
             user: None,
             console_log_bytes: 1 << 20,
+            clone: hearthd::config::CloneMode::Auto,
         }
     }
 
@@ -565,4 +567,116 @@ async fn the_daemon_drives_firecracker_machines_and_a_failed_one_leaves_nothing(
     d.assert_nothing_left("on-fc").await;
     c.delete_machine("q1").await.unwrap();
     assert!(d.vmm_pids().is_empty());
+}
+
+/// A restored machine's snapshots are `Diff`s laid over its base: the memory they give is
+/// byte for byte what a `Full` snapshot of the same paused machine writes, again after it ran
+/// on (each diff goes over the last snapshot's memory); a merge that fails leaves nothing and
+/// makes the next snapshot `Full`.
+#[tokio::test]
+async fn restored_machines_take_diff_snapshots_merged_over_their_base() {
+    let Some(bins) = binaries() else { return };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let host = Host::new(bins);
+    let fc = host.plain();
+    let p1 = host.machine("d1");
+    let m1 = fc.boot(&host.spec(&p1, "d1", None)).await.unwrap();
+    fc.pause(&p1).await.unwrap();
+    let dir = |name: &str| {
+        let d = host.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        d
+    };
+    let base = dir("base");
+    fc.save_state(&p1, &base).await.unwrap();
+    fc.kill(&p1, &m1).await;
+
+    // Restored as the daemon restores: the snapshot's files linked into the state directory,
+    // the machine's disk its own.
+    let p2 = host.machine("d2");
+    let state = p2.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    for f in ["vmstate", "memory"] {
+        std::fs::hard_link(base.join(f), state.join(f)).unwrap();
+    }
+    let m2 = fc
+        .restore(&host.spec(&p2, "d2", None), &state)
+        .await
+        .unwrap();
+    std::fs::remove_file(state.join("vmstate")).unwrap();
+
+    fc.pause(&p2).await.unwrap();
+    let first = dir("first");
+    assert_eq!(
+        fc.save_state(&p2, &first).await.unwrap(),
+        ["vmstate", "memory"]
+    );
+    assert!(!first.join("memory.diff").exists());
+    assert_eq!(
+        ino(&state.join("last-memory")),
+        ino(&first.join("memory")),
+        "the next diff goes over this one"
+    );
+    assert!(
+        std::fs::read(first.join("memory")).unwrap()
+            == full_memory(&fc, &p2, &dir("first-full")).await,
+        "the merged memory differs from a full snapshot's"
+    );
+
+    // It runs on; the next diff holds what changed since, over the first one's memory.
+    fc.resume(&p2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fc.pause(&p2).await.unwrap();
+    let second = dir("second");
+    fc.save_state(&p2, &second).await.unwrap();
+    assert!(
+        std::fs::read(second.join("memory")).unwrap()
+            == full_memory(&fc, &p2, &dir("second-full")).await,
+        "the second merged memory differs from a full snapshot's"
+    );
+
+    // A merge that fails (its memory's name taken by a directory): nothing of it is left, and
+    // the next is full (its memory whole, as a full snapshot writes it).
+    let failed = dir("failed");
+    std::fs::create_dir(failed.join("memory")).unwrap();
+    fc.save_state(&p2, &failed).await.unwrap_err();
+    assert_eq!(
+        std::fs::read_dir(&failed).unwrap().count(),
+        1,
+        "the failed snapshot left files: {:?}",
+        std::fs::read_dir(&failed).unwrap().collect::<Vec<_>>()
+    );
+    assert!(state.join("full-next").exists());
+    let after = dir("after");
+    fc.save_state(&p2, &after).await.unwrap();
+    assert!(!state.join("full-next").exists());
+    assert_eq!(ino(&state.join("last-memory")), ino(&after.join("memory")));
+    assert!(
+        std::fs::read(after.join("memory")).unwrap()
+            == full_memory(&fc, &p2, &dir("after-full")).await
+    );
+
+    fc.kill(&p2, &m2).await;
+    host.assert_nothing_left(&p2, "d2").await;
+}
+
+/// The memory of a `Full` snapshot of paused machine `p` into `out`: with its state directory's
+/// memory links set aside, the backend takes one (and links nothing).
+async fn full_memory(fc: &Firecracker, p: &MachinePaths, out: &Path) -> Vec<u8> {
+    let state = p.state_dir();
+    let aside = state.with_file_name("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for f in ["memory", "last-memory"] {
+        if state.join(f).exists() {
+            std::fs::rename(state.join(f), aside.join(f)).unwrap();
+        }
+    }
+    fc.save_state(p, out).await.unwrap();
+    for f in ["memory", "last-memory"] {
+        if aside.join(f).exists() {
+            std::fs::rename(aside.join(f), state.join(f)).unwrap();
+        }
+    }
+    std::fs::remove_dir(&aside).unwrap();
+    std::fs::read(out.join("memory")).unwrap()
 }

@@ -102,6 +102,8 @@ pub struct SnapshotCreate {
 pub struct SnapshotLoad {
     pub snapshot_path: String,
     pub mem_backend: MemBackend,
+    /// KVM's dirty log on, so that later snapshots can be `Diff`s.
+    pub track_dirty_pages: bool,
     pub resume_vm: bool,
 }
 

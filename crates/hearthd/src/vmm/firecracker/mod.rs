@@ -26,6 +26,8 @@ use super::{
     VmSpec, Vmm, VmmError,
 };
 
+use crate::config::CloneMode;
+use crate::storage;
 use api::{Api, VmState};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -45,6 +47,8 @@ pub struct Firecracker {
     pub user: Option<VmmUser>,
     /// Bytes of serial console (and of Firecracker's log) kept per file.
     pub console_log_bytes: u64,
+    /// How a diff snapshot's base memory is cloned.
+    pub clone: CloneMode,
 }
 
 /// Jailed mode: the jailer chroots each VMM into `<chroot_base>/<binary name>/<id>/root`,
@@ -146,6 +150,14 @@ const AGENT_SOCKET: &str = "agent.sock";
 const LOG: &str = "vmm.out";
 const VMSTATE: &str = "vmstate";
 const MEMORY: &str = "memory";
+/// A `Diff` snapshot's memory: only the pages written since the last snapshot or the load.
+const DIFF: &str = "memory.diff";
+/// In a restored machine's state directory: a link to the memory of its last snapshot, which
+/// the next `Diff` is laid over (Firecracker clears its dirty log at each snapshot).
+const LAST_MEMORY: &str = "last-memory";
+/// In a restored machine's state directory: the dirty log lost its meaning (a snapshot after
+/// which the merge failed); the next snapshot is `Full`.
+const FULL_NEXT: &str = "full-next";
 
 fn disk_name(i: usize) -> String {
     if i == 0 {
@@ -255,10 +267,113 @@ impl Firecracker {
         api(paths).set_state(VmState::Resumed, CALL_LIMIT).await
     }
 
-    /// For a paused machine: writes Firecracker's full snapshot into `dir` (a directory on the
-    /// filesystem of the VMM's directory), its state as `vmstate` and guest RAM as `memory`,
-    /// both root's; returns their names. On failure neither is left.
+    /// For a paused machine: writes its snapshot into `dir` (a directory on the filesystem of
+    /// the VMM's directory), its state as `vmstate` and guest RAM as `memory`, both root's;
+    /// returns their names. On failure neither is left.
+    ///
+    /// A restored machine (its state directory holds the memory it was restored from, loaded
+    /// with the dirty log on) takes a `Diff`: Firecracker writes only the pages written since
+    /// its last snapshot or its load, which are laid over a clone of that snapshot's memory
+    /// (or the restore's) into a full memory file. A booted machine takes a `Full` one.
     pub async fn save_state(
+        &self,
+        paths: &MachinePaths,
+        dir: &Path,
+    ) -> Result<Vec<&'static str>, FcError> {
+        let state = paths.state_dir();
+        if !state.join(MEMORY).exists() {
+            return self.save_full(paths, dir).await;
+        }
+        let base = [state.join(LAST_MEMORY), state.join(MEMORY)]
+            .into_iter()
+            .find(|p| p.exists())
+            .filter(|_| !state.join(FULL_NEXT).exists());
+        let saved = match base {
+            Some(base) => match self.save_diff(paths, dir, &base).await {
+                Ok(names) => Ok(names),
+                Err(e) => {
+                    // Whatever Firecracker's dirty log said is spent: the next is full.
+                    tracing::warn!(dir = %dir.display(), "diff snapshot: {e}");
+                    std::fs::write(state.join(FULL_NEXT), b"")
+                        .map_err(io("marking", &state.join(FULL_NEXT)))?;
+                    return Err(e);
+                }
+            },
+            None => self.save_full(paths, dir).await,
+        }?;
+        // The next diff goes over this one's memory.
+        let (link, tmp) = (state.join(LAST_MEMORY), state.join("last-memory.new"));
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::hard_link(dir.join(MEMORY), &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link))
+            .map_err(io("linking", &link))?;
+        let _ = std::fs::remove_file(state.join(FULL_NEXT));
+        Ok(saved)
+    }
+
+    /// A `Diff` snapshot merged over a clone of `base` (see [`Firecracker::save_state`]).
+    async fn save_diff(
+        &self,
+        paths: &MachinePaths,
+        dir: &Path,
+        base: &Path,
+    ) -> Result<Vec<&'static str>, FcError> {
+        let wd = self.workdir(paths)?;
+        let names = [VMSTATE, DIFF];
+        for name in names {
+            remove_file(&wd.join(name))?;
+        }
+        let written = api(paths)
+            .create_snapshot(
+                &api::SnapshotCreate {
+                    snapshot_type: "Diff",
+                    snapshot_path: VMSTATE.into(),
+                    mem_file_path: DIFF.into(),
+                },
+                SNAPSHOT_LIMIT,
+            )
+            .await;
+        let merged = match written {
+            Ok(()) => match self.take_files(&wd, dir, &names) {
+                Ok(()) => {
+                    let (base, diff, memory) =
+                        (base.to_path_buf(), dir.join(DIFF), dir.join(MEMORY));
+                    let mode = self.clone;
+                    tokio::task::spawn_blocking(move || {
+                        storage::clone_file(&base, &memory, mode)?;
+                        storage::copy_data_over(&diff, &memory)
+                    })
+                    .await
+                    .map_err(|e| FcError::Io {
+                        what: "merging the diff snapshot",
+                        path: dir.to_path_buf(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?
+                    .map_err(|e| FcError::Io {
+                        what: "merging the diff snapshot",
+                        path: dir.to_path_buf(),
+                        source: std::io::Error::other(e.message),
+                    })
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(dir.join(DIFF));
+        if let Err(e) = merged {
+            for name in [VMSTATE, DIFF] {
+                let _ = std::fs::remove_file(wd.join(name));
+            }
+            for name in [VMSTATE, MEMORY] {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            return Err(e);
+        }
+        Ok(vec![VMSTATE, MEMORY])
+    }
+
+    /// A `Full` snapshot: all of guest RAM written.
+    async fn save_full(
         &self,
         paths: &MachinePaths,
         dir: &Path,
@@ -810,6 +925,7 @@ impl Firecracker {
                 backend_type: "File",
                 backend_path: MEMORY.into(),
             },
+            track_dirty_pages: true,
             resume_vm: true,
         };
         match api(paths).load_snapshot(&params, SNAPSHOT_LIMIT).await {
