@@ -26,9 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// How long to wait before reading again after EOF (no host connected: a restore or a daemon
-/// restart, when the host connects within milliseconds).
+/// How long to wait before reading again after EOF (no host connected): short at first (after
+/// a restore the host connects within milliseconds), doubling up to [`IDLE_RETRY_MAX`] while
+/// no host comes (an idle guest after a daemon restart should not poll 200 times a second).
 const IDLE_RETRY: Duration = Duration::from_millis(5);
+const IDLE_RETRY_MAX: Duration = Duration::from_millis(100);
 /// How often to look for the channel's device while its driver may still be probing.
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// How long to wait after failing to listen on vsock, or to accept a connection (out of
@@ -349,7 +351,9 @@ impl Port {
             Source::Serial(reader) => {
                 let mut reader = reader.lock().unwrap_or_else(|e| e.into_inner());
                 self.send(&GuestMessage::Ready(identity()));
+                let mut idle = IDLE_RETRY;
                 loop {
+                    let began = std::time::Instant::now();
                     match self.serve_connection(&mut inbound, &mut *reader, &handle) {
                         // No host on the other side: whatever it left half-sent is void.
                         Ok(()) => {
@@ -358,7 +362,13 @@ impl Port {
                         }
                         Err(e) => eprintln!("hearth-agent: read from host: {e}"),
                     }
-                    std::thread::sleep(IDLE_RETRY);
+                    // A connection that lasted is over: the next host may come at once.
+                    idle = if began.elapsed() > IDLE_RETRY_MAX {
+                        IDLE_RETRY
+                    } else {
+                        (idle * 2).min(IDLE_RETRY_MAX)
+                    };
+                    std::thread::sleep(idle);
                 }
             }
             Source::Listener(handoff) => {

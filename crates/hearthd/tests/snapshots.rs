@@ -245,6 +245,19 @@ async fn restore_continues_and_forks_are_independent() {
     );
     let gg = read_counter(c, "great").await;
     assert!(counter_passes(c, "great", gg).await, "great stalled");
+    // Its disk works after a restore from a device state written without RAM.
+    let r = sh(
+        c,
+        "great",
+        "echo disk > /root/great && sync && cat /root/great",
+    )
+    .await;
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str()),
+        (0, "disk\n"),
+        "{}",
+        r.stderr
+    );
 
     for m in ["great", "grandchild", "clone2", "clone", "src"] {
         c.delete_machine(m).await.unwrap();

@@ -90,7 +90,6 @@ async fn creates_restore_a_template_of_their_image() {
     assert!(b.starts_with("second\n"), "{b}");
     let lines = |s: &str| s.lines().map(str::to_string).collect::<Vec<_>>();
     assert_ne!(lines(&a)[1], lines(&b)[1], "the same machine-id");
-    assert_ne!(lines(&a)[2], lines(&b)[2], "the same random bytes");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -136,7 +135,8 @@ async fn creates_restore_a_template_of_their_image() {
     assert!(!restored(&d, "third"));
     assert_eq!(templates(&d), made);
 
-    // A template that fails to restore is removed; the create boots and makes a new one.
+    // A template whose files changed is removed; the create boots and makes a new one (under
+    // the same key), which the next create restores.
     let vmstate = made[0].join("vmstate");
     let mut bytes = std::fs::read(&vmstate).unwrap();
     bytes[..4].copy_from_slice(b"XXXX");
@@ -145,14 +145,32 @@ async fn creates_restore_a_template_of_their_image() {
         .await
         .unwrap();
     assert!(!restored(&d, "fourth"));
-    assert_eq!(d.log_count("restoring the template failed"), 1);
-    assert_eq!(templates(&d), made, "the template was not made again");
+    assert_eq!(
+        d.log_count("a template that fails its checks is removed"),
+        1
+    );
+    assert_eq!(templates(&d), made, "no template under the same key again");
+    assert_ne!(std::fs::read(&vmstate).unwrap()[..4], *b"XXXX");
     c.create_machine(&create("fifth", &image, false))
         .await
         .unwrap();
     assert!(restored(&d, "fifth"), "{}", d.log());
+    // Two machines restored from one template draw different random bytes.
+    let (b, e) = (ident("second").await, ident("fifth").await);
+    assert_ne!(lines(&b)[2], lines(&e)[2], "the same random bytes");
+    assert_ne!(lines(&b)[1], lines(&e)[1], "the same machine-id");
 
-    // A changed image finds no template: it boots, makes its own, and the old one goes.
+    // Another size is another template, beside the first.
+    let mut big = create("big", &image, false);
+    big.memory_mib = Some(384);
+    c.create_machine(&big).await.unwrap();
+    assert!(!restored(&d, "big"));
+    let both = templates(&d);
+    assert_eq!(both.len(), 2);
+    assert!(both.contains(&made[0]));
+
+    // A changed image finds no template: it boots, makes its own, and the old one of the
+    // same size goes (the other size's stays until a machine of that size is made).
     let rootfs = images.path().join("rootfs.ext4");
     let out = std::process::Command::new("tune2fs")
         .args(["-L", "changed"])
@@ -165,8 +183,10 @@ async fn creates_restore_a_template_of_their_image() {
         .unwrap();
     assert!(!restored(&d, "sixth"));
     let now = templates(&d);
-    assert_eq!(now.len(), 1);
-    assert_ne!(now, made);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(!now.contains(&made[0]), "{now:?}");
+    let other: Vec<_> = both.iter().filter(|t| **t != made[0]).collect();
+    assert!(now.contains(other[0]), "{now:?}");
 
     for m in [
         "first",
@@ -175,6 +195,7 @@ async fn creates_restore_a_template_of_their_image() {
         "third",
         "fourth",
         "fifth",
+        "big",
         "sixth",
     ] {
         c.delete_machine(m).await.unwrap();

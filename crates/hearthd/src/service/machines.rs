@@ -172,8 +172,8 @@ impl Service {
             )));
         }
         let template = self.template_key(&rec.spec)?.filter(|_| !cold);
-        if let Some(dir) = template.as_deref().and_then(|k| self.template(k)) {
-            if self.create_from_template(rec, &dir).await.is_ok() {
+        if let Some((dir, info)) = template.as_deref().and_then(|k| self.template(k)) {
+            if self.create_from_template(rec, &dir, &info).await.is_ok() {
                 return Ok(());
             }
         }
@@ -183,11 +183,8 @@ impl Service {
             self.ensure_network(a.as_ref(), &rec.spec.network)
         );
         disk?;
-        self.boot(rec, network?).await?;
-        if let Some(key) = template.filter(|k| self.template(k).is_none()) {
-            self.make_template(rec, &key).await;
-        }
-        Ok(())
+        let make = template.filter(|k| self.template(k).is_none());
+        self.boot_as(rec, network?, make.as_deref()).await
     }
 
     /// The machine's system disk: a clone of `src` grown to the machine's storage size.
@@ -215,6 +212,17 @@ impl Service {
         rec: &mut MachineRecord,
         network: Option<NetAttach>,
     ) -> Result<()> {
+        self.boot_as(rec, network, None).await
+    }
+
+    /// [`Service::boot`]; with `template`, the machine is snapshotted as the template of that
+    /// key once its agent answered, before anyone else may use it (see `templates`).
+    async fn boot_as(
+        &self,
+        rec: &mut MachineRecord,
+        network: Option<NetAttach>,
+        template: Option<&str>,
+    ) -> Result<()> {
         let paths = self.paths(&rec.id);
         let spec = self.vm_spec(rec, network)?;
         let started = Instant::now();
@@ -223,7 +231,8 @@ impl Service {
         failpoint::stall("vmm-spawned").await;
         rec.process = Some(proc);
         self.store.update_machine(rec)?;
-        self.finish_start(rec, &paths, proc, false, started).await
+        self.finish_start(rec, &paths, proc, false, started, template)
+            .await
     }
 
     /// What the VMM needs to run this machine; its cgroup is made here.
@@ -297,10 +306,15 @@ impl Service {
         proc: VmProcess,
         restored: bool,
         started: Instant,
+        template: Option<&str>,
     ) -> Result<()> {
         match self.await_agent(rec, paths, proc, restored).await {
             Ok(agent) => {
                 *self.runtime(&rec.id).agent.lock().await = Some(agent);
+                if let Some(key) = template {
+                    // Still starting: no client's exec or file can end up in the template.
+                    self.make_template(rec, key).await?;
+                }
                 rec.phase = Phase::Running;
                 rec.error = None;
                 rec.started_at = Some(Utc::now());

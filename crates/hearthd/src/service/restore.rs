@@ -332,7 +332,7 @@ impl Service {
         rec.process = Some(proc);
         self.store.update_machine(rec)?;
         failpoint::stall("restore-running").await;
-        self.finish_start(rec, &paths, proc, true, t).await?;
+        self.finish_start(rec, &paths, proc, true, t, None).await?;
         timings.push(("agent", t.elapsed()));
         Ok(timings)
     }

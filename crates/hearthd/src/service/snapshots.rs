@@ -29,7 +29,10 @@ pub const MANIFEST: &str = "manifest.json";
 
 /// The format of `manifest.json` this hearthd writes and the newest it reads. Bumped when a
 /// field is added or changes meaning; a restore refuses a newer one rather than misread it.
-pub const MANIFEST_VERSION: u32 = 1;
+/// 2: a memory snapshot's device state may be QEMU's devices alone, without the configuration
+/// section a migration stream starts with (a restored machine's: see `vmm::qemu`), which an
+/// older hearthd would hand to QEMU and fail on.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// `manifest.json`: what a snapshot needs to be restored anywhere.
 #[derive(Debug, Clone, Serialize, Deserialize)]

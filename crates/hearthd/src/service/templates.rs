@@ -4,15 +4,18 @@
 //! snapshot with disks, identity, clock and entropy of their own, as any restore does — in a
 //! fraction of a boot's time, sharing the template's memory pages. A template is found by a
 //! key hashed from all of that, so a changed image, kernel or VMM finds none and makes its
-//! own; the templates the same image URLs made before are removed then. A template that fails
-//! to restore is removed, and the create boots.
+//! own; the templates the same image URLs made before for machines of the same size are removed
+//! then. A template that fails its checks or its restore is removed, and the create boots.
+//!
+//! The template is taken while its machine is still starting, so no client's exec, process or
+//! file can end up in it (and in every machine made from it).
 
 use super::restore::Source;
 use super::snapshots::{MEMORY, SYSTEM_DISK, VMSTATE};
 use super::{nonce, Service};
 use crate::error::{Error, Result};
-use crate::storage;
 use crate::store::{MachineRecord, MachineSpec};
+use crate::{host, storage};
 use chrono::Utc;
 use hearth_api::{ArtifactRef, SnapshotKind, VmmKind};
 use serde::{Deserialize, Serialize};
@@ -23,10 +26,14 @@ use std::path::{Path, PathBuf};
 const INFO: &str = "template.json";
 /// Suffix of a template's directory while it is written.
 const PARTIAL: &str = ".partial-";
+/// Suffix of a template's directory on its way out.
+const TRASH: &str = ".trash-";
 
 /// What a template was made of, for whoever looks at the data root and for invalidation.
 #[derive(Debug, Serialize, Deserialize)]
-struct TemplateInfo {
+pub(super) struct TemplateInfo {
+    /// This template, not another made later under the same key.
+    id: String,
     artifact: ArtifactRef,
     kernel_sha256: String,
     initrd_sha256: Option<String>,
@@ -38,6 +45,9 @@ struct TemplateInfo {
     storage_bytes: u64,
     network: bool,
     created_at: chrono::DateTime<Utc>,
+    /// Checked before every restore: the device state byte for byte, the rest by size.
+    vmstate_sha256: String,
+    sizes: Vec<(String, u64)>,
 }
 
 impl Service {
@@ -52,8 +62,10 @@ impl Service {
             return Ok(None);
         }
         let vmm = self.vmm(spec.vmm)?;
+        // A guest resumed on a CPU lacking a feature it saw at boot fails later, not at once.
+        let (cpu_model, cpu_flags) = host::cpu_model_and_flags();
         let inputs = format!(
-            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{cpu_model}\n{}",
             spec.kernel_sha256,
             spec.initrd_sha256.as_deref().unwrap_or("-"),
             spec.rootfs_sha256,
@@ -63,14 +75,16 @@ impl Service {
             spec.vcpus,
             spec.storage_bytes,
             spec.network.enabled,
+            cpu_flags.join(" "),
         );
         Ok(Some(hex::encode(&Sha256::digest(inputs.as_bytes())[..16])))
     }
 
-    /// The directory of the template for `key`, when there is one.
-    pub(super) fn template(&self, key: &str) -> Option<PathBuf> {
+    /// The template for `key`, when there is one: its directory and what it was made of.
+    pub(super) fn template(&self, key: &str) -> Option<(PathBuf, TemplateInfo)> {
         let dir = self.templates_dir().join(key);
-        dir.join(INFO).exists().then_some(dir)
+        let info = read_info(&dir)?;
+        Some((dir, info))
     }
 
     /// Makes `rec` (a new machine, its images fetched) by restoring the template in `dir`. On
@@ -80,7 +94,13 @@ impl Service {
         &self,
         rec: &mut MachineRecord,
         dir: &Path,
+        info: &TemplateInfo,
     ) -> Result<()> {
+        if let Err(e) = check_files(dir, info).await {
+            tracing::warn!(template = %dir.display(), "a template that fails its checks is removed: {}", e.message);
+            self.remove_template(dir, &info.id).await;
+            return Err(e);
+        }
         let src = Source {
             id: format!("template {}", dir.display()),
             kind: SnapshotKind::Memory,
@@ -94,6 +114,7 @@ impl Service {
             return Ok(());
         };
         tracing::warn!(machine = %rec.id, template = %dir.display(), "restoring the template failed; it is removed, and the machine boots: {}", e.message);
+        self.remove_template(dir, &info.id).await;
         if let Some(proc) = rec.process.take() {
             self.vmm(rec.spec.vmm)?
                 .kill(&self.paths(&rec.id), &proc)
@@ -104,18 +125,41 @@ impl Service {
         storage::remove_tree(&paths.state_dir()).await?;
         storage::remove_file(&paths.system_disk()).await?;
         self.store.update_machine(rec)?;
-        storage::remove_tree(dir).await?;
         Err(e)
     }
 
+    /// Removes the template in `dir` if it is still the one with this id (not a newer one made
+    /// under the same key meanwhile): renamed out of the way first, so no create finds it half
+    /// removed.
+    async fn remove_template(&self, dir: &Path, id: &str) {
+        if read_info(dir).is_none_or(|i| i.id != id) {
+            return;
+        }
+        let trash = dir.with_file_name(format!(
+            "{}{TRASH}{}",
+            dir.file_name().unwrap_or_default().to_string_lossy(),
+            nonce()
+        ));
+        if let Err(e) = std::fs::rename(dir, &trash) {
+            tracing::warn!(template = %dir.display(), "removing: {e}");
+            return;
+        }
+        if let Err(e) = storage::remove_tree(&trash).await {
+            tracing::warn!("{}", e.message);
+        }
+    }
+
     /// Snapshots `rec`, a machine just booted whose agent answered, as the template for `key`.
-    /// A template that cannot be made is logged, not the create's failure: the machine runs.
-    pub(super) async fn make_template(&self, rec: &MachineRecord, key: &str) {
+    /// A template that cannot be made is logged, not the create's failure, unless the machine
+    /// itself did not survive it (a VMM that would not resume: the machine is failed then).
+    pub(super) async fn make_template(&self, rec: &MachineRecord, key: &str) -> Result<()> {
         let root = self.templates_dir();
         let partial = root.join(format!("{key}{PARTIAL}{}", nonce()));
         let made = async {
             let (_, timings) = self.take(rec, SnapshotKind::Memory, &partial).await?;
+            let (vmstate_sha256, sizes) = seal(&partial).await?;
             let info = TemplateInfo {
+                id: nonce(),
                 artifact: rec.spec.artifact.clone(),
                 kernel_sha256: rec.spec.kernel_sha256.clone(),
                 initrd_sha256: rec.spec.initrd_sha256.clone(),
@@ -127,19 +171,27 @@ impl Service {
                 storage_bytes: rec.spec.storage_bytes,
                 network: rec.spec.network.enabled,
                 created_at: Utc::now(),
+                vmstate_sha256,
+                sizes,
             };
             let text =
                 serde_json::to_vec_pretty(&info).map_err(|e| Error::internal(e.to_string()))?;
             let path = partial.join(INFO);
             std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))?;
+            storage::sync_file(&path)?;
+            storage::sync_dir(&partial)?;
             let dir = root.join(key);
-            // Another create of the same kind may have been first: its template stays.
-            if std::fs::rename(&partial, &dir).is_err() {
-                storage::remove_tree(&partial).await?;
-                return Ok(());
+            match std::fs::rename(&partial, &dir) {
+                Ok(()) => storage::sync_dir(&root)?,
+                // Another create of the same kind was first: its template stays.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                    storage::remove_tree(&partial).await?;
+                    return Ok(());
+                }
+                Err(e) => return Err(Error::io("renaming", &partial, e)),
             }
             tracing::info!(machine = %rec.id, template = %key, ?timings, "template made");
-            self.remove_older_templates(key, &info.artifact).await;
+            self.remove_older_templates(key, &info).await;
             Ok::<_, Error>(())
         }
         .await;
@@ -149,16 +201,32 @@ impl Service {
                 tracing::warn!("{}", e.message);
             }
         }
+        match self.store.get_machine(&rec.id)? {
+            Some(now) if now.phase == hearth_api::Phase::Failed => {
+                Err(Error::unavailable(format!(
+                    "machine {}: {}",
+                    rec.id,
+                    now.error
+                        .unwrap_or_else(|| "failed while its template was taken".into())
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
-    /// Removes the templates made before of the same image URLs: their images changed since.
-    async fn remove_older_templates(&self, key: &str, artifact: &ArtifactRef) {
-        for (dir, info) in self.templates() {
-            if dir.file_name().is_some_and(|n| n != key) && info.artifact == *artifact {
+    /// Removes the templates made before of the same image URLs for machines like `new`
+    /// (VMM, size, network): their images or VMM changed since, and no key finds them again.
+    async fn remove_older_templates(&self, key: &str, new: &TemplateInfo) {
+        for (dir, old) in self.templates() {
+            let same_kind = old.artifact == new.artifact
+                && old.vmm == new.vmm
+                && old.memory_mib == new.memory_mib
+                && old.vcpus == new.vcpus
+                && old.storage_bytes == new.storage_bytes
+                && old.network == new.network;
+            if dir.file_name().is_some_and(|n| n != key) && same_kind {
                 tracing::info!(template = %dir.display(), "removing a template of an image that changed");
-                if let Err(e) = storage::remove_tree(&dir).await {
-                    tracing::warn!("{}", e.message);
-                }
+                self.remove_template(&dir, &old.id).await;
             }
         }
     }
@@ -170,31 +238,27 @@ impl Service {
         };
         entries
             .flatten()
-            .filter_map(|e| {
-                let text = std::fs::read(e.path().join(INFO)).ok()?;
-                Some((e.path(), serde_json::from_slice(&text).ok()?))
-            })
+            .filter_map(|e| Some((e.path(), read_info(&e.path())?)))
             .collect()
     }
 
-    /// At start: removes templates left half-written by a crash, and templates of a VMM
-    /// version this daemon does not run (no key can find them again).
+    /// At start: removes templates left half-written or half-removed by a crash, templates of
+    /// a VMM version this daemon does not run (no key can find them again), and every
+    /// template when templates are off.
     pub(super) async fn sweep_templates(&self) {
         let Ok(entries) = std::fs::read_dir(self.templates_dir()) else {
             return;
         };
         for entry in entries.flatten() {
             let dir = entry.path();
-            let stale = match std::fs::read(dir.join(INFO)) {
-                Err(_) => true,
-                Ok(text) => match serde_json::from_slice::<TemplateInfo>(&text) {
-                    Err(_) => true,
-                    Ok(info) => self
+            let stale = !self.cfg.templates
+                || match read_info(&dir) {
+                    None => true,
+                    Some(info) => self
                         .vmm(info.vmm)
                         .map(|v| v.version() != info.vmm_version)
                         .unwrap_or(true),
-                },
-            };
+                };
             if stale {
                 tracing::info!(template = %dir.display(), "removing a stale template");
                 if let Err(e) = storage::remove_tree(&dir).await {
@@ -203,4 +267,62 @@ impl Service {
             }
         }
     }
+}
+
+fn read_info(dir: &Path) -> Option<TemplateInfo> {
+    let text = std::fs::read(dir.join(INFO)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Flushes a template's files and directory to disk (it outlives power losses, and a restore
+/// trusts it), and returns the device state's sha256 and every file's size.
+async fn seal(dir: &Path) -> Result<(String, Vec<(String, u64)>)> {
+    let dir = dir.to_path_buf();
+    storage::blocking(move || {
+        let mut sizes = Vec::new();
+        for name in [VMSTATE, MEMORY, SYSTEM_DISK] {
+            let path = dir.join(name);
+            storage::sync_file(&path)?;
+            let len = std::fs::metadata(&path)
+                .map_err(|e| Error::io("reading", &path, e))?
+                .len();
+            sizes.push((name.to_string(), len));
+        }
+        storage::sync_dir(&dir)?;
+        let (_, sha) = storage::sha256_sparse(&dir.join(VMSTATE))?;
+        Ok((sha, sizes))
+    })
+    .await?
+}
+
+/// The template's files are as it was made: sizes, and the device state byte for byte.
+async fn check_files(dir: &Path, info: &TemplateInfo) -> Result<()> {
+    let (dir, sizes, sha) = (
+        dir.to_path_buf(),
+        info.sizes.clone(),
+        info.vmstate_sha256.clone(),
+    );
+    storage::blocking(move || {
+        for (name, len) in &sizes {
+            let path = dir.join(name);
+            let found = std::fs::metadata(&path)
+                .map_err(|e| Error::io("reading", &path, e))?
+                .len();
+            if found != *len {
+                return Err(Error::internal(format!(
+                    "{}: {found} bytes, made with {len}",
+                    path.display()
+                )));
+            }
+        }
+        let (_, found) = storage::sha256_sparse(&dir.join(VMSTATE))?;
+        if found != sha {
+            return Err(Error::internal(format!(
+                "{}: sha256 {found}, made with {sha}",
+                dir.join(VMSTATE).display()
+            )));
+        }
+        Ok(())
+    })
+    .await?
 }

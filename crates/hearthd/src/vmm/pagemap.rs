@@ -31,18 +31,21 @@ struct Mapping {
     offset: u64,
 }
 
-/// Parses `/proc/PID/maps` for the mappings of the file with device `dev` and inode `ino`.
-fn mappings(maps: &str, dev: u64, ino: u64) -> Vec<Mapping> {
+/// Parses `/proc/PID/maps` for the mappings of the file with device `dev`, inode `ino` and
+/// path `path`: the inode and either the device or the path must agree (on btrfs the device
+/// `stat` reports is the subvolume's, not the one the maps show).
+fn mappings(maps: &str, dev: u64, ino: u64, path: &str) -> Vec<Mapping> {
     let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
     maps.lines()
         .filter_map(|line| {
-            let mut f = line.split_whitespace();
+            let mut f = line.splitn(6, char::is_whitespace);
             let (range, _perms, offset, device, inode) =
                 (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let name = f.next().unwrap_or("").trim_start();
             let (maj, min) = device.split_once(':')?;
-            let same = u64::from_str_radix(maj, 16).ok()? == major
-                && u64::from_str_radix(min, 16).ok()? == minor
-                && inode.parse::<u64>().ok()? == ino;
+            let same_dev = u64::from_str_radix(maj, 16).ok()? == major
+                && u64::from_str_radix(min, 16).ok()? == minor;
+            let same = inode.parse::<u64>().ok()? == ino && (same_dev || name == path);
             if !same {
                 return None;
             }
@@ -110,7 +113,8 @@ struct Run {
 fn written_runs(pid: i32, file: &Path) -> io::Result<Vec<Run>> {
     let meta = std::fs::metadata(file)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let found = mappings(&maps, meta.dev(), meta.ino());
+    let canonical = std::fs::canonicalize(file)?;
+    let found = mappings(&maps, meta.dev(), meta.ino(), &canonical.to_string_lossy());
     if found.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
@@ -131,14 +135,19 @@ fn written_runs(pid: i32, file: &Path) -> io::Result<Vec<Run>> {
             for chunk in bytes.chunks_exact(8) {
                 let entry = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
                 if written(entry) {
+                    let at = m.offset + (addr - m.start);
                     match runs.last_mut() {
-                        Some(r) if r.addr + r.len == addr && r.len < MAX_RUN_BYTES as u64 => {
+                        Some(r)
+                            if r.addr + r.len == addr
+                                && r.at + r.len == at
+                                && r.len < MAX_RUN_BYTES as u64 =>
+                        {
                             r.len += page
                         }
                         _ => runs.push(Run {
                             addr,
                             len: page,
-                            at: m.offset + (addr - m.start),
+                            at,
                         }),
                     }
                 }
@@ -164,7 +173,7 @@ mod tests {
 7f0000500000-7f0000600000 rw-p 00000000 00:00 0 
 ";
         assert_eq!(
-            mappings(maps, dev, 1234),
+            mappings(maps, dev, 1234, "/m/memory"),
             vec![
                 Mapping {
                     start: 0x7f0000000000,
@@ -178,7 +187,13 @@ mod tests {
                 },
             ]
         );
-        assert!(mappings(maps, libc::makedev(0xfd, 0x02), 1234).is_empty());
+        // Another device and another path: another file with the same inode number.
+        assert!(mappings(maps, libc::makedev(0xfd, 0x02), 1234, "/other").is_empty());
+        // The device differs but the path agrees (btrfs subvolumes): the same file.
+        assert_eq!(
+            mappings(maps, libc::makedev(0, 0x2a), 1234, "/m/memory").len(),
+            2
+        );
     }
 
     /// A private mapping of a file in this very process: the pages written through it (and

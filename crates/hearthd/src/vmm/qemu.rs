@@ -12,7 +12,8 @@
 //!
 //! A restored machine's RAM is that private mapping, which migration would stream whole (RAM
 //! is left out only when it is shared). Its snapshot takes the device state alone
-//! (`xen-save-devices-state`, which any QEMU has: it writes every section but RAM) and builds
+//! (`xen-save-devices-state`, which any QEMU has: it writes every section but the RAM blocks,
+//! ROMs included, which a PVH guest does not read again) and builds
 //! the memory file from a clone of the file the machine was restored from plus the pages the
 //! machine wrote since ([`pagemap`]): as fast as an original's, and a full file again, so
 //! machines restored from it share its pages and nothing depends on the snapshot before.

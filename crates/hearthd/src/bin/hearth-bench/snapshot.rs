@@ -177,7 +177,7 @@ pub async fn run(
             l.plain_paused.as_secs_f64() / l.hearth_paused.as_secs_f64()
         );
         println!(
-            "    snapshot total (+ hashing)  hearth {:>10}",
+            "    snapshot total              hearth {:>10}",
             ms(l.hearth_total)
         );
         println!(

@@ -196,11 +196,21 @@ async fn bench(image: &Path, data_mib: u64, work: &Path, endpoint: &str) -> Resu
     let cfg = Config::parse_from(["hearthd", "--root", work.join("dl").to_str().unwrap()]);
     let svc = Service::new(cfg.clone(), hearthd::make_vmms(&cfg)?, None, None)
         .map_err(|e| anyhow::anyhow!(e.message))?;
+    // The upload computed and kept the disk's digest.
+    let digest = daemon
+        .client
+        .get_snapshot("bench")
+        .await?
+        .artifacts
+        .into_iter()
+        .find(|a| a.id == disk.id)
+        .and_then(|a| a.sha256_hex)
+        .context("the upload recorded no digest for the disk")?;
     let t = Instant::now();
     svc.fetch_verified(
         "disk",
         &get_url,
-        disk.sha256_hex.as_deref().unwrap_or(""),
+        &digest,
         size,
         &hearthd::blobs::Leases::default(),
     )
