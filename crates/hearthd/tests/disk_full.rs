@@ -78,6 +78,8 @@ async fn a_full_disk_is_507_and_leaves_nothing() {
     d.client.delete_machine("m").await.unwrap();
     let cached = entries(&blobs);
     let server = FileServer::start(d.path().join("snapshots/good")).await;
+    // A durable restore needs every digest; they are computed on asking (reading only).
+    let good = d.client.get_snapshot_hashed("good").await.unwrap();
     let mut artifacts = good.artifacts.clone();
     for a in &mut artifacts {
         a.download_url = Some(format!("{}/{}", server.endpoint, a.name));
