@@ -460,8 +460,12 @@ impl Service {
         // A restore on this host reads through the page cache and needs none of it on disk.
         tokio::task::spawn_blocking(move || {
             // A snapshot deleted meanwhile has nothing left to flush.
-            let synced = files.iter().try_for_each(|f| storage::sync_file(f));
-            if let Err(e) = synced.and_then(|()| storage::sync_dir(&dir)) {
+            let synced = files
+                .iter()
+                .try_for_each(|f| storage::sync_file(f))
+                .and_then(|()| storage::sync_dir(&dir))
+                .and_then(|()| dir.parent().map_or(Ok(()), storage::sync_dir));
+            if let Err(e) = synced {
                 tracing::debug!("{}", e.message);
             }
         });
