@@ -46,12 +46,10 @@ async fn a_full_disk_is_507_and_leaves_nothing() {
     // by a file on this filesystem) cannot fail.
     fs.unfill();
     d.client.create_machine(&req).await.unwrap();
-    let good = d
-        .client
+    d.client
         .create_snapshot("m", "good", SnapshotKind::Disk)
         .await
-        .unwrap()
-        .snapshot;
+        .unwrap();
     let ram = std::fs::metadata(d.path().join("machines/m/memory"))
         .unwrap()
         .blocks()
