@@ -169,11 +169,12 @@ fn limited(ws: WebSocketUpgrade) -> WebSocketUpgrade {
     ws.max_message_size(MAX_STDIN).max_frame_size(MAX_STDIN)
 }
 
-/// Stdin from an attached client on its way to the process, in order. At most `bytes` (and
-/// [`STDIN_QUEUE`] messages) wait: a client that sends faster than the process reads is held
-/// back, not buffered. Each message's share is given back once it was written.
+/// Stdin from an attached client on its way to the process, in order, its close included (a
+/// close that overtook data still queued would lose it). At most `bytes` (and [`STDIN_QUEUE`]
+/// messages) wait: a client that sends faster than the process reads is held back, not
+/// buffered. Each message's share is given back once it was written.
 struct StdinQueue {
-    tx: mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
+    tx: mpsc::Sender<StdinItem>,
     room: Arc<Semaphore>,
     bytes: usize,
 }
@@ -181,7 +182,10 @@ struct StdinQueue {
 /// Messages an attach session queues for the process, whatever their size.
 const STDIN_QUEUE: usize = 64;
 
-fn stdin_queue(bytes: usize) -> (StdinQueue, mpsc::Receiver<(Bytes, OwnedSemaphorePermit)>) {
+/// Bytes for the process, whether its stdin closes after them, and their share of the queue.
+type StdinItem = (Bytes, bool, OwnedSemaphorePermit);
+
+fn stdin_queue(bytes: usize) -> (StdinQueue, mpsc::Receiver<StdinItem>) {
     let (tx, rx) = mpsc::channel(STDIN_QUEUE);
     let room = Arc::new(Semaphore::new(bytes));
     (StdinQueue { tx, room, bytes }, rx)
@@ -190,13 +194,22 @@ fn stdin_queue(bytes: usize) -> (StdinQueue, mpsc::Receiver<(Bytes, OwnedSemapho
 impl StdinQueue {
     /// Queues `data` once there is room for it; false when nobody writes any more.
     async fn push(&self, data: Bytes) -> bool {
+        self.send(data, false).await
+    }
+
+    /// Queues the close of stdin, behind what was queued before it.
+    async fn close(&self) -> bool {
+        self.send(Bytes::new(), true).await
+    }
+
+    async fn send(&self, data: Bytes, close: bool) -> bool {
         // A message is never larger than the queue (`limited`); were it, it waits for an empty
         // queue rather than for ever.
         let share = u32::try_from(data.len().min(self.bytes)).unwrap_or(u32::MAX);
         let Ok(permit) = self.room.clone().acquire_many_owned(share).await else {
             return false;
         };
-        self.tx.send((data, permit)).await.is_ok()
+        self.tx.send((data, close, permit)).await.is_ok()
     }
 }
 
@@ -248,8 +261,8 @@ async fn session(svc: Arc<Service>, id: String, pid: String, offset: u64, socket
     // write that a process is slow to read.
     let (stdin_tx, mut stdin_rx) = stdin_queue(MAX_STDIN);
     let stdin = async {
-        while let Some((data, _share)) = stdin_rx.recv().await {
-            if let Err(e) = svc.process_stdin(&id, &pid, &data, false).await {
+        while let Some((data, close, _share)) = stdin_rx.recv().await {
+            if let Err(e) = svc.process_stdin(&id, &pid, &data, close).await {
                 tracing::debug!(machine = %id, pid, "attach stdin: {}", e.message);
             }
         }
@@ -272,7 +285,12 @@ async fn session(svc: Arc<Service>, id: String, pid: String, offset: u64, socket
                         Ok(n) => svc.signal_process(&id, &pid, n).await,
                         Err(e) => Err(Error::invalid(e)),
                     },
-                    Ok(AttachControl::CloseStdin) => svc.process_stdin(&id, &pid, &[], true).await,
+                    Ok(AttachControl::CloseStdin) => {
+                        if !stdin_tx.close().await {
+                            break;
+                        }
+                        Ok(())
+                    }
                     Err(e) => Err(Error::invalid(format!("bad control message: {e}"))),
                 },
                 Message::Close(_) => break,
@@ -364,12 +382,16 @@ mod tests {
         tokio::pin!(second);
         assert!(futures_util::poll!(second.as_mut()).is_pending());
         // …until the first was written.
-        let (first, share) = rx.recv().await.unwrap();
+        let (first, _, share) = rx.recv().await.unwrap();
         assert_eq!(first.len(), 60);
         assert!(futures_util::poll!(second.as_mut()).is_pending());
         drop(share);
         assert!(second.await);
         assert_eq!(rx.recv().await.unwrap().0.len(), 60);
+        // A close queues behind the data before it.
+        assert!(queue.close().await);
+        let (data, close, _) = rx.recv().await.unwrap();
+        assert!(data.is_empty() && close);
         // Once nobody writes, a push says so instead of waiting.
         drop(rx);
         assert!(!queue.push(Bytes::from_static(b"x")).await);
