@@ -166,7 +166,10 @@ pub async fn run(ctx: &Ctx, args: DemoArgs) -> Result<()> {
     report.step(
         "snapshot (memory)",
         t.elapsed(),
-        format!("paused {} ; memory and disk hashed when an upload needs them", phase(&timings, "paused")),
+        format!(
+            "paused {} ; memory and disk hashed when an upload needs them",
+            phase(&timings, "paused")
+        ),
     );
 
     let t = Instant::now();
