@@ -19,18 +19,21 @@ use hearth_proto::frame::{self, Decoder, Event, MAX_PAYLOAD};
 use hearth_proto::{
     encode, GuestMessage, Identity, Reply, Request, AGENT_PORT_NAME, AGENT_VSOCK_PORT, MAX_MESSAGE,
 };
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::signal::{SigSet, Signal};
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// How long to wait before reading again after EOF (no host connected): short at first (after
-/// a restore the host connects within milliseconds), doubling up to [`IDLE_RETRY_MAX`] while
-/// no host comes (an idle guest after a daemon restart should not poll 200 times a second).
-const IDLE_RETRY: Duration = Duration::from_millis(5);
-const IDLE_RETRY_MAX: Duration = Duration::from_millis(100);
+/// How long the serial reader waits for the port's signal that a host connected before it reads
+/// again anyway: a safety net, the signal comes at once. Without the signal (a port that cannot
+/// send it) the reader polls, at [`HOST_POLL`].
+const HOST_SIGNAL_WAIT: Duration = Duration::from_secs(1);
+const HOST_POLL: Duration = Duration::from_millis(20);
 /// How often to look for the channel's device while its driver may still be probing.
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// How long to wait after failing to listen on vsock, or to accept a connection (out of
@@ -188,13 +191,13 @@ struct Inbound {
 }
 
 impl Port {
-    /// Opens the agent's channel, waiting for its device to appear (its driver may still be
-    /// probing): the virtio-serial port when the machine has one, else vsock.
     /// The channel is a vsock (Firecracker's only one) rather than a virtio-serial port.
     pub fn is_vsock(&self) -> bool {
         matches!(self.source, Source::Listener(_))
     }
 
+    /// Opens the agent's channel, waiting for its device to appear (its driver may still be
+    /// probing): the virtio-serial port when the machine has one, else vsock.
     pub fn open_when_present() -> Arc<Port> {
         loop {
             if let Some(path) = find_port() {
@@ -350,10 +353,9 @@ impl Port {
         match &self.source {
             Source::Serial(reader) => {
                 let mut reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+                let host = HostSignal::arm(&reader);
                 self.send(&GuestMessage::Ready(identity()));
-                let mut idle = IDLE_RETRY;
                 loop {
-                    let began = std::time::Instant::now();
                     match self.serve_connection(&mut inbound, &mut *reader, &handle) {
                         // No host on the other side: whatever it left half-sent is void.
                         Ok(()) => {
@@ -362,13 +364,7 @@ impl Port {
                         }
                         Err(e) => eprintln!("hearth-agent: read from host: {e}"),
                     }
-                    // A connection that lasted is over: the next host may come at once.
-                    idle = if began.elapsed() > IDLE_RETRY_MAX {
-                        IDLE_RETRY
-                    } else {
-                        (idle * 2).min(IDLE_RETRY_MAX)
-                    };
-                    std::thread::sleep(idle);
+                    host.wait();
                 }
             }
             Source::Listener(handoff) => {
@@ -687,6 +683,72 @@ fn find_port() -> Option<PathBuf> {
     None
 }
 
+/// Wakes the serial reader when a host connects. A virtio-serial port whose reads return EOF
+/// while no host is connected cannot be waited on with `poll` (it reports a hang-up until the
+/// host comes), but it sends SIGIO to its owner when the host connects or data arrives. The
+/// reader's thread owns the port and keeps SIGIO blocked, so the signal stays pending until
+/// `sigtimedwait` takes it: one that comes between the EOF and the wait is not lost. Threads
+/// the reader starts inherit the mask, harmlessly: the signal is directed at this thread only,
+/// and `std::process::Command` clears the mask of what the agent runs.
+struct HostSignal {
+    armed: bool,
+}
+
+impl HostSignal {
+    fn arm(port: &File) -> HostSignal {
+        match arm_sigio(port) {
+            Ok(()) => HostSignal { armed: true },
+            Err(e) => {
+                eprintln!("hearth-agent: the port cannot signal its host, polling for it: {e}");
+                HostSignal { armed: false }
+            }
+        }
+    }
+
+    /// Returns when a host may have connected.
+    fn wait(&self) {
+        if !self.armed {
+            std::thread::sleep(HOST_POLL);
+            return;
+        }
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGIO);
+        let timeout = libc::timespec {
+            tv_sec: HOST_SIGNAL_WAIT.as_secs() as libc::time_t,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid signal set and timeout; no siginfo is asked for. A timeout or an
+        // interruption is as good as the signal: the caller reads again either way.
+        unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &timeout) };
+    }
+}
+
+/// Blocks SIGIO in this thread, then has the port send it here.
+fn arm_sigio(port: &File) -> io::Result<()> {
+    // From <fcntl.h>; not in the libc crate for every target.
+    const F_SETOWN_EX: libc::c_int = 15;
+    const F_OWNER_TID: libc::c_int = 0;
+    #[repr(C)]
+    struct FOwnerEx {
+        kind: libc::c_int,
+        pid: libc::pid_t,
+    }
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGIO);
+    set.thread_block()?;
+    let owner = FOwnerEx {
+        kind: F_OWNER_TID,
+        pid: nix::unistd::gettid().as_raw(),
+    };
+    // SAFETY: F_SETOWN_EX reads one `struct f_owner_ex`, which `owner` is laid out as.
+    if unsafe { libc::fcntl(port.as_raw_fd(), F_SETOWN_EX, &owner) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = OFlag::from_bits_retain(fcntl(port, FcntlArg::F_GETFL)?);
+    fcntl(port, FcntlArg::F_SETFL(flags | OFlag::O_ASYNC))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     //! This host has no vsock peer (no vsock loopback, no vhost-vsock in its QEMU): the
@@ -774,7 +836,7 @@ mod tests {
             return;
         }
         match req.op {
-            Op::Hello { nonce } => port.reply(
+            Op::Hello { nonce, .. } => port.reply(
                 req.id,
                 Reply::Hello {
                     nonce,
@@ -839,6 +901,7 @@ mod tests {
                 id,
                 Op::Hello {
                     nonce: nonce.clone(),
+                    configure: None,
                 },
                 false,
             );

@@ -89,10 +89,15 @@ fn guarded<T>(handler: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure
 /// Runs one request; `None` when the handler already replied.
 fn handle(op: Op, id: u64, port: &Arc<Port>) -> Result<Option<Reply>, Failure> {
     let reply = match op {
-        Op::Hello { nonce } => Reply::Hello {
-            nonce,
-            identity: identity(),
-        },
+        Op::Hello { nonce, configure } => {
+            if let Some(cfg) = &configure {
+                system::configure_for_hello(&nonce, cfg)?;
+            }
+            Reply::Hello {
+                nonce,
+                identity: identity(),
+            }
+        }
         Op::Configure(cfg) => {
             system::configure(&cfg)?;
             Reply::Done
@@ -164,7 +169,10 @@ fn identity() -> Identity {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel_release: field(|u| u.release()),
         hostname: field(|u| u.nodename()),
-        features: vec![hearth_proto::FEATURE_CONFIGURE_THAW.to_string()],
+        features: vec![
+            hearth_proto::FEATURE_CONFIGURE_THAW.to_string(),
+            hearth_proto::FEATURE_HELLO_CONFIGURE.to_string(),
+        ],
     }
 }
 

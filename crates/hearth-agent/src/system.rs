@@ -9,6 +9,7 @@ use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
 use std::fs;
 use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 
 const DEFAULT_HOSTNAME: &str = "hearth";
 
@@ -85,6 +86,29 @@ pub fn init() {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| DEFAULT_HOSTNAME.to_string());
     let _ = nix::unistd::sethostname(&hostname);
+}
+
+/// Applies the fix-ups a hello carries. The host repeats its hello until one is answered, each
+/// with fix-ups made as it was sent, and the agent answers each on a thread of its own: of one
+/// handshake's (one nonce's), only fix-ups newer than those applied are applied, so a late
+/// thread cannot set the clock back.
+pub fn configure_for_hello(nonce: &str, cfg: &Configure) -> Result<(), String> {
+    static APPLIED: Mutex<Option<(String, Option<u64>)>> = Mutex::new(None);
+    let mut applied = APPLIED.lock().unwrap_or_else(|e| e.into_inner());
+    if !newer(&applied, nonce, cfg.wall_clock_unix_ns) {
+        return Ok(());
+    }
+    configure(cfg)?;
+    *applied = Some((nonce.to_string(), cfg.wall_clock_unix_ns));
+    Ok(())
+}
+
+/// Fix-ups sent at `clock` with a hello of `nonce` are newer than those `applied`.
+fn newer(applied: &Option<(String, Option<u64>)>, nonce: &str, clock: Option<u64>) -> bool {
+    match applied {
+        Some((n, at)) if n == nonce => clock > *at,
+        _ => true,
+    }
 }
 
 pub fn configure(cfg: &Configure) -> Result<(), String> {
@@ -202,5 +226,21 @@ pub fn power_off(pid1: bool, vsock: bool) {
         } else {
             RebootMode::RB_POWER_OFF
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newer;
+
+    #[test]
+    fn a_late_hello_of_the_same_handshake_does_not_set_the_clock_back() {
+        let applied = Some(("n".to_string(), Some(200)));
+        assert!(!newer(&applied, "n", Some(100)), "older, same handshake");
+        assert!(!newer(&applied, "n", Some(200)), "the same hello again");
+        assert!(newer(&applied, "n", Some(300)), "newer, same handshake");
+        // Another handshake (a later restore of a snapshot, on a host whose clock is behind).
+        assert!(newer(&applied, "m", Some(100)));
+        assert!(newer(&None, "n", None));
     }
 }

@@ -43,9 +43,13 @@ pub struct Request {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    /// Readiness handshake: the agent answers with the same nonce.
+    /// Readiness handshake: the agent answers with the same nonce. An agent that lists
+    /// [`FEATURE_HELLO_CONFIGURE`] applies `configure` first (the start's fix-ups then take no
+    /// round trip of their own) and answers an error when it fails; others ignore it.
     Hello {
         nonce: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        configure: Option<Configure>,
     },
     /// Identity and clock fix-ups; each field is applied only when present.
     Configure(Configure),
@@ -172,6 +176,9 @@ pub struct Identity {
 
 /// [`Configure::thaw`] is understood: a restore's thaw and fix-ups take one round trip.
 pub const FEATURE_CONFIGURE_THAW: &str = "configure-thaw";
+
+/// [`Op::Hello::configure`] is understood: a start's handshake and fix-ups are one round trip.
+pub const FEATURE_HELLO_CONFIGURE: &str = "hello-configure";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]

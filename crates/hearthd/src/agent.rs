@@ -13,7 +13,10 @@ use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use hearth_proto::credit::{RecvWindow, SendWindow};
 use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD, RESYNC_PADDING};
-use hearth_proto::{encode, ErrorKind, GuestMessage, Identity, Op, Reply, Request, MAX_MESSAGE};
+use hearth_proto::{
+    encode, Configure, ErrorKind, GuestMessage, Identity, Op, Reply, Request,
+    FEATURE_CONFIGURE_THAW, FEATURE_HELLO_CONFIGURE, MAX_MESSAGE,
+};
 use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -400,12 +403,16 @@ impl AgentClient {
 
     /// Says hello until the agent echoes `nonce`, the connection closes, `alive` reports the
     /// VMM gone, or `deadline` passes: whatever the guest does, it returns by `deadline` (a
-    /// guest that reads nothing holds a hello's write, not the caller).
+    /// guest that reads nothing holds a hello's write, not the caller). Each hello carries
+    /// `configure()` (made anew, so its clock is the moment it is sent): an agent that lists
+    /// [`hearth_proto::FEATURE_HELLO_CONFIGURE`] applies it before it answers, and answers an
+    /// error, returned here, when that fails; others ignore it.
     pub async fn handshake(
         &self,
         nonce: &str,
         deadline: Instant,
         alive: impl Fn() -> bool,
+        configure: impl Fn() -> Option<Configure>,
     ) -> Result<()> {
         let late = || Error::unavailable("the guest agent did not answer in time");
         tokio::time::timeout_at(deadline.into(), async {
@@ -415,6 +422,7 @@ impl AgentClient {
                     .request(
                         Op::Hello {
                             nonce: nonce.to_string(),
+                            configure: configure(),
                         },
                         false,
                     )
@@ -432,6 +440,8 @@ impl AgentClient {
                                 "unexpected hello reply: {other:?}"
                             )))
                         }
+                        // The agent answered, with the error its configure met.
+                        Err(e) if !self.is_closed() => return Err(e),
                         Err(_) => {}
                     },
                     // The agent just opened its port: say hello again right away.
@@ -450,6 +460,18 @@ impl AgentClient {
         })
         .await
         .unwrap_or_else(|_| Err(late()))
+    }
+
+    /// The agent applies a configure sent with its hello.
+    pub fn configures_in_hello(&self) -> bool {
+        self.identity()
+            .is_some_and(|i| i.features.iter().any(|f| f == FEATURE_HELLO_CONFIGURE))
+    }
+
+    /// The agent thaws in a configure.
+    pub fn thaws_in_configure(&self) -> bool {
+        self.identity()
+            .is_some_and(|i| i.features.iter().any(|f| f == FEATURE_CONFIGURE_THAW))
     }
 }
 
@@ -1002,6 +1024,7 @@ mod tests {
         guest.stream.read_exact(&mut preamble).await.unwrap();
         let big = Op::Hello {
             nonce: "x".repeat(MAX_MESSAGE / 2),
+            configure: None,
         };
         let started = Instant::now();
         let err = tokio::time::timeout(Duration::from_secs(20), client.call(big, None))
@@ -1037,6 +1060,73 @@ mod tests {
         (AgentClient::over(host, write_stall), guest)
     }
 
+    fn identity_with(features: &[&str]) -> Identity {
+        Identity {
+            agent_version: "test".into(),
+            kernel_release: "test".into(),
+            hostname: "test".into(),
+            features: features.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    fn fix_ups() -> Option<Configure> {
+        Some(Configure {
+            hostname: Some("h".into()),
+            thaw: true,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_hello_carries_the_fix_ups_and_their_failure_ends_the_handshake() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answered = async {
+            let req = guest.request().await;
+            let Op::Hello { configure, .. } = req.op else {
+                panic!("expected a hello, got {:?}", req.op)
+            };
+            assert_eq!(configure, fix_ups());
+            let body = Reply::Error {
+                message: "set clock: EPERM".into(),
+                kind: ErrorKind::Failed,
+            };
+            guest.reply(req.id, body, false).await;
+        };
+        let (shaken, ()) =
+            tokio::join!(client.handshake("n", deadline, || true, fix_ups), answered);
+        // Not retried until the deadline: the agent's answer is the error.
+        let err = shaken.unwrap_err();
+        assert!(err.message.contains("set clock: EPERM"), "{err}");
+        assert!(!client.is_closed());
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_ignores_fix_ups_in_its_hello_says_so() {
+        for (features, in_hello) in [
+            (vec![FEATURE_CONFIGURE_THAW], false),
+            (vec![FEATURE_CONFIGURE_THAW, FEATURE_HELLO_CONFIGURE], true),
+        ] {
+            let (client, mut guest) = connected(WRITE_STALL);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let answered = async {
+                let req = guest.request().await;
+                let Op::Hello { nonce, .. } = req.op else {
+                    panic!("expected a hello, got {:?}", req.op)
+                };
+                let identity = identity_with(&features);
+                guest
+                    .reply(req.id, Reply::Hello { nonce, identity }, false)
+                    .await;
+            };
+            let (shaken, ()) =
+                tokio::join!(client.handshake("n", deadline, || true, fix_ups), answered);
+            shaken.unwrap();
+            assert_eq!(client.configures_in_hello(), in_hello, "{features:?}");
+            assert!(client.thaws_in_configure());
+        }
+    }
+
     #[tokio::test]
     async fn a_handshake_ends_by_its_deadline_when_the_guest_reads_nothing() {
         let (client, _guest) = connected_to_a_deaf_guest(WRITE_STALL);
@@ -1044,7 +1134,7 @@ mod tests {
         let deadline = started + Duration::from_millis(500);
         let err = tokio::time::timeout(
             Duration::from_secs(10),
-            client.handshake("n", deadline, || true),
+            client.handshake("n", deadline, || true, || None),
         )
         .await
         .expect("the handshake outlived its deadline")
@@ -1121,6 +1211,7 @@ mod tests {
         let (client, mut guest) = connected(WRITE_STALL);
         let huge = Op::Hello {
             nonce: "x".repeat(MAX_MESSAGE + 1),
+            configure: None,
         };
         let err = tokio::time::timeout(Duration::from_secs(20), client.call(huge, None))
             .await

@@ -13,7 +13,7 @@ use crate::{failpoint, storage};
 use base64::Engine;
 use chrono::Utc;
 use hearth_api::{
-    validate_id, CreateMachineRequest, GuestConfig, Machine, Phase, PublishPortRequest,
+    validate_id, CreateMachineRequest, ErrorCode, GuestConfig, Machine, Phase, PublishPortRequest,
 };
 use hearth_proto::{Configure, Op};
 use std::path::Path;
@@ -349,9 +349,36 @@ impl Service {
             }
             Err(e) => return Err(e.into()),
         };
+        // A restored guest's clock stood still since the snapshot and its entropy pool is its
+        // source's: both are reset, with its own identity. The snapshot caught the filesystem
+        // frozen: nothing may write before the thaw, which comes first.
+        let configure = |thaw: bool| Configure {
+            hostname: Some(rec.spec.hostname.clone()),
+            machine_id: Some(rec.spec.machine_uuid.clone()),
+            wall_clock_unix_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .ok(),
+            entropy_base64: Some(
+                base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 64]>()),
+            ),
+            network: self
+                .net
+                .as_ref()
+                .filter(|_| rec.spec.network.enabled)
+                .map(|net| net.guest_config()),
+            thaw,
+        };
         let t = Instant::now();
         let shaken = agent
-            .handshake(&nonce(), deadline, || vmm.is_alive(&proc))
+            .handshake(
+                &nonce(),
+                deadline,
+                || vmm.is_alive(&proc),
+                // A restore's fix-ups go with its hello. A boot's come after it: the hellos
+                // repeated while the guest boots wait for it, and each would apply its own.
+                || restored.then(|| configure(true)),
+            )
             .await;
         tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent handshake");
         if let Err(e) = shaken {
@@ -369,47 +396,26 @@ impl Service {
             // A guest that dies at boot is almost always a bad kernel, initrd or rootfs.
             return Err(if exited {
                 Error::invalid(msg)
+            } else if e.code != ErrorCode::Unavailable {
+                // The agent answered: its fix-ups failed.
+                Error { message: msg, ..e }
             } else {
                 Error::unavailable(msg)
             });
         }
-        let t = Instant::now();
-        // The snapshot caught the filesystem frozen; nothing may write before the thaw, which
-        // an agent that knows how does as part of the configure, in the same round trip.
-        let thaw_in_configure = restored
-            && agent.identity().is_some_and(|i| {
-                i.features
-                    .iter()
-                    .any(|f| f == hearth_proto::FEATURE_CONFIGURE_THAW)
-            });
-        if restored && !thaw_in_configure {
-            agent.call(Op::Thaw, Some(AGENT_CALL)).await?;
+        if !restored || !agent.configures_in_hello() {
+            // A boot, or an agent of an older snapshot: the fix-ups in calls of their own.
+            let thaw_in_configure = restored && agent.thaws_in_configure();
+            if restored && !thaw_in_configure {
+                agent.call(Op::Thaw, Some(AGENT_CALL)).await?;
+            }
+            agent
+                .call(
+                    Op::Configure(configure(thaw_in_configure)),
+                    Some(AGENT_CALL),
+                )
+                .await?;
         }
-        // A restored guest's clock stood still since the snapshot and its entropy pool is its
-        // source's: both are reset, with its own identity.
-        let wall_clock_unix_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .ok();
-        let entropy = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 64]>());
-        agent
-            .call(
-                Op::Configure(Configure {
-                    hostname: Some(rec.spec.hostname.clone()),
-                    machine_id: Some(rec.spec.machine_uuid.clone()),
-                    wall_clock_unix_ns,
-                    entropy_base64: Some(entropy),
-                    network: self
-                        .net
-                        .as_ref()
-                        .filter(|_| rec.spec.network.enabled)
-                        .map(|net| net.guest_config()),
-                    thaw: thaw_in_configure,
-                }),
-                Some(AGENT_CALL),
-            )
-            .await?;
-        tracing::debug!(machine = %rec.id, elapsed = ?t.elapsed(), "agent thaw and configure");
         Ok(Arc::new(agent))
     }
 

@@ -307,7 +307,9 @@ impl Service {
             .connect_agent(&self.paths(id), &process, deadline)
             .await?;
         let agent = Arc::new(AgentClient::new(stream));
-        agent.handshake(&nonce(), deadline, || true).await?;
+        agent
+            .handshake(&nonce(), deadline, || true, || None)
+            .await?;
         *slot = Some(agent.clone());
         Ok(agent)
     }

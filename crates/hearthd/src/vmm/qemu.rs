@@ -674,8 +674,12 @@ impl Vmm for Qemu {
             Ok(false) => Start::IncomingDevices,
             Err(e) => return Err(VmmError::io("reading", &vmstate, e)),
         };
+        let started = Instant::now();
         let proc = self.spawn(spec, &memory, start).await?;
-        if let Err(e) = self.load_and_run(&spec.paths, &vmstate).await {
+        let spawned = started.elapsed();
+        let loaded = self.load_and_run(&spec.paths, &vmstate).await;
+        tracing::debug!(dir = %spec.paths.dir.display(), ?spawned, loaded = ?started.elapsed() - spawned, "QEMU restore");
+        if let Err(e) = loaded {
             // QEMU exits when it cannot load a stream; the QMP error comes as it goes.
             let exited = process::wait_gone(&proc, Duration::from_secs(5)).await;
             process::kill_and_wait(&proc).await;

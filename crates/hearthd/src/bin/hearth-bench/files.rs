@@ -112,7 +112,12 @@ pub async fn run(image: &Path, mib: u64, rounds: usize) -> Result<()> {
         tokio::net::UnixStream::connect(machine_paths(&root, id).agent_socket()).await?,
     );
     agent
-        .handshake("bench", Instant::now() + Duration::from_secs(10), || true)
+        .handshake(
+            "bench",
+            Instant::now() + Duration::from_secs(10),
+            || true,
+            || None,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (mut raw_up, mut raw_down) = (Vec::new(), Vec::new());

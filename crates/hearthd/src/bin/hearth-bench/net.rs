@@ -373,7 +373,7 @@ async fn plain_tap(image: &Path, tap: &str, dir: &Path, mib: u64) -> Result<(f64
         let agent = AgentClient::new(tokio::net::UnixStream::connect(paths.agent_socket()).await?);
         let deadline = Instant::now() + Duration::from_secs(60);
         agent
-            .handshake("bench", deadline, || process::is_alive(&proc))
+            .handshake("bench", deadline, || process::is_alive(&proc), || None)
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
         let network = GuestNetwork {
