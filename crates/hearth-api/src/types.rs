@@ -297,7 +297,10 @@ pub struct Health {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GcResponse {
     pub removed_blobs: u64,
-    /// Bytes the removed blobs occupied on disk.
+    /// Templates of the images whose blobs were removed.
+    #[serde(default)]
+    pub removed_templates: u64,
+    /// Bytes the removed blobs and templates occupied on disk.
     pub freed_bytes: u64,
 }
 

@@ -106,7 +106,7 @@ enum Cmd {
     /// Restore s3://bucket/prefix/SNAPSHOT as a new machine.
     Pull { source: String, name: String },
     /// Remove cached blobs (kernels, root filesystems, downloaded snapshot artifacts) that no
-    /// machine or snapshot needs and no operation is using.
+    /// machine or snapshot needs and no operation is using, and the templates of their images.
     Gc,
     /// Walk through the main job: create, exec, snapshot, restore, fork, stop, start, delete,
     /// with timings.
@@ -212,8 +212,9 @@ async fn run(cmd: Cmd, ctx: &Ctx) -> Result<ExitCode> {
                 output::print_json(&r);
             } else {
                 println!(
-                    "removed {} blob(s), freed {}",
+                    "removed {} blob(s) and {} template(s), freed {}",
                     r.removed_blobs,
+                    r.removed_templates,
                     size::human(r.freed_bytes)
                 );
             }

@@ -70,6 +70,9 @@ pub struct Config {
     /// snapshot instead of booting. `false` boots every machine.
     #[arg(long, env = "HEARTH_TEMPLATES", default_value_t = true, action = clap::ArgAction::Set)]
     pub templates: bool,
+    /// Templates kept at most: making one more removes the least recently used.
+    #[arg(long, env = "HEARTH_MAX_TEMPLATES", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_templates: u32,
     #[arg(long, env = "HEARTH_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
     /// The VMM of machines that do not name one: `qemu` or `firecracker`.

@@ -172,6 +172,8 @@ async fn creates_restore_a_template_of_their_image() {
     // A changed image finds no template: it boots, makes its own, and the old one of the
     // same size goes (the other size's stays until a machine of that size is made).
     let rootfs = images.path().join("rootfs.ext4");
+    let original = images.path().join("rootfs.original");
+    std::fs::copy(&rootfs, &original).unwrap();
     let out = std::process::Command::new("tune2fs")
         .args(["-L", "changed"])
         .arg(&rootfs)
@@ -188,6 +190,19 @@ async fn creates_restore_a_template_of_their_image() {
     let other: Vec<_> = both.iter().filter(|t| **t != made[0]).collect();
     assert!(now.contains(other[0]), "{now:?}");
 
+    // Past `--max-templates` the least recently used go, whenever they were made: the bigger
+    // machines' template, older but just restored (the image as it was), stays.
+    std::fs::copy(&original, &rootfs).unwrap();
+    let mut big2 = create("big2", &image, false);
+    big2.memory_mib = Some(384);
+    c.create_machine(&big2).await.unwrap();
+    assert!(restored(&d, "big2"), "{}", d.log());
+    let mut d = d;
+    d.add_args(&["--max-templates", "1"]);
+    d.restart().await;
+    let c = &d.client;
+    assert_eq!(templates(&d), [other[0].clone()]);
+
     for m in [
         "first",
         "second",
@@ -197,8 +212,15 @@ async fn creates_restore_a_template_of_their_image() {
         "fifth",
         "big",
         "sixth",
+        "big2",
     ] {
         c.delete_machine(m).await.unwrap();
     }
     assert!(d.vmm_pids().is_empty());
+
+    // With no machine left, the collection removes the images' blobs, and their templates.
+    let gc = c.gc().await.unwrap();
+    assert_eq!(gc.removed_templates, 1, "{gc:?}");
+    assert!(gc.freed_bytes > 0, "{gc:?}");
+    assert!(templates(&d).is_empty(), "{:?}", templates(&d));
 }

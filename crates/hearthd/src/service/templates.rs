@@ -20,7 +20,9 @@ use chrono::Utc;
 use hearth_api::{ArtifactRef, SnapshotKind, VmmKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Written last into a template's directory: a directory without it is not a template.
 const INFO: &str = "template.json";
@@ -111,6 +113,10 @@ impl Service {
             disk: dir.join(SYSTEM_DISK),
         };
         let Err(e) = self.restore_into(rec, &src).await else {
+            // Used: the last to go when templates are too many.
+            if let Err(e) = touch(dir) {
+                tracing::warn!(template = %dir.display(), "marking as used: {e}");
+            }
             return Ok(());
         };
         tracing::warn!(machine = %rec.id, template = %dir.display(), "restoring the template failed; it is removed, and the machine boots: {}", e.message);
@@ -192,6 +198,7 @@ impl Service {
             }
             tracing::info!(machine = %rec.id, template = %key, ?timings, "template made");
             self.remove_older_templates(key, &info).await;
+            self.remove_least_used_templates().await;
             Ok::<_, Error>(())
         }
         .await;
@@ -266,7 +273,77 @@ impl Service {
                 }
             }
         }
+        self.remove_least_used_templates().await;
     }
+
+    /// Removes the least recently used templates past `--max-templates`.
+    async fn remove_least_used_templates(&self) {
+        let mut all: Vec<_> = self
+            .templates()
+            .into_iter()
+            .map(|(dir, info)| (last_used(&dir), dir, info))
+            .collect();
+        // Newest first.
+        all.sort_by_key(|t| std::cmp::Reverse(t.0));
+        for (_, dir, info) in all.into_iter().skip(self.cfg.max_templates as usize) {
+            tracing::info!(template = %dir.display(), max = self.cfg.max_templates, "removing the least recently used template");
+            self.remove_template(&dir, &info.id).await;
+        }
+    }
+
+    /// For `POST /gc`: removes the templates of images whose blobs are gone (no machine or
+    /// snapshot needed them, and the collection removed them); returns how many, and the bytes
+    /// they held.
+    pub(super) async fn remove_templates_of_removed_images(&self) -> (u64, u64) {
+        let blobs = self.artifacts.blobs();
+        let (mut removed, mut freed) = (0, 0);
+        for (dir, info) in self.templates() {
+            let gone = [
+                Some(&info.kernel_sha256),
+                info.initrd_sha256.as_ref(),
+                Some(&info.rootfs_sha256),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|sha| !blobs.path(sha).exists());
+            if gone && read_info(&dir).is_some_and(|i| i.id == info.id) {
+                let bytes = allocated_bytes(&dir);
+                self.remove_template(&dir, &info.id).await;
+                if !dir.exists() {
+                    removed += 1;
+                    freed += bytes;
+                }
+            }
+        }
+        (removed, freed)
+    }
+}
+
+/// When the template in `dir` was last restored (or made).
+fn last_used(dir: &Path) -> SystemTime {
+    std::fs::metadata(dir.join(INFO))
+        .and_then(|m| m.modified())
+        .unwrap_or(UNIX_EPOCH)
+}
+
+fn touch(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join(INFO))?
+        .set_modified(SystemTime::now())
+}
+
+/// Bytes a template's files hold on disk (they are sparse).
+fn allocated_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn read_info(dir: &Path) -> Option<TemplateInfo> {

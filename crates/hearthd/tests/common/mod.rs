@@ -164,6 +164,11 @@ impl Daemon {
             .collect();
     }
 
+    /// Flags for the daemon's next start (after [`Daemon::restart`]), after the ones it has.
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.extra_args.extend(args.iter().map(|a| a.to_string()));
+    }
+
     async fn spawn(&mut self) {
         self.log_start = self.log().len();
         // Test defaults, unless the test gives its own.
@@ -213,12 +218,12 @@ impl Daemon {
         }
     }
 
-    /// SIGKILLs the daemon, as a crash would.
     /// The running daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the daemon runs").id()
     }
 
+    /// SIGKILLs the daemon, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
