@@ -11,6 +11,7 @@
 
 use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hearth_proto::credit::{RecvWindow, SendWindow};
 use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD, RESYNC_PADDING};
 use hearth_proto::{
@@ -415,6 +416,8 @@ impl AgentClient {
         configure: impl Fn() -> Option<Configure>,
     ) -> Result<()> {
         let late = || Error::unavailable("the guest agent did not answer in time");
+        // Every hello sent stays awaited: a slow guest's answer to an earlier one counts.
+        let mut answers = FuturesUnordered::new();
         tokio::time::timeout_at(deadline.into(), async {
             loop {
                 let ready = self.shared.ready.notified();
@@ -427,9 +430,10 @@ impl AgentClient {
                         false,
                     )
                     .await?;
+                answers.push(async move { call.answer(None).await });
                 let wait = HELLO_RETRY.min(deadline.saturating_duration_since(Instant::now()));
                 tokio::select! {
-                    answer = call.answer(None) => match answer {
+                    Some(answer) = answers.next() => match answer {
                         Ok((Reply::Hello { nonce: n, identity }, _)) if n == nonce => {
                             *self.identity.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(identity);
@@ -1099,6 +1103,29 @@ mod tests {
         let err = shaken.unwrap_err();
         assert!(err.message.contains("set clock: EPERM"), "{err}");
         assert!(!client.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_to_an_earlier_hello_ends_the_handshake() {
+        let (client, mut guest) = connected(WRITE_STALL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let answered = async {
+            let first = guest.request().await;
+            // The host says hello again before this guest answers the first.
+            let second = guest.request().await;
+            assert!(matches!(second.op, Op::Hello { .. }), "{:?}", second.op);
+            let Op::Hello { nonce, .. } = first.op else {
+                panic!("expected a hello, got {:?}", first.op)
+            };
+            let identity = identity_with(&[FEATURE_HELLO_CONFIGURE]);
+            guest
+                .reply(first.id, Reply::Hello { nonce, identity }, false)
+                .await;
+        };
+        let (shaken, ()) =
+            tokio::join!(client.handshake("n", deadline, || true, fix_ups), answered);
+        shaken.unwrap();
+        assert!(client.configures_in_hello());
     }
 
     #[tokio::test]

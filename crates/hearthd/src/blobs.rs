@@ -234,24 +234,26 @@ impl Blobs {
     }
 
     /// Removes every blob that no machine or snapshot references and no lease pins, and the
-    /// records of files that are gone.
-    pub fn gc(&self) -> Result<GcResponse> {
+    /// records of files that are gone; returns what it did and the digests it removed.
+    pub fn gc(&self) -> Result<(GcResponse, Vec<String>)> {
         let pins = self.pins();
         let referenced = self.store.referenced_blobs()?;
         let mut report = GcResponse::default();
+        let mut removed = Vec::new();
         for (sha256, _) in self.files()? {
             if pins.contains_key(&sha256) || referenced.contains(&sha256) {
                 continue;
             }
             report.freed_bytes += self.remove(&sha256);
             report.removed_blobs += 1;
+            removed.push(sha256);
         }
         for rec in self.store.blobs_by_last_use()? {
             if !self.path(&rec.sha256).exists() {
                 self.store.forget_blob(&rec.sha256)?;
             }
         }
-        Ok(report)
+        Ok((report, removed))
     }
 
     /// Evicts unreferenced, unpinned blobs, least recently used first (a file without a record
@@ -543,7 +545,7 @@ mod tests {
             |body: &[u8]| std::fs::metadata(blobs.path(&sha(body))).unwrap().blocks() * 512;
         let expect_freed = allocated(&cache) + allocated(&stray);
 
-        let report = blobs.gc().unwrap();
+        let (report, _) = blobs.gc().unwrap();
         assert_eq!(report.removed_blobs, 2);
         assert_eq!(report.freed_bytes, expect_freed);
         let left = files(&blobs);
@@ -555,7 +557,7 @@ mod tests {
         drop(lease);
         store.delete_machine("m").unwrap();
         store.delete_snapshot("s").unwrap();
-        assert_eq!(blobs.gc().unwrap().removed_blobs, 3);
+        assert_eq!(blobs.gc().unwrap().0.removed_blobs, 3);
         assert!(files(&blobs).is_empty());
         assert!(store.blobs_by_last_use().unwrap().is_empty());
     }

@@ -202,6 +202,10 @@ async fn creates_restore_a_template_of_their_image() {
     d.restart().await;
     let c = &d.client;
     assert_eq!(templates(&d), [other[0].clone()]);
+    // A collection while a machine of the image runs keeps its template.
+    let gc = c.gc().await.unwrap();
+    assert_eq!(gc.removed_templates, 0, "{gc:?}");
+    assert_eq!(templates(&d), [other[0].clone()]);
 
     for m in [
         "first",

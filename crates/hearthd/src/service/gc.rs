@@ -1,5 +1,5 @@
 //! `POST /gc`: removes the blobs no machine or snapshot needs and no operation is using, and
-//! the templates of the images whose blobs it removed.
+//! the templates of the kernels (and initrds) it removed.
 
 use super::Service;
 use crate::error::{Error, Result};
@@ -8,10 +8,10 @@ use hearth_api::GcResponse;
 impl Service {
     pub async fn gc(&self) -> Result<GcResponse> {
         let blobs = self.artifacts.blobs().clone();
-        let mut report = tokio::task::spawn_blocking(move || blobs.gc())
+        let (mut report, removed) = tokio::task::spawn_blocking(move || blobs.gc())
             .await
             .map_err(|e| Error::internal(e.to_string()))??;
-        let (templates, bytes) = self.remove_templates_of_removed_images().await;
+        let (templates, bytes) = self.remove_templates_of_removed_images(&removed).await;
         report.removed_templates = templates;
         report.freed_bytes += bytes;
         tracing::info!(

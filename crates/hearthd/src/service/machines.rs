@@ -172,7 +172,7 @@ impl Service {
             )));
         }
         let template = self.template_key(&rec.spec)?.filter(|_| !cold);
-        if let Some((dir, info)) = template.as_deref().and_then(|k| self.template(k)) {
+        if let Some((dir, info)) = template.as_deref().and_then(|k| self.use_template(k)) {
             if self.create_from_template(rec, &dir, &info).await.is_ok() {
                 return Ok(());
             }

@@ -65,6 +65,8 @@ pub struct Service {
     boots: Arc<tokio::sync::Semaphore>,
     /// Held while a new machine's record is checked against `--max-machines` and inserted.
     admit: Mutex<()>,
+    /// Held while a template directory is renamed in or out of place.
+    templates_renamed: Mutex<()>,
 }
 
 /// In-memory state of one machine: its operation lock and its agent connection.
@@ -177,6 +179,7 @@ impl Service {
             relays: Relays::default(),
             boots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_boots)),
             admit: Mutex::new(()),
+            templates_renamed: Mutex::new(()),
             cfg,
         }))
     }

@@ -475,9 +475,17 @@ impl Service {
     }
 
     /// A ready snapshot with the digest of every artifact: those not known yet are computed,
-    /// each file on a thread of its own, and recorded. The caller keeps the snapshot from being
-    /// deleted meanwhile ([`Service::use_snapshot`]).
+    /// each file on a thread of its own, and recorded. One hashing of a snapshot runs at a
+    /// time: callers that waited for it find its digests recorded. The caller keeps the
+    /// snapshot from being deleted meanwhile ([`Service::use_snapshot`]).
     pub(super) async fn hashed_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        self.artifacts
+            .blobs()
+            .one_at_a_time(&format!("hash:{id}"), self.hash_missing(id))
+            .await
+    }
+
+    async fn hash_missing(&self, id: &str) -> Result<SnapshotRecord> {
         let mut snap = self.ready_snapshot(id)?;
         let dir = self.snapshot_dir(id);
         let jobs: Vec<_> = snap
@@ -500,7 +508,6 @@ impl Service {
             let (_, sha) = job.await.map_err(|e| Error::internal(e.to_string()))??;
             snap.artifacts[i].sha256_hex = Some(sha);
         }
-        // Concurrent hashers of one snapshot compute and record the same digests.
         self.store.update_snapshot(&snap)?;
         Ok(snap)
     }

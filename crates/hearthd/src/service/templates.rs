@@ -113,10 +113,6 @@ impl Service {
             disk: dir.join(SYSTEM_DISK),
         };
         let Err(e) = self.restore_into(rec, &src).await else {
-            // Used: the last to go when templates are too many.
-            if let Err(e) = touch(dir) {
-                tracing::warn!(template = %dir.display(), "marking as used: {e}");
-            }
             return Ok(());
         };
         tracing::warn!(machine = %rec.id, template = %dir.display(), "restoring the template failed; it is removed, and the machine boots: {}", e.message);
@@ -136,23 +132,43 @@ impl Service {
 
     /// Removes the template in `dir` if it is still the one with this id (not a newer one made
     /// under the same key meanwhile): renamed out of the way first, so no create finds it half
-    /// removed.
-    async fn remove_template(&self, dir: &Path, id: &str) {
-        if read_info(dir).is_none_or(|i| i.id != id) {
-            return;
-        }
+    /// removed. True when it went.
+    async fn remove_template(&self, dir: &Path, id: &str) -> bool {
         let trash = dir.with_file_name(format!(
             "{}{TRASH}{}",
             dir.file_name().unwrap_or_default().to_string_lossy(),
             nonce()
         ));
-        if let Err(e) = std::fs::rename(dir, &trash) {
-            tracing::warn!(template = %dir.display(), "removing: {e}");
-            return;
+        {
+            // The check and the rename as one step against a new template renamed in.
+            let _one = self.template_lock();
+            if read_info(dir).is_none_or(|i| i.id != id) {
+                return false;
+            }
+            if let Err(e) = std::fs::rename(dir, &trash) {
+                tracing::warn!(template = %dir.display(), "removing: {e}");
+                return false;
+            }
         }
         if let Err(e) = storage::remove_tree(&trash).await {
             tracing::warn!("{}", e.message);
         }
+        true
+    }
+
+    fn template_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.templates_renamed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The template for `key`, marked as used (the last to go when there are too many).
+    pub(super) fn use_template(&self, key: &str) -> Option<(PathBuf, TemplateInfo)> {
+        let (dir, info) = self.template(key)?;
+        if let Err(e) = touch(&dir) {
+            tracing::warn!(template = %dir.display(), "marking as used: {e}");
+        }
+        Some((dir, info))
     }
 
     /// Snapshots `rec`, a machine just booted whose agent answered, as the template for `key`.
@@ -187,7 +203,11 @@ impl Service {
             storage::sync_file(&path)?;
             storage::sync_dir(&partial)?;
             let dir = root.join(key);
-            match std::fs::rename(&partial, &dir) {
+            let renamed = {
+                let _one = self.template_lock();
+                std::fs::rename(&partial, &dir)
+            };
+            match renamed {
                 Ok(()) => storage::sync_dir(&root)?,
                 // Another create of the same kind was first: its template stays.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
@@ -291,31 +311,28 @@ impl Service {
         }
     }
 
-    /// For `POST /gc`: removes the templates of images whose blobs are gone (no machine or
-    /// snapshot needed them, and the collection removed them); returns how many, and the bytes
-    /// they held.
-    pub(super) async fn remove_templates_of_removed_images(&self) -> (u64, u64) {
-        let blobs = self.artifacts.blobs();
-        let (mut removed, mut freed) = (0, 0);
+    /// For `POST /gc`: removes the templates of the kernels and initrds in `removed` (blobs
+    /// the collection removed: no machine or snapshot runs them); returns how many, and the
+    /// bytes their files held. A root filesystem's blob says nothing: machines run on clones
+    /// of it, which the blob store does not count as uses.
+    pub(super) async fn remove_templates_of_removed_images(
+        &self,
+        removed: &[String],
+    ) -> (u64, u64) {
+        let (mut count, mut freed) = (0, 0);
         for (dir, info) in self.templates() {
-            let gone = [
-                Some(&info.kernel_sha256),
-                info.initrd_sha256.as_ref(),
-                Some(&info.rootfs_sha256),
-            ]
-            .into_iter()
-            .flatten()
-            .any(|sha| !blobs.path(sha).exists());
-            if gone && read_info(&dir).is_some_and(|i| i.id == info.id) {
+            let gone = removed
+                .iter()
+                .any(|sha| *sha == info.kernel_sha256 || Some(sha) == info.initrd_sha256.as_ref());
+            if gone {
                 let bytes = allocated_bytes(&dir);
-                self.remove_template(&dir, &info.id).await;
-                if !dir.exists() {
-                    removed += 1;
+                if self.remove_template(&dir, &info.id).await {
+                    count += 1;
                     freed += bytes;
                 }
             }
         }
-        (removed, freed)
+        (count, freed)
     }
 }
 

@@ -89,8 +89,6 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// Hostile guest: console flood, memory hog, fork bomb, disk filler, an endless message
-    /// and a reply flood on the agent channel, in one machine; the host's memory, the API's and a quiet machine's latency meanwhile.
     /// Firecracker beside QEMU through the Vmm trait: save_state and restore → running at the
     /// same memory size (needs HEARTH_FIRECRACKER; jailed with HEARTH_JAILER).
     Firecracker {
@@ -99,6 +97,9 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Hostile guest: console flood, memory hog, fork bomb, disk filler, an endless message
+    /// and a reply flood on the agent channel, in one machine; the host's memory, the API's
+    /// and a quiet machine's latency meanwhile.
     Hostile {
         /// Seconds each attack runs.
         #[arg(long, default_value_t = 15)]
@@ -107,7 +108,9 @@ enum Bench {
         #[arg(long)]
         only: Vec<String>,
     },
-    /// Snapshot and restore: hearth vs plain QEMU migration to a file; PSS of clones.
+    /// Snapshot and restore against plain QEMU migration to a file, a snapshot tree against
+    /// the previous path, agent ready, the first exec, fork end to end, create from the
+    /// template against a boot: on /tmp's filesystem and on XFS in one run; PSS of clones.
     Snapshot {
         /// Guest sizes in MiB (half of each is filled: in a guest under 512 MiB the guest's
         /// workload limit kills the filler).
@@ -117,10 +120,15 @@ enum Bench {
         clones: usize,
         #[arg(long, default_value_t = 512)]
         clone_memory_mib: u32,
-        /// The data root on a loop-mounted XFS with reflinks (needs mkfs.xfs), not /tmp's
-        /// filesystem.
-        #[arg(long)]
-        xfs: bool,
+        /// Where the data root is, one run each, in one daemon each: `tmp` (/tmp's
+        /// filesystem), `xfs` (a loop-mounted XFS with reflinks; needs mkfs.xfs).
+        #[arg(
+            long = "fs",
+            value_enum,
+            value_delimiter = ',',
+            default_value = "tmp,xfs"
+        )]
+        filesystems: Vec<snapshot::Fs>,
     },
 }
 
@@ -148,8 +156,8 @@ async fn main() -> Result<()> {
             sizes,
             clones,
             clone_memory_mib,
-            xfs,
-        } => snapshot::run(&args.image, &sizes, clones, clone_memory_mib, xfs).await,
+            filesystems,
+        } => snapshot::run(&args.image, &sizes, clones, clone_memory_mib, &filesystems).await,
     }
 }
 

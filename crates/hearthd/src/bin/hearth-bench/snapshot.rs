@@ -1,7 +1,8 @@
 //! hearth snapshot/restore against plain QEMU migration with RAM in the stream, same guest,
 //! same run; a snapshot tree (a restored machine snapshotted and restored in turn) against
-//! the previous path, which streamed a restored machine's RAM; fork end to end; then the PSS
-//! of clones sharing one snapshot's memory.
+//! the previous path, which streamed a restored machine's RAM; agent ready and the first exec
+//! after a restore; fork end to end; create from the template against a boot; each on /tmp's
+//! filesystem and on XFS with reflinks; then the PSS of clones sharing one snapshot's memory.
 
 use super::{image_artifact, ms, qemu, Daemon};
 use anyhow::{bail, Context, Result};
@@ -127,34 +128,68 @@ fn restore(snap: &str, id: &str, image: &Path) -> RestoreRequest {
     }
 }
 
+/// Where a run keeps its data root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fs {
+    /// /tmp's filesystem (ext4 here: no reflinks, clones are copies).
+    Tmp,
+    /// A loop-mounted XFS with reflinks (needs mkfs.xfs).
+    Xfs,
+}
+
+impl Fs {
+    fn name(self) -> &'static str {
+        match self {
+            Fs::Tmp => "/tmp's filesystem",
+            Fs::Xfs => "XFS with reflinks",
+        }
+    }
+}
+
 pub async fn run(
     image: &Path,
     sizes: &[u32],
     clones: usize,
     clone_mib: u32,
-    xfs: bool,
+    filesystems: &[Fs],
 ) -> Result<()> {
+    let mut runs = Vec::new();
+    for &fs in filesystems {
+        // The clones' PSS does not depend on the filesystem: measured once.
+        let clones = if runs.is_empty() { clones } else { 0 };
+        runs.push((fs, run_on(fs, image, sizes, clones, clone_mib).await?));
+    }
+    for (fs, (lines, pss)) in &runs {
+        print(*fs, lines, *pss, clones, clone_mib);
+    }
+    Ok(())
+}
+
+async fn run_on(
+    fs: Fs,
+    image: &Path,
+    sizes: &[u32],
+    clones: usize,
+    clone_mib: u32,
+) -> Result<(Vec<Line>, Option<u64>)> {
     let work = tempfile::Builder::new()
         .prefix("hbench")
         .tempdir_in("/tmp")?;
-    let mount = if xfs {
-        Some(XfsMount::new(work.path())?)
-    } else {
-        None
+    let mount = match fs {
+        Fs::Xfs => Some(XfsMount::new(work.path())?),
+        Fs::Tmp => None,
     };
     let root = match &mount {
         Some(m) => m.dir.join("root"),
         None => work.path().join("root"),
     };
-    let fs = if xfs {
-        "XFS with reflinks"
-    } else {
-        "/tmp's filesystem"
-    };
     let daemon = Daemon::start(&root, image).await?;
     let mut lines = Vec::new();
     for &mib in sizes {
-        eprintln!("{mib} MiB guest: booting and dirtying half its memory…");
+        eprintln!(
+            "{}: {mib} MiB guest: booting and dirtying half its memory…",
+            fs.name()
+        );
         lines.push(compare(&daemon, image, mib, work.path()).await?);
     }
     let pss = if clones > 0 {
@@ -163,12 +198,18 @@ pub async fn run(
     } else {
         None
     };
-
     // The daemon goes before its filesystem.
     drop(daemon);
     drop(mount);
-    println!("snapshot benchmark, data root on {fs} (half of guest memory dirtied; plain = QEMU migration with RAM in the stream)");
-    for l in &lines {
+    Ok((lines, pss))
+}
+
+fn print(fs: Fs, lines: &[Line], pss: Option<u64>, clones: usize, clone_mib: u32) {
+    println!(
+        "snapshot benchmark, data root on {} (half of guest memory dirtied; plain = QEMU migration with RAM in the stream)",
+        fs.name()
+    );
+    for l in lines {
         println!("  {} MiB guest", l.mib);
         println!(
             "    snapshot pause → resumed   hearth {:>10}   plain {:>10}   {:>6.1}×",
@@ -189,6 +230,13 @@ pub async fn run(
         println!(
             "    restore → agent ready      hearth {:>10}",
             ms(l.hearth_agent)
+        );
+        println!(
+            "    first exec after the restore {:>10}   the next {:>10}   (QEMU translated {} code blocks for the first, {} for the next: TCG)",
+            ms(l.first_exec.0),
+            ms(l.next_exec.0),
+            l.first_exec.1,
+            l.next_exec.1
         );
         let t = &l.tree;
         println!(
@@ -227,6 +275,13 @@ pub async fn run(
             ms(l.fork_original),
             ms(t.fork)
         );
+        println!(
+            "    create → running             from the template {:>10}   booted {:>10}   {:>6.1}×   (the first create of its kind, which boots and makes the template: {})",
+            ms(l.templated),
+            ms(l.booted),
+            l.booted.as_secs_f64() / l.templated.as_secs_f64(),
+            ms(l.template_made)
+        );
     }
     if let Some(l) = lines.iter().find(|l| l.mib == 1024) {
         let snap = l.plain_paused.as_secs_f64() / l.hearth_paused.as_secs_f64();
@@ -237,7 +292,7 @@ pub async fn run(
             if rest >= 20.0 { "met" } else { "NOT met" }
         );
     }
-    let Some(pss) = pss else { return Ok(()) };
+    let Some(pss) = pss else { return };
     println!(
         "  PSS of {clones} clones of a {clone_mib} MiB guest (each read its {} MiB of dirtied memory): \
          {:.0} MiB total, against {} MiB for {clones} separate copies ({:.1}×)",
@@ -246,7 +301,6 @@ pub async fn run(
         clones as u32 * clone_mib,
         (clones as u64 * clone_mib as u64 * 1024) as f64 / pss as f64
     );
-    Ok(())
 }
 
 struct Line {
@@ -258,7 +312,14 @@ struct Line {
     hearth_agent: Duration,
     plain_running: Duration,
     fork_original: Duration,
+    /// The first exec on the restored machine and the next, with the code blocks QEMU
+    /// translated for each.
+    first_exec: (Duration, u64),
+    next_exec: (Duration, u64),
     tree: Tree,
+    templated: Duration,
+    booted: Duration,
+    template_made: Duration,
 }
 
 /// A restored machine snapshotted and restored in turn.
@@ -309,6 +370,8 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
         .restore_timed(&snap, &restore(&snap, &clone, image))
         .await?;
     let (hearth_running, hearth_agent) = (phase(&t, "running"), phase(&t, "agent"));
+    let first_exec = exec_translated(d, &clone).await?;
+    let next_exec = exec_translated(d, &clone).await?;
     let fork_original = fork(d, &id, &format!("fork{mib}")).await?;
 
     // Plain restore: the same machine started on anonymous RAM, fed the whole stream.
@@ -345,6 +408,7 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
     d.client.delete_machine(&clone).await?;
     d.client.delete_machine(&id).await?;
     d.client.delete_snapshot(&snap).await?;
+    let (template_made, templated, booted) = templates(d, image, mib).await?;
     Ok(Line {
         mib,
         hearth_paused,
@@ -354,8 +418,62 @@ async fn compare(d: &Daemon, image: &Path, mib: u32, work: &Path) -> Result<Line
         hearth_agent,
         plain_running,
         fork_original,
+        first_exec,
+        next_exec,
         tree,
+        templated,
+        booted,
+        template_made,
     })
+}
+
+/// `true` run in `id`, timed, with the code blocks QEMU translated meanwhile (under TCG a
+/// guest's first run of a code path pays its translation).
+async fn exec_translated(d: &Daemon, id: &str) -> Result<(Duration, u64)> {
+    let control = machine_paths(&d.root, id).control_socket();
+    let blocks = || async {
+        let mut qmp = Qmp::connect(&control).await.map_err(anyhow::Error::msg)?;
+        let jit = qmp
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": "info jit" })),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let text = jit.as_str().unwrap_or_default().to_string();
+        // "TB count            17134"; a KVM machine has no such line.
+        Ok::<u64, anyhow::Error>(
+            text.lines()
+                .find(|l| l.starts_with("TB count"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        )
+    };
+    let before = blocks().await?;
+    let req = ExecRequest {
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    d.client.exec(id, &req).await?;
+    let took = t0.elapsed();
+    Ok((took, blocks().await?.saturating_sub(before)))
+}
+
+/// Create → running of a machine of this size: the first of its kind (booted, then made the
+/// template), one from the template, one booted (`cold`). All deleted again.
+async fn templates(d: &Daemon, image: &Path, mib: u32) -> Result<(Duration, Duration, Duration)> {
+    let mut times = Vec::new();
+    for (id, cold) in [("tfirst", false), ("tmade", false), ("tcold", true)] {
+        let mut req = create(id, image, mib);
+        req.cold = Some(cold);
+        let t0 = Instant::now();
+        d.client.create_machine(&req).await?;
+        times.push(t0.elapsed());
+        d.client.delete_machine(id).await?;
+    }
+    Ok((times[0], times[1], times[2]))
 }
 
 /// Fork of `source` into `id`, end to end as the client sees it; the fork is deleted again.
