@@ -118,6 +118,34 @@ pub fn sync_file(path: &Path) -> Result<()> {
         .map_err(|e| Error::io("flushing", path, e))
 }
 
+/// Flushes a file's data to disk a slice at a time, for a flush in the background: a
+/// whole-file flush keeps many of its pages locked while the block layer throttles it, and a
+/// VMM mapping the file (a machine restored from a snapshot just taken) waits on every fault
+/// on one of them. A slice's pages are written and waited for before the next one's. Measured
+/// (a restored 1 GiB guest that wrote 256 MiB, snapshotted and restored at once): 0.70–0.94 s
+/// to running with a whole-file flush, 0.33–0.63 s with slices, 0.21 s with nothing to flush.
+pub fn sync_file_gently(path: &Path) -> Result<()> {
+    const SLICE: u64 = 8 << 20;
+    let flushing = |e| Error::io("flushing", path, e);
+    let file = File::open(path).map_err(flushing)?;
+    let len = file.metadata().map_err(flushing)?.len();
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let mut pos = 0;
+    while pos < len {
+        let n = SLICE.min(len - pos);
+        // SAFETY: a plain system call on a descriptor `file` owns.
+        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), pos as i64, n as i64, flags) };
+        if rc != 0 {
+            return Err(flushing(std::io::Error::last_os_error()));
+        }
+        pos += n;
+    }
+    // The data is on disk; this flushes the metadata that finds it (and the disk's cache).
+    file.sync_data().map_err(flushing)
+}
+
 /// Flushes a directory, so that the entries created or renamed in it survive a power loss.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -279,6 +307,22 @@ pub fn too_large_for_a_file(path: &Path, bytes: u64, e: std::io::Error) -> Error
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_gentle_flush_goes_through_holes_and_a_short_tail_and_names_what_it_could_not_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let mut f = File::create(&path).unwrap();
+        // Data in the first and a later slice, a hole between, a tail shorter than a slice.
+        f.write_all(&[7u8; 4096]).unwrap();
+        f.set_len((20 << 20) + 123).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[9u8; 4096], 17 << 20).unwrap();
+        drop(f);
+        sync_file_gently(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), (20 << 20) + 123);
+        let err = sync_file_gently(&dir.path().join("gone")).unwrap_err();
+        assert!(err.message.contains("gone"), "{err}");
+    }
 
     /// Bytes really allocated to a file (st_blocks), not its apparent size.
     fn allocated_bytes(path: &Path) -> u64 {

@@ -462,7 +462,7 @@ impl Service {
             // A snapshot deleted meanwhile has nothing left to flush.
             let synced = files
                 .iter()
-                .try_for_each(|f| storage::sync_file(f))
+                .try_for_each(|f| storage::sync_file_gently(f))
                 .and_then(|()| storage::sync_dir(&dir))
                 .and_then(|()| dir.parent().map_or(Ok(()), storage::sync_dir));
             if let Err(e) = synced {
