@@ -68,6 +68,14 @@ pub fn measure_tsc_khz() -> u64 {
     ((c1 - c0) as u128 * 1_000_000 / elapsed.as_nanos().max(1)) as u64
 }
 
+/// This boot of the host's kernel: what a page cache that survives a daemon's crash, and not
+/// the host's, belongs to.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,56 @@ async fn crash_in_the_middle_of_a_snapshot_and_of_a_restore() {
         "the snapshot itself is intact"
     );
 
+    // A snapshot is ready before its files are on disk; the background flush clears its mark.
+    let db = d.path().join("state/hearth.db");
+    let mark = |id: &str| -> Option<String> {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row(
+                "SELECT unflushed_boot FROM snapshots WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(60), async || mark("snap").is_none()).await,
+        "the snapshot's files were never flushed"
+    );
+    // The daemon dies with two snapshots not flushed: one written in this host boot (its
+    // files are still in the page cache), one in a boot before (the host went down: its
+    // files may be torn).
+    d.client
+        .create_snapshot("src", "lost", SnapshotKind::Memory)
+        .await
+        .unwrap();
+    d.kill9();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let set = |id: &str, boot: &str| {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute(
+                "UPDATE snapshots SET unflushed_boot = ?2 WHERE id = ?1",
+                [id, boot],
+            )
+            .unwrap()
+    };
+    assert_eq!(set("snap", boot.trim()), 1);
+    assert_eq!(set("lost", "a-boot-before-this-one"), 1);
+    d.restart().await;
+    let err = d.client.get_snapshot("lost").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    assert!(!d.path().join("snapshots/lost").exists());
+    assert_eq!(
+        d.log_count("before this snapshot's files reached the disk"),
+        1
+    );
+    assert!(d.client.get_snapshot("snap").await.is_ok());
+    assert!(
+        eventually(Duration::from_secs(60), async || mark("snap").is_none()).await,
+        "the snapshot of this boot was not flushed after the restart"
+    );
+
     d.client.delete_machine("src").await.unwrap();
     d.client.delete_snapshot("snap").await.unwrap();
     assert!(d.vmm_pids().is_empty());

@@ -13,7 +13,8 @@ use hearth_api::Phase;
 use std::collections::HashSet;
 
 impl Service {
-    /// The start-up pass: interrupted operations first, stale templates, then a regular pass.
+    /// The start-up pass: interrupted operations first, snapshots not yet on disk, stale
+    /// templates, then a regular pass.
     pub async fn recover(&self) {
         match self.store.pending_ops() {
             Ok(ops) => {
@@ -28,6 +29,7 @@ impl Service {
             Err(e) => tracing::error!("reading the journal: {}", e.message),
         }
         self.reattach_all().await;
+        self.recover_unflushed_snapshots().await;
         self.sweep_templates().await;
         self.reconcile_pass().await;
     }

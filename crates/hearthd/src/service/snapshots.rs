@@ -455,23 +455,65 @@ impl Service {
                 download_url: None,
             });
         }
-        let files: Vec<PathBuf> = written.iter().map(|w| dir.join(w.name)).collect();
-        let dir = dir.to_path_buf();
-        // A restore on this host reads through the page cache and needs none of it on disk.
-        tokio::task::spawn_blocking(move || {
-            // A snapshot deleted meanwhile has nothing left to flush.
-            let synced = files
-                .iter()
-                .try_for_each(|f| storage::sync_file_gently(f))
-                .and_then(|()| storage::sync_dir(&dir))
-                .and_then(|()| dir.parent().map_or(Ok(()), storage::sync_dir));
-            if let Err(e) = synced {
-                tracing::debug!("{}", e.message);
-            }
-        });
+        // Marked before it is ready: a host that goes down before the flush below ends must
+        // not leave a ready snapshot with torn files (see `recover_unflushed_snapshots`).
+        self.store
+            .set_snapshot_unflushed(&snap.id, Some(&host::boot_id()))?;
         snap.artifacts = artifacts;
         snap.ready = true;
-        self.store.update_snapshot(snap)
+        self.store.update_snapshot(snap)?;
+        self.flush_in_background(&snap.id);
+        Ok(())
+    }
+
+    /// Flushes snapshot `id`'s files and directory to disk, off the caller's path (a restore on
+    /// this host reads through the page cache and needs none of it on disk), then clears its
+    /// mark.
+    fn flush_in_background(&self, id: &str) {
+        let (store, id, dir) = (self.store.clone(), id.to_string(), self.snapshot_dir(id));
+        tokio::task::spawn_blocking(move || {
+            let files = std::fs::read_dir(&dir)
+                .map(|entries| entries.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .map_err(|e| Error::io("reading", &dir, e));
+            // A snapshot deleted meanwhile has nothing left to flush.
+            let synced = files
+                .and_then(|files| files.iter().try_for_each(|f| storage::sync_file_gently(f)))
+                .and_then(|()| storage::sync_dir(&dir))
+                .and_then(|()| dir.parent().map_or(Ok(()), storage::sync_dir))
+                .and_then(|()| store.set_snapshot_unflushed(&id, None));
+            if let Err(e) = synced {
+                tracing::debug!(snapshot = %id, "flushing: {}", e.message);
+            }
+        });
+    }
+
+    /// At start: snapshots whose files were not all on disk when the daemon stopped. Within
+    /// the same host boot the page cache still holds them, and they are flushed; after the host
+    /// went down they may be torn (their large files are hashed only on demand, so nothing else
+    /// would notice), and they are deleted.
+    pub(super) async fn recover_unflushed_snapshots(&self) {
+        let unflushed = match self.store.unflushed_snapshots() {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!("reading snapshots: {}", e.message);
+                return;
+            }
+        };
+        let boot = host::boot_id();
+        for (id, written_in) in unflushed {
+            if written_in == boot {
+                self.flush_in_background(&id);
+                continue;
+            }
+            tracing::warn!(snapshot = %id, "the host went down before this snapshot's files reached the disk: it is deleted");
+            let removed = match storage::remove_tree(&self.snapshot_dir(&id)).await {
+                Ok(()) => self.store.delete_snapshot(&id),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = removed {
+                tracing::warn!(snapshot = %id, "deleting: {}", e.message);
+            }
+        }
     }
 
     /// A ready snapshot with the digest of every artifact: those not known yet are computed,

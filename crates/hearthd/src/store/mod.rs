@@ -80,6 +80,8 @@ const MIGRATIONS: &[&str] = &[
     );",
     // Which RAM a machine runs on is its backend's business now (see `vmm::Vmm::save_state`).
     "ALTER TABLE machines DROP COLUMN ram_shared;",
+    // The host boot during which a ready snapshot's files were written and not yet flushed.
+    "ALTER TABLE snapshots ADD COLUMN unflushed_boot TEXT;",
 ];
 
 pub struct Store {

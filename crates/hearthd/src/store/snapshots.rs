@@ -139,6 +139,25 @@ impl Store {
         Ok(ids.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Records that snapshot `id`'s files were written during host boot `boot` and are not
+    /// all on disk yet (`None`: they are).
+    pub fn set_snapshot_unflushed(&self, id: &str, boot: Option<&str>) -> Result<()> {
+        self.conn().execute(
+            "UPDATE snapshots SET unflushed_boot = ?2 WHERE id = ?1",
+            params![id, boot],
+        )?;
+        Ok(())
+    }
+
+    /// Snapshots whose files are not all on disk, with the host boot they were written in.
+    pub fn unflushed_snapshots(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, unflushed_boot FROM snapshots WHERE unflushed_boot IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
         self.conn()
             .execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
