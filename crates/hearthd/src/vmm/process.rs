@@ -2,10 +2,65 @@
 //! are not a restarted daemon's children). They are tracked by pid plus start time: a pid alone
 //! could be reused.
 
+use super::user::VmmUser;
+use crate::cgroup::Cgroup;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tokio::process::Command;
+
+/// What a VMM's process is confined to, set up in the child between fork and exec (a sandboxed
+/// VMM can do none of it itself).
+#[derive(Default)]
+pub struct Confinement {
+    /// The machine's network namespace, entered.
+    pub netns: Option<OwnedFd>,
+    /// The machine's cgroup, joined before anything runs.
+    pub cgroup: Option<Cgroup>,
+    /// Descriptors the VMM inherits: their close-on-exec flag is cleared.
+    pub inherit: Vec<RawFd>,
+    /// Whom it runs as, taken last; `None` keeps the daemon's user.
+    pub user: Option<VmmUser>,
+}
+
+impl Confinement {
+    /// Has `cmd`'s child take the confinement. It also gets a session of its own: no signal for
+    /// the daemon's terminal or group reaches it, and it outlives the daemon.
+    pub fn apply(self, cmd: &mut Command) {
+        let Confinement {
+            netns,
+            cgroup,
+            inherit,
+            user,
+        } = self;
+        // SAFETY: the closure runs in the forked child before exec; it allocates nothing and
+        // makes only system calls.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid()?;
+                if let Some(ns) = &netns {
+                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                }
+                if let Some(cgroup) = &cgroup {
+                    cgroup.join_self()?;
+                }
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(user) = &user {
+                    nix::unistd::setgroups(&user.groups)?;
+                    nix::unistd::setgid(user.gid)?;
+                    nix::unistd::setuid(user.uid)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
 
 /// A VMM process. The start time (from /proc) tells a live process from a later one that
 /// reused its pid.

@@ -369,35 +369,13 @@ impl Qemu {
             ),
             None => None,
         };
-        let cgroup = spec.cgroup.clone();
-        let user = self.user.clone();
-        let inherit = fds.raw();
-        // SAFETY: the closure runs in the forked child before exec; it allocates nothing and
-        // makes only system calls.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Its own session: no signal for the daemon's terminal or group reaches it,
-                // and it outlives the daemon.
-                nix::unistd::setsid()?;
-                if let Some(ns) = &ns {
-                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                }
-                if let Some(cgroup) = &cgroup {
-                    cgroup.join_self()?;
-                }
-                for &fd in &inherit {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if let Some(user) = &user {
-                    nix::unistd::setgroups(&user.groups)?;
-                    nix::unistd::setgid(user.gid)?;
-                    nix::unistd::setuid(user.uid)?;
-                }
-                Ok(())
-            });
+        process::Confinement {
+            netns: ns,
+            cgroup: spec.cgroup.clone(),
+            inherit: fds.raw(),
+            user: self.user.clone(),
         }
+        .apply(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));

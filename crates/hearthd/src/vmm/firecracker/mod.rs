@@ -703,18 +703,12 @@ impl Firecracker {
                 // through its own --cgroup flags: that cgroup is made and limited already (v1
                 // or v2, as the daemon found), the jailer and everything it starts are charged
                 // to it from their first page, and it is removed the one way every machine's is.
-                let cgroup = spec.cgroup.clone();
-                // SAFETY: the closure runs in the forked child before exec; it allocates
-                // nothing and makes only system calls.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        nix::unistd::setsid()?;
-                        if let Some(cgroup) = &cgroup {
-                            cgroup.join_self()?;
-                        }
-                        Ok(())
-                    });
+                // The jailer enters the namespace and takes the user itself.
+                process::Confinement {
+                    cgroup: spec.cgroup.clone(),
+                    ..Default::default()
                 }
+                .apply(&mut cmd);
                 cmd
             }
             None => {
@@ -731,28 +725,13 @@ impl Firecracker {
                     ),
                     None => None,
                 };
-                let cgroup = spec.cgroup.clone();
-                let user = self.user.clone();
-                // SAFETY: as above.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        // Its own session: no signal for the daemon's terminal or group
-                        // reaches it, and it outlives the daemon.
-                        nix::unistd::setsid()?;
-                        if let Some(ns) = &ns {
-                            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                        }
-                        if let Some(cgroup) = &cgroup {
-                            cgroup.join_self()?;
-                        }
-                        if let Some(user) = &user {
-                            nix::unistd::setgroups(&user.groups)?;
-                            nix::unistd::setgid(user.gid)?;
-                            nix::unistd::setuid(user.uid)?;
-                        }
-                        Ok(())
-                    });
+                process::Confinement {
+                    netns: ns,
+                    cgroup: spec.cgroup.clone(),
+                    inherit: Vec::new(),
+                    user: self.user.clone(),
                 }
+                .apply(&mut cmd);
                 cmd
             }
         };
