@@ -61,8 +61,12 @@ async fn leftovers_of_unknown_machines_are_removed() {
     std::fs::create_dir_all(&stray_run).unwrap();
     let stray_snapshot = d.path().join("snapshots").join("ghost-snap");
     std::fs::create_dir_all(&stray_snapshot).unwrap();
+    // A Firecracker jail of a machine gone while the daemon ran without that backend.
+    let stray_jail = d.path().join("jail/firecracker/0123456789abcdef");
+    std::fs::create_dir_all(stray_jail.join("root/dev")).unwrap();
+    std::fs::write(stray_jail.join("root/vmstate"), b"x").unwrap();
     let cleaned = eventually(Duration::from_secs(10), async || {
-        !stray.exists() && !stray_run.exists() && !stray_snapshot.exists()
+        !stray.exists() && !stray_run.exists() && !stray_snapshot.exists() && !stray_jail.exists()
     })
     .await;
     assert!(cleaned, "reconcile left the stray directories");

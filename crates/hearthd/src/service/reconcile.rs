@@ -297,6 +297,22 @@ impl Service {
             }
             let _ = storage::remove_tree(&paths.sock_dir).await;
         }
+        // Jails (`jail/<VMM binary>/<runtime directory's name>`) of machines no record owns:
+        // the Firecracker backend's clean-up above removes its own, but a daemon started
+        // without that backend does not run it.
+        let owned: HashSet<String> = sock_dirs
+            .iter()
+            .filter_map(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        for binary in read_dir(&self.cfg.root.join("jail")) {
+            for jail in read_dir(&binary.path()) {
+                if !owned.contains(jail.file_name().to_string_lossy().as_ref()) {
+                    tracing::info!("removing leftover jail {}", jail.path().display());
+                    let _ = storage::remove_tree(&jail.path()).await;
+                }
+            }
+        }
     }
 }
 
