@@ -472,8 +472,10 @@ async fn large_transfers(d: &Daemon, c: &Client) {
         agent_peak < agent0 + (64 << 20),
         "the agent grew to {agent_peak}"
     );
+    // Not queued behind the upload, which takes tens of seconds here: with a debug daemon and
+    // a TCG guest such an exec took 0.6–0.7 s alone and up to 1.4 s during a full test run.
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(3),
         "an exec during the upload took {slowest:?}"
     );
     let want = pattern_sha(GIB);
