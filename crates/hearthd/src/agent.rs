@@ -15,8 +15,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use hearth_proto::credit::{RecvWindow, SendWindow};
 use hearth_proto::frame::{self, Decoder, Event, HEADER_LEN, MAX_PAYLOAD, RESYNC_PADDING};
 use hearth_proto::{
-    encode, Configure, ErrorKind, GuestMessage, Identity, Op, Reply, Request,
-    FEATURE_CONFIGURE_THAW, FEATURE_HELLO_CONFIGURE, MAX_MESSAGE,
+    encode, Configure, ErrorKind, GuestMessage, Identity, Op, Reply, Request, MAX_MESSAGE,
 };
 use nix::sys::socket::{setsockopt, sockopt};
 use std::collections::{HashMap, VecDeque};
@@ -466,16 +465,10 @@ impl AgentClient {
         .unwrap_or_else(|_| Err(late()))
     }
 
-    /// The agent applies a configure sent with its hello.
-    pub fn configures_in_hello(&self) -> bool {
+    /// The agent listed `feature` in its hello (`hearth_proto::FEATURE_*`).
+    pub fn has_feature(&self, feature: &str) -> bool {
         self.identity()
-            .is_some_and(|i| i.features.iter().any(|f| f == FEATURE_HELLO_CONFIGURE))
-    }
-
-    /// The agent thaws in a configure.
-    pub fn thaws_in_configure(&self) -> bool {
-        self.identity()
-            .is_some_and(|i| i.features.iter().any(|f| f == FEATURE_CONFIGURE_THAW))
+            .is_some_and(|i| i.features.iter().any(|f| f == feature))
     }
 }
 
@@ -804,6 +797,7 @@ mod tests {
 
     use super::*;
     use hearth_proto::credit::WINDOW;
+    use hearth_proto::{FEATURE_CONFIGURE_THAW, FEATURE_HELLO_CONFIGURE};
 
     struct Guest {
         stream: UnixStream,
@@ -1073,6 +1067,17 @@ mod tests {
         }
     }
 
+    /// Answers hello `req` as an agent listing `features`.
+    async fn answer_hello(guest: &mut Guest, req: Request, features: &[&str]) {
+        let Op::Hello { nonce, .. } = req.op else {
+            panic!("expected a hello, got {:?}", req.op)
+        };
+        let identity = identity_with(features);
+        guest
+            .reply(req.id, Reply::Hello { nonce, identity }, false)
+            .await;
+    }
+
     fn fix_ups() -> Option<Configure> {
         Some(Configure {
             hostname: Some("h".into()),
@@ -1114,18 +1119,12 @@ mod tests {
             // The host says hello again before this guest answers the first.
             let second = guest.request().await;
             assert!(matches!(second.op, Op::Hello { .. }), "{:?}", second.op);
-            let Op::Hello { nonce, .. } = first.op else {
-                panic!("expected a hello, got {:?}", first.op)
-            };
-            let identity = identity_with(&[FEATURE_HELLO_CONFIGURE]);
-            guest
-                .reply(first.id, Reply::Hello { nonce, identity }, false)
-                .await;
+            answer_hello(&mut guest, first, &[FEATURE_HELLO_CONFIGURE]).await;
         };
         let (shaken, ()) =
             tokio::join!(client.handshake("n", deadline, || true, fix_ups), answered);
         shaken.unwrap();
-        assert!(client.configures_in_hello());
+        assert!(client.has_feature(FEATURE_HELLO_CONFIGURE));
     }
 
     #[tokio::test]
@@ -1138,19 +1137,17 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(10);
             let answered = async {
                 let req = guest.request().await;
-                let Op::Hello { nonce, .. } = req.op else {
-                    panic!("expected a hello, got {:?}", req.op)
-                };
-                let identity = identity_with(&features);
-                guest
-                    .reply(req.id, Reply::Hello { nonce, identity }, false)
-                    .await;
+                answer_hello(&mut guest, req, &features).await;
             };
             let (shaken, ()) =
                 tokio::join!(client.handshake("n", deadline, || true, fix_ups), answered);
             shaken.unwrap();
-            assert_eq!(client.configures_in_hello(), in_hello, "{features:?}");
-            assert!(client.thaws_in_configure());
+            assert_eq!(
+                client.has_feature(FEATURE_HELLO_CONFIGURE),
+                in_hello,
+                "{features:?}"
+            );
+            assert!(client.has_feature(FEATURE_CONFIGURE_THAW));
         }
     }
 

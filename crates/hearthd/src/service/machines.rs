@@ -15,7 +15,7 @@ use chrono::Utc;
 use hearth_api::{
     validate_id, CreateMachineRequest, ErrorCode, GuestConfig, Machine, Phase, PublishPortRequest,
 };
-use hearth_proto::{Configure, Op};
+use hearth_proto::{Configure, Op, FEATURE_CONFIGURE_THAW, FEATURE_HELLO_CONFIGURE};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -403,9 +403,9 @@ impl Service {
                 Error::unavailable(msg)
             });
         }
-        if !restored || !agent.configures_in_hello() {
+        if !restored || !agent.has_feature(FEATURE_HELLO_CONFIGURE) {
             // A boot, or an agent of an older snapshot: the fix-ups in calls of their own.
-            let thaw_in_configure = restored && agent.thaws_in_configure();
+            let thaw_in_configure = restored && agent.has_feature(FEATURE_CONFIGURE_THAW);
             if restored && !thaw_in_configure {
                 agent.call(Op::Thaw, Some(AGENT_CALL)).await?;
             }

@@ -121,7 +121,8 @@ impl Service {
         }
     }
 
-    /// Removes a snapshot that a crash or a failure interrupted, files and record.
+    /// Removes a snapshot that a crash or a failure interrupted (or whose files a host crash
+    /// may have torn), files and record.
     pub(super) async fn discard_partial_snapshot(&self, id: &str) {
         if let Err(e) = storage::remove_tree(&self.snapshot_dir(id)).await {
             tracing::warn!(snapshot = id, "{}", e.message);

@@ -506,13 +506,7 @@ impl Service {
                 continue;
             }
             tracing::warn!(snapshot = %id, "the host went down before this snapshot's files reached the disk: it is deleted");
-            let removed = match storage::remove_tree(&self.snapshot_dir(&id)).await {
-                Ok(()) => self.store.delete_snapshot(&id),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = removed {
-                tracing::warn!(snapshot = %id, "deleting: {}", e.message);
-            }
+            self.discard_partial_snapshot(&id).await;
         }
     }
 

@@ -336,7 +336,7 @@ impl Service {
     }
 }
 
-/// When the template in `dir` was last restored (or made).
+/// When the template in `dir` was last found by a create (or made).
 fn last_used(dir: &Path) -> SystemTime {
     std::fs::metadata(dir.join(INFO))
         .and_then(|m| m.modified())
